@@ -1,0 +1,103 @@
+"""
+Shared plumbing: where files live, which device and dtype to compute in,
+distributed setup from the torchrun environment, and rank-0 printing.
+"""
+import os
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+
+
+def get_base_dir():
+    """Everything a run produces lives here: shards, tokenizer, checkpoints, report."""
+    base = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
+    os.makedirs(base, exist_ok=True)
+    return base
+
+
+@contextmanager
+def atomic_write(path):
+    """Yield a temp path next to `path`; rename it over `path` only if the block succeeds.
+    A crash or an exception therefore never leaves a half-written file under the real name."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def autodetect_device_type():
+    """cuda > mps > cpu, unless NANOCHAT_DEVICE says otherwise."""
+    forced = os.environ.get("NANOCHAT_DEVICE")
+    if forced:
+        if forced not in ("cuda", "mps", "cpu"):
+            raise ValueError(f"NANOCHAT_DEVICE={forced!r}: expected one of cuda, mps, cpu")
+        return forced
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def compute_dtype(device_type):
+    """The dtype matmuls run in. bf16 where the hardware has fast bf16 (CUDA SM80+),
+    fp32 elsewhere (CPU bf16 is slow and MPS bf16 is patchy). NANOCHAT_DTYPE overrides."""
+    forced = os.environ.get("NANOCHAT_DTYPE")
+    if forced:
+        if forced not in _DTYPES:
+            raise ValueError(f"NANOCHAT_DTYPE={forced!r}: expected one of {', '.join(_DTYPES)}")
+        return _DTYPES[forced]
+    if device_type == "cuda" and torch.cuda.get_device_capability()[0] >= 8:
+        return torch.bfloat16
+    return torch.float32
+
+
+def dist_info():
+    """(is_distributed, rank, local_rank, world_size) read from the torchrun environment."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return False, 0, 0, 1
+    return True, int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"])
+
+
+def get_rank():
+    return dist.get_rank() if dist.is_initialized() else dist_info()[1]
+
+
+def print0(*args, **kwargs):
+    """print on rank 0 only, so an 8-GPU run logs once."""
+    if get_rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def compute_init(device_type=None):
+    """Pick the device, seed, and join the process group when launched by torchrun
+    (nccl on CUDA, gloo otherwise). Returns (is_ddp, rank, local_rank, world_size, device)."""
+    device_type = device_type or autodetect_device_type()
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but torch sees no CUDA GPU; pass --device-type cpu")
+    torch.manual_seed(42)
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.fp32_precision = "tf32"  # fp32 matmuls (rare here) may use tf32
+    is_ddp, rank, local_rank, world_size = dist_info()
+    if device_type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device(device_type)
+    if is_ddp and not dist.is_initialized():
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, device_id=device if device_type == "cuda" else None)
+        dist.barrier()
+    return is_ddp, rank, local_rank, world_size, device
+
+
+def compute_cleanup():
+    if dist.is_initialized():
+        dist.destroy_process_group()

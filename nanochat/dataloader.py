@@ -1,0 +1,177 @@
+"""
+The pretraining dataloader: parquet shards of raw text in, (inputs, targets) batches out.
+
+Every row of a batch is T+1 tokens of whole documents, each starting with <|bos|>,
+packed best-fit: keep a buffer of ~1000 tokenized documents, and fill each row by
+repeatedly taking the largest buffered document that still fits; when none fits, crop
+the shortest one to fill the row exactly. There is no padding (every token trains), and
+no row ever starts mid-document. The cost is the cropped tail of those last documents,
+reported as `crop_fraction` (~35% of tokens at T=2048 on web text).
+
+The rank's documents form one fixed stream: epoch by epoch, shard by shard, row groups
+rank, rank+W, rank+2W, ... of each shard, documents in file order. Every document is named
+by its place in that stream, (epoch, shard, row group, doc), so the loader's whole state is
+"where the stream is" plus "which documents sit in the buffer": a few KB, from which
+load_state_dict() rebuilds the buffer and resumes with exactly the batches that the
+uninterrupted loader would have produced.
+
+Row groups are read and tokenized ahead of the packer in a background thread (tiktoken
+releases the GIL while it encodes, so it runs beside the training loop); the packer only
+ever takes results that are, in steady state, already there. One thread tokenizes ~3M
+tokens/s, ~25x what an H100 consumes; more threads mostly fight over the GIL.
+"""
+import bisect
+import itertools
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from nanochat.dataset import list_shards, read_row_group
+
+
+class DataLoader:
+    def __init__(self, tokenizer, B, T, split, device="cpu", rank=0, world_size=1,
+                 data_dir=None, buffer_size=1000, prefetch=8, threads=1):
+        self.tokenizer, self.B, self.T, self.split = tokenizer, B, T, split
+        self.device = torch.device(device)
+        self.rank, self.world_size = rank, world_size
+        self.buffer_size, self.prefetch = buffer_size, prefetch
+        self.threads = threads
+        self.bos = tokenizer.bos_token_id
+        self.paths = list_shards(split, data_dir)
+        self.num_row_groups = [pq.ParquetFile(p).num_row_groups for p in self.paths]
+        if all(n <= rank for n in self.num_row_groups):
+            raise ValueError(f"rank {rank} of {world_size} gets no row group of the {split!r} shards: "
+                             f"use fewer processes or more/smaller row groups")
+        self.buffer = []           # (length, seq, docid, tokens), sorted: best-fit is a bisect
+        self.pending = deque()     # (docid, tokens) tokenized but not yet in the buffer, in stream order
+        self.cursor = (0, 0, rank, 0)  # docid of the next document the stream will deliver
+        self.seq = 0
+        self.tokens_seen = self.tokens_cropped = 0
+        self.stream = None  # row groups still to read; None until the first batch (or after a restore)
+        # CUDA: a small ring of pinned host buffers; each is refilled only after the
+        # non-blocking copy out of it has finished (its event), never while in flight.
+        self.pinned = self.device.type == "cuda"
+        if self.pinned:
+            self.host = [torch.empty(B, T + 1, dtype=torch.int32, pin_memory=True) for _ in range(3)]
+            self.copied = [None] * len(self.host)
+            self.step = 0
+
+    # --- the document stream (read and tokenized in background threads) ---
+
+    def _row_groups(self, start):
+        """Row groups of this rank from `start` on, forever (epoch after epoch)."""
+        epoch, shard, rg, doc = start
+        for epoch in itertools.count(epoch):
+            for s in range(shard, len(self.paths)):
+                for g in range(rg if s == shard else self.rank, self.num_row_groups[s], self.world_size):
+                    yield (epoch, s, g, doc)
+                    doc = 0
+            shard, rg = 0, self.rank
+
+    def _tokenize(self, shard, rg, first=0, only=None):
+        """[(doc index, tokens)] for docs `first`.. of a row group (or just those in `only`)."""
+        texts = read_row_group(self.paths[shard], rg)  # opens its own reader: threads never share one
+        encode = self.tokenizer.enc.encode_to_numpy  # numpy out: no Python int per token
+        return [(i, encode(texts[i], disallowed_special=())) for i in (only or range(first, len(texts)))]
+
+    def _next_doc(self):
+        while not self.pending:
+            if self.stream is None:  # (re)start reading ahead from the cursor
+                self.pool = ThreadPoolExecutor(self.threads)
+                self.stream = self._row_groups(self.cursor)
+                self.inflight = deque()
+            while len(self.inflight) < self.prefetch:  # keep `prefetch` row groups tokenizing
+                epoch, s, g, doc = next(self.stream)
+                self.inflight.append(((epoch, s, g), self.pool.submit(self._tokenize, s, g, doc)))
+            rg, future = self.inflight.popleft()
+            self.pending.extend((rg + (i,), tokens) for i, tokens in future.result())
+        docid, tokens = self.pending.popleft()
+        self.cursor = docid[:3] + (docid[3] + 1,)
+        return docid, tokens
+
+    def close(self):
+        if self.stream is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.stream = None
+
+    # --- best-fit packing (main thread) ---
+
+    def _add(self, docid, tokens):
+        bisect.insort(self.buffer, (len(tokens) + 1, self.seq, docid, tokens))  # +1 for the BOS
+        self.seq += 1
+
+    def _fill_row(self, row):
+        pos, n = 0, len(row)
+        while pos < n:
+            while len(self.buffer) < self.buffer_size:
+                self._add(*self._next_doc())
+            room = n - pos
+            i = bisect.bisect_right(self.buffer, (room, float("inf"))) - 1
+            length, _, _, tokens = self.buffer.pop(i if i >= 0 else 0)  # largest that fits, else shortest
+            take = min(length, room)
+            row[pos] = self.bos
+            row[pos + 1:pos + take] = tokens[:take - 1]
+            pos += take
+            self.tokens_seen += length
+            self.tokens_cropped += length - take
+
+    def _next_batch(self, out):
+        for row in out:
+            self._fill_row(row)
+        return out
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if not self.pinned:
+            # numpy does the int64 copies: torch's intra-op threads would fight the tokenizer threads
+            batch = self._next_batch(np.empty((self.B, self.T + 1), dtype=np.int64))
+            return torch.from_numpy(batch[:, :-1].copy()), torch.from_numpy(batch[:, 1:].copy())
+        slot = self.step % len(self.host)
+        self.step += 1
+        if self.copied[slot] is not None:
+            self.copied[slot].synchronize()  # the copy that last read this buffer is done
+        self._next_batch(self.host[slot].numpy())
+        batch = self.host[slot].to(self.device, non_blocking=True)
+        self.copied[slot] = torch.cuda.Event()
+        self.copied[slot].record()
+        batch = batch.long()
+        return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+
+    @property
+    def crop_fraction(self):
+        """Share of the tokens taken from documents that were cropped away (not trained on)."""
+        return self.tokens_cropped / max(1, self.tokens_seen)
+
+    # --- exact resume ---
+
+    def state_dict(self):
+        return {
+            "cursor": list(self.cursor),
+            "buffer": [list(docid) for _, _, docid, _ in self.buffer],  # in (length, age) order
+            "tokens_seen": self.tokens_seen, "tokens_cropped": self.tokens_cropped,
+            "rank": self.rank, "world_size": self.world_size, "split": self.split,
+        }
+
+    def load_state_dict(self, state):
+        if (state["rank"], state["world_size"], state["split"]) != (self.rank, self.world_size, self.split):
+            raise ValueError(f"dataloader state is for rank {state['rank']}/{state['world_size']} "
+                             f"split {state['split']!r}, not rank {self.rank}/{self.world_size} {self.split!r}")
+        self.close()
+        self.pending.clear()
+        self.buffer, self.seq = [], 0
+        # Re-tokenize the buffered documents, one read per row group they came from.
+        docids = [tuple(d) for d in state["buffer"]]
+        tokens = {}
+        for (epoch, s, g), group in itertools.groupby(sorted(docids), key=lambda d: d[:3]):
+            for i, toks in self._tokenize(s, g, only=[d[3] for d in group]):
+                tokens[(epoch, s, g, i)] = toks
+        for docid in docids:
+            self._add(docid, tokens[docid])
+        self.cursor = tuple(state["cursor"])
+        self.tokens_seen, self.tokens_cropped = state["tokens_seen"], state["tokens_cropped"]

@@ -1,0 +1,328 @@
+"""
+The pretraining data: a directory of parquet shards, each with one `text` column stored in
+row groups of 1,024 documents. The shard with the highest name is the validation split;
+all the others are train.
+
+    python -m nanochat.dataset -n 170                 # download 170 ClimbMix train shards + val
+    python -m nanochat.dataset --local corpus/ notes.txt --out /tmp/shards
+    python -m nanochat.dataset --hf HuggingFaceFW/fineweb-edu --hf-config sample-10BT --max-docs 1000000
+
+Downloads resume: a finished shard is skipped, a partial one continues where it stopped,
+and nothing appears under a shard's real name until it has been checked to be whole.
+"""
+import argparse
+import http.client
+import itertools
+import json
+import os
+import random
+import re
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor, as_completed
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from nanochat.common import atomic_write, get_base_dir
+
+BASE_URL = "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main"
+MAX_SHARD = 6542  # shards 0..6542 exist upstream; the last one is the validation split
+CHUNK_SIZE = 1 << 20
+SHARD_RE = re.compile(r"shard_\d+\.parquet")  # full match, so .partial / .tmp files never count
+
+
+def get_data_dir():
+    data_dir = os.path.join(get_base_dir(), "base_data")
+    os.makedirs(data_dir, exist_ok=True)
+    return data_dir
+
+
+def shard_url(index):
+    # read at call time so a mirror (or a test server) can be swapped in with NANOCHAT_DATA_URL
+    base = os.environ.get("NANOCHAT_DATA_URL") or BASE_URL
+    return f"{base.rstrip('/')}/shard_{index:05d}.parquet"
+
+
+# -----------------------------------------------------------------------------
+# Reading shards
+
+def _shard_paths(data_dir):
+    names = os.listdir(data_dir) if os.path.isdir(data_dir) else []
+    return sorted(os.path.join(data_dir, n) for n in names if SHARD_RE.fullmatch(n))
+
+
+def list_shards(split, data_dir=None):
+    """The shard paths of one split: the last shard by name is "val", all the others "train"."""
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    data_dir = data_dir or get_data_dir()
+    paths = _shard_paths(data_dir)
+    if len(paths) < 2:
+        raise FileNotFoundError(
+            f"found {len(paths)} shard(s) in {data_dir}, need at least 2 (train + val): run "
+            f"`python -m nanochat.dataset -n 8` or `python -m nanochat.dataset --local PATH`")
+    return paths[:-1] if split == "train" else paths[-1:]
+
+
+def read_row_group(path, rg):
+    """The documents (strings) of one row group of a shard."""
+    return pq.ParquetFile(path).read_row_group(rg, columns=["text"]).column("text").to_pylist()
+
+
+def iter_documents(split, data_dir=None, rank=0, world_size=1):
+    """Yield the documents of a split, shard by shard. Rank r reads row groups r, r+W, r+2W, ...
+    of every shard, so W ranks together see each document exactly once without coordinating."""
+    for path in list_shards(split, data_dir):
+        for rg in range(rank, pq.ParquetFile(path).num_row_groups, world_size):
+            yield from read_row_group(path, rg)
+
+
+# -----------------------------------------------------------------------------
+# Downloading shards
+
+def _fetch(url, tmp, timeout):
+    """One attempt at streaming `url` into `tmp`, continuing a partial file if the server allows."""
+    have = os.path.getsize(tmp) if os.path.exists(tmp) else 0
+    headers = {"Range": f"bytes={have}-"} if have else {}
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout) as resp:
+        # 206 means we get just the rest; a 200 means the server ignored Range and sends it all again
+        resumed = resp.status == 206 and resp.headers.get("Content-Range", "").startswith(f"bytes {have}-")
+        expected = int(resp.headers.get("Content-Length", -1))
+        got = 0
+        with open(tmp, "ab" if resumed else "wb") as f:
+            while chunk := resp.read(CHUNK_SIZE):
+                f.write(chunk)
+                got += len(chunk)
+    if got < expected:  # urllib returns b"" instead of raising when a connection drops early
+        raise ConnectionError(f"connection dropped after {got:,} of {expected:,} bytes")
+
+
+def _is_parquet(path):
+    """A whole parquet file ends with the magic bytes PAR1 and has a footer pyarrow can parse."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(-4, os.SEEK_END)
+            if f.read() != b"PAR1":
+                return False
+        pq.read_metadata(path)
+        return True
+    except (OSError, pa.ArrowException):
+        return False
+
+
+def download_shard(index, data_dir=None, retries=5, backoff=2.0, timeout=30):
+    """Download shard `index` into data_dir and return its path. Transient failures (network
+    errors, timeouts, 5xx, a corrupt file) are retried with exponential backoff; a 4xx is not."""
+    data_dir = data_dir or get_data_dir()
+    path = os.path.join(data_dir, f"shard_{index:05d}.parquet")
+    if os.path.exists(path):
+        return path  # only verified files are ever renamed into place, so this one is whole
+    url, tmp = shard_url(index), path + ".partial"  # a fixed temp name lets a re-run resume it
+    for attempt in range(retries + 1):
+        if attempt:
+            time.sleep(backoff * 2 ** (attempt - 1))
+        try:
+            _fetch(url, tmp, timeout)
+        except urllib.error.HTTPError as e:
+            if e.code == 416 and os.path.exists(tmp):  # our partial file is not a prefix: start over
+                os.remove(tmp)
+            elif e.code < 500 and e.code not in (408, 429):  # asking again will not change the answer
+                raise RuntimeError(f"could not download {url}: {e}") from None
+            error = e
+            continue
+        except (OSError, http.client.HTTPException) as e:  # refused, reset, dropped, timed out
+            error = e
+            continue
+        if _is_parquet(tmp):
+            os.replace(tmp, path)
+            return path
+        os.remove(tmp)  # the bytes themselves are bad, so resuming them would not help
+        error = "downloaded file is not a valid parquet file"
+    raise RuntimeError(f"could not download {url} after {retries + 1} attempts: {error}")
+
+
+def download(num_train_shards=8, data_dir=None, workers=8, retries=5, backoff=2.0):
+    """Download train shards 0..n-1 (n = -1: all of them) plus the validation shard, several
+    at a time. Shards already present are skipped, so re-running resumes an interrupted download."""
+    data_dir = data_dir or get_data_dir()
+    n = MAX_SHARD if num_train_shards < 0 else min(num_train_shards, MAX_SHARD)
+    indices = list(range(n)) + [MAX_SHARD]
+    print(f"downloading {n} train shards + 1 val shard to {data_dir}", flush=True)
+    errors = {}
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = {pool.submit(download_shard, i, data_dir, retries, backoff): i for i in indices}
+        for done, future in enumerate(as_completed(futures), 1):
+            try:
+                path = future.result()
+                print(f"[{done}/{len(indices)}] {os.path.basename(path)} "
+                      f"({os.path.getsize(path) / 1e6:.1f} MB)", flush=True)
+            except RuntimeError as e:
+                errors[futures[future]] = e
+                print(f"[{done}/{len(indices)}] failed: {e}", flush=True)
+    if errors:
+        first = errors[min(errors)]
+        raise RuntimeError(f"{first} ({len(errors)} of {len(indices)} shards failed; run again to resume)")
+
+
+# -----------------------------------------------------------------------------
+# Building shards from other sources
+
+def _write_shard(path, texts, row_group_size):
+    table = pa.table({"text": pa.array(texts, type=pa.string())})
+    with atomic_write(path) as tmp:
+        pq.write_table(table, tmp, row_group_size=row_group_size, compression="zstd")
+    return path
+
+
+def _refuse_existing(out_dir):
+    # new shards mixed into old ones would silently change which shard is the val split
+    if _shard_paths(out_dir):
+        raise ValueError(f"{out_dir} already holds shards: pass another --out dir or delete the old shards")
+
+
+def write_shards(texts, out_dir, docs_per_shard=50_000, val_docs=10_000, row_group_size=1024):
+    """Write an iterable of documents as shards in out_dir: the first `val_docs` documents
+    become the last shard (the val split), the rest shard_00000, shard_00001, ... Returns the paths."""
+    _refuse_existing(out_dir)
+    if val_docs < 1 or docs_per_shard < 1:
+        raise ValueError(f"val_docs and docs_per_shard must be >= 1, got {val_docs} and {docs_per_shard}")
+    os.makedirs(out_dir, exist_ok=True)
+    docs = iter(texts)
+    val = list(itertools.islice(docs, val_docs))
+    paths = []
+    try:
+        while batch := list(itertools.islice(docs, docs_per_shard)):
+            paths.append(_write_shard(os.path.join(out_dir, f"shard_{len(paths):05d}.parquet"), batch, row_group_size))
+            print(f"wrote {os.path.basename(paths[-1])}: {len(batch):,} train docs", flush=True)
+        if not paths:
+            raise ValueError(f"only {len(val)} documents: need more than val_docs={val_docs} to leave some for training")
+        paths.append(_write_shard(os.path.join(out_dir, f"shard_{len(paths):05d}.parquet"), val, row_group_size))
+        print(f"wrote {os.path.basename(paths[-1])}: {len(val):,} val docs", flush=True)
+    except BaseException:
+        # without its val shard the last train shard would pass for val: leave nothing behind
+        for path in paths:
+            os.remove(path)
+        raise
+    return paths
+
+
+def _read_jsonl(path):
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: invalid JSON ({e})") from None
+            if not isinstance(row, dict) or "text" not in row:
+                raise ValueError(f"{path}:{lineno}: no 'text' field")
+            yield row["text"]
+
+
+def _read_txt(path):
+    # plain text has no document markers; blank lines (paragraphs, speeches) are the natural ones
+    with open(path, encoding="utf-8") as f:
+        yield from (doc.strip() for doc in re.split(r"\n\s*\n", f.read()) if doc.strip())
+
+
+def _read_parquet(path):
+    pf = pq.ParquetFile(path)
+    if "text" not in pf.schema_arrow.names:
+        raise ValueError(f"{path}: no 'text' column (columns: {', '.join(pf.schema_arrow.names)})")
+    for rg in range(pf.num_row_groups):
+        yield from read_row_group(path, rg)
+
+
+READERS = {".jsonl": _read_jsonl, ".txt": _read_txt, ".parquet": _read_parquet}
+
+
+def read_local_documents(paths):
+    """Yield the documents of .jsonl / .txt / .parquet files; directories are searched recursively."""
+    for path in paths:
+        if os.path.isdir(path):
+            files = [os.path.join(root, name) for root, _, names in os.walk(path) for name in names]
+            yield from read_local_documents(sorted(f for f in files if os.path.splitext(f)[1] in READERS))
+            continue
+        reader = READERS.get(os.path.splitext(path)[1])
+        if reader is None:
+            raise ValueError(f"{path}: unknown file type, expected {', '.join(READERS)} or a directory")
+        yield from reader(path)
+
+
+def build_local(paths, out_dir=None, seed=42, val_docs=10_000, **shard_kwargs):
+    """Shards from local files. Documents are shuffled first so that train and val are drawn
+    from the same mix, not from different files."""
+    out_dir = out_dir or get_data_dir()
+    _refuse_existing(out_dir)  # before reading everything, not after
+    docs = list(read_local_documents(paths))
+    random.Random(seed).shuffle(docs)
+    val_docs = min(val_docs, max(1, len(docs) // 10))  # a small corpus keeps ~90% for training
+    return write_shards(docs, out_dir, val_docs=val_docs, **shard_kwargs)
+
+
+def build_hf(name, out_dir=None, config=None, split="train", text_column="text", max_docs=None, seed=42,
+             **shard_kwargs):
+    """Shards from a Hugging Face dataset (a hub name or a local path), streamed, never fully in memory.
+    The shuffle buffer mixes nearby documents only; most hub datasets are already shuffled."""
+    try:
+        from datasets import load_dataset  # optional: only this path needs it
+    except ImportError:
+        raise RuntimeError("--hf needs the `datasets` package: pip install datasets") from None
+    out_dir = out_dir or get_data_dir()
+    _refuse_existing(out_dir)
+    ds = load_dataset(name, config, split=split, streaming=True).shuffle(seed=seed, buffer_size=10_000)
+    if max_docs is not None:
+        ds = ds.take(max_docs)
+
+    def texts():
+        for row in ds:
+            if text_column not in row:
+                raise ValueError(f"{name} has no column {text_column!r} (columns: {', '.join(row)}): "
+                                 f"pick one with --text-column")
+            yield row[text_column]
+    return write_shards(texts(), out_dir, **shard_kwargs)
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m nanochat.dataset", description="Download pretraining shards, or build them from "
+                                                 "local files or a Hugging Face dataset.")
+    parser.add_argument("-n", "--num-shards", type=int, default=8, help="train shards to download, plus val (-1: all)")
+    parser.add_argument("-w", "--workers", type=int, default=8, help="parallel downloads")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--local", nargs="+", metavar="PATH", help=".jsonl / .txt / .parquet files or directories")
+    source.add_argument("--hf", metavar="NAME", help="Hugging Face dataset name or local path")
+    parser.add_argument("--hf-config", default=None, help="dataset config (subset) name")
+    parser.add_argument("--hf-split", default="train")
+    parser.add_argument("--text-column", default="text")
+    parser.add_argument("--max-docs", type=int, default=None, help="stop after this many documents (--hf)")
+    parser.add_argument("--docs-per-shard", type=int, default=50_000)
+    parser.add_argument("--val-docs", type=int, default=10_000)
+    parser.add_argument("--row-group-size", type=int, default=1024)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--out", default=None, help="output dir (default: $NANOCHAT_BASE_DIR/base_data)")
+    args = parser.parse_args(argv)
+    out_dir = args.out or get_data_dir()
+    shard_kwargs = dict(docs_per_shard=args.docs_per_shard, val_docs=args.val_docs, row_group_size=args.row_group_size)
+    try:
+        if args.local:
+            build_local(args.local, out_dir, seed=args.seed, **shard_kwargs)
+        elif args.hf:
+            build_hf(args.hf, out_dir, config=args.hf_config, split=args.hf_split, text_column=args.text_column,
+                     max_docs=args.max_docs, seed=args.seed, **shard_kwargs)
+        else:
+            download(args.num_shards, out_dir, workers=args.workers)
+        print(f"done: {len(list_shards('train', out_dir))} train shard(s) + 1 val shard in {out_dir}")
+    except (RuntimeError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""
+Train the BPE tokenizer on the first --max-chars characters of the training shards.
+
+    python -m scripts.tok_train --vocab-size 32768 --max-chars 2000000000
+"""
+import argparse
+import time
+
+from nanochat.dataset import iter_documents
+from nanochat.tokenizer import Tokenizer, get_tokenizer_dir
+
+
+def capped_texts(max_chars, doc_cap):
+    """Training text: documents cut to doc_cap chars (a few huge pages must not dominate
+    the merge statistics), stopping once max_chars characters have been handed out."""
+    seen = 0
+    for text in iter_documents("train"):
+        text = text[:doc_cap]
+        yield text
+        seen += len(text)
+        if seen >= max_chars:
+            return
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vocab-size", type=int, default=32768, help="vocab size including special tokens")
+    parser.add_argument("--max-chars", type=int, default=2_000_000_000, help="characters of training text to use")
+    parser.add_argument("--doc-cap", type=int, default=10_000, help="characters kept from each document")
+    args = parser.parse_args(argv)
+
+    t0 = time.time()
+    tokenizer = Tokenizer.train(capped_texts(args.max_chars, args.doc_cap), args.vocab_size)
+    train_time = time.time() - t0
+    path = tokenizer.save(get_tokenizer_dir())
+
+    sample = "Hello world! In 2026, tokenizers still split numbers like 123456 and ünïcödé 🎉."
+    assert tokenizer.decode(tokenizer.encode(sample)) == sample, "tokenizer does not round-trip"
+    print(f"trained a {tokenizer.vocab_size:,}-token tokenizer in {train_time:.1f}s; saved to {path}")
+    return tokenizer
+
+
+if __name__ == "__main__":
+    main()
