@@ -22,6 +22,7 @@ tokens/s, ~25x what an H100 consumes; more threads mostly fight over the GIL.
 """
 import bisect
 import itertools
+import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
@@ -156,12 +157,18 @@ class DataLoader:
             "buffer": [list(docid) for _, _, docid, _ in self.buffer],  # in (length, age) order
             "tokens_seen": self.tokens_seen, "tokens_cropped": self.tokens_cropped,
             "rank": self.rank, "world_size": self.world_size, "split": self.split,
+            "shards": [os.path.basename(p) for p in self.paths],  # docids index into this list
         }
 
     def load_state_dict(self, state):
         if (state["rank"], state["world_size"], state["split"]) != (self.rank, self.world_size, self.split):
             raise ValueError(f"dataloader state is for rank {state['rank']}/{state['world_size']} "
                              f"split {state['split']!r}, not rank {self.rank}/{self.world_size} {self.split!r}")
+        shards = [os.path.basename(p) for p in self.paths]
+        if state["shards"] != shards:
+            raise ValueError(f"dataloader state was saved over {len(state['shards'])} {self.split} shards "
+                             f"({state['shards'][0]}..{state['shards'][-1]}) but {os.path.dirname(self.paths[0])} "
+                             f"now holds {len(shards)}: resume with the same shards")
         self.close()
         self.pending.clear()
         self.buffer, self.seq = [], 0

@@ -121,6 +121,14 @@ def test_state_for_another_rank_is_refused(corpus):
         loader(corpus, rank=1, world_size=2).load_state_dict(state)
 
 
+def test_state_over_other_shards_is_refused(corpus, tmp_path):
+    tok, _, _ = corpus
+    write_shards(make_docs(100, seed=1), str(tmp_path), docs_per_shard=45, val_docs=10, row_group_size=16)
+    state = loader(corpus).state_dict()
+    with pytest.raises(ValueError, match="resume with the same shards"):
+        DataLoader(tok, 4, 64, "train", data_dir=str(tmp_path)).load_state_dict(state)
+
+
 def test_val_split(corpus):
     tok, data_dir, _ = corpus
     dl = DataLoader(tok, 2, 32, "val", data_dir=data_dir)
