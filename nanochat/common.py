@@ -101,3 +101,26 @@ def compute_init(device_type=None):
 def compute_cleanup():
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+# Dense bf16 tensor-core peaks (FLOP/s, datasheet, no sparsity), matched against the CUDA device
+# name; the first key that is a substring wins, so more specific names come first.
+PEAK_BF16_FLOPS = {
+    "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12,
+    "B200": 2250e12, "B100": 1750e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
+    "RTX 4090": 165.2e12, "RTX 3090": 71e12,  # consumer cards: bf16 with fp32 accumulation
+}
+
+
+def get_peak_flops(device):
+    """bf16 peak of a CUDA device, or None (CPU, MPS, unknown cards: MFU is then not reported)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+def mfu(tokens_per_sec, flops_per_token, peak_flops):
+    """Model FLOPs utilization: achieved model FLOP/s over the hardware's peak (None if unknown)."""
+    return None if not peak_flops else tokens_per_sec * flops_per_token / peak_flops

@@ -63,3 +63,15 @@ def test_torchrun_gloo_init(tmp_path):
                          env={**os.environ, "PYTHONPATH": os.getcwd()})
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.count("sum=3.0") == 1  # printed once, by rank 0 only
+
+
+def test_peak_flops_table_and_mfu(monkeypatch):
+    assert common.get_peak_flops("cpu") is None and common.mfu(1e6, 1e9, None) is None
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    assert common.get_peak_flops("cuda") == 989e12
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 PCIe")
+    assert common.get_peak_flops("cuda") == 756e12  # the more specific name wins
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    assert common.get_peak_flops("cuda") == 312e12
+    # the speedrun anchor: 983K tok/s on 8 GPUs at 4.78e9 FLOPs/token is ~59% of 8 × 989 TFLOP/s
+    assert common.mfu(983e3 / 8, 4.78e9, 989e12) == pytest.approx(0.594, abs=1e-3)

@@ -1,0 +1,176 @@
+"""
+Attention: one function, attention(q, k, v, window), several kernels behind it.
+
+Tensors use flash-attn's layout, (B, T, H, D). Attention is always causal, with the queries
+aligned to the END of the keys: query i sits at absolute position Tk - Tq + i. Training has
+Tq == Tk; a KV-cache decode step has a few new queries against the whole cache, and the same
+rule covers both. A sliding window lets the query at position t see key j iff
+0 <= t - j <= window (flash-attn's window_size=(window, 0)); window >= Tk is plain causal.
+
+Backends, best first. The first one that loads and fits the device is used for the whole
+process; NANOCHAT_ATTN=<name> forces one and fails loudly if it cannot run here.
+  fa3   flash-attn 3, Hopper                          import flash_attn_interface
+  fa4   flash-attn 4 (CuTe DSL), Hopper and Blackwell  from flash_attn.cute import ...
+  flex  FlexAttention, any CUDA GPU: block-sparse, so short windows skip whole tiles
+  sdpa  F.scaled_dot_product_attention, anywhere; the default off CUDA
+"""
+import os
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+from nanochat.common import print0
+
+# -----------------------------------------------------------------------------
+# Masks. Every mask is a pure function of (window, Tq, Tk, device), so each is built once and
+# then reused by every layer and every step. Variable-length evaluation would grow the cache
+# without bound, so it starts over past a few dozen shapes. Under torch.compile the first trace
+# fills the cache and dynamo recompiles once, after which the masks are plain graph inputs.
+
+_masks = {}
+
+
+def _cached(build, window, Tq, Tk, device):
+    key = (build, window, Tq, Tk, device)
+    mask = _masks.get(key)
+    if mask is None:
+        if len(_masks) >= 64:
+            _masks.clear()
+        mask = _masks[key] = build(window, Tq, Tk, device)
+    return mask
+
+
+def _bool_mask(window, Tq, Tk, device):
+    """(Tq, Tk) booleans, True where the query may see the key."""
+    t = torch.arange(Tk - Tq, Tk, device=device)[:, None]  # absolute positions of the queries
+    j = torch.arange(Tk, device=device)[None, :]
+    return (j <= t) & (t - j <= window)
+
+
+def _block_mask(window, Tq, Tk, device):
+    """The same rule as _bool_mask, as a FlexAttention BlockMask: tiles that are fully masked
+    (everything farther back than the window) are never computed."""
+    offset = Tk - Tq
+
+    def causal_window(b, h, q_idx, kv_idx):
+        t = q_idx + offset
+        return (kv_idx <= t) & (t - kv_idx <= window)
+
+    return create_block_mask(causal_window, None, None, Tq, Tk, device=device)
+
+# -----------------------------------------------------------------------------
+# The kernels. Each takes and returns (B, T, H, D).
+
+_flash_fn = None  # flash_attn_func of flash-attn 3 or 4, whichever loaded
+_flex_fn = None   # flex_attention, compiled on CUDA
+
+
+def _flash(q, k, v, window):
+    # flash-attn aligns causality to the end of the keys by itself. -1 means "no window", which
+    # picks the plain causal kernel instead of the (slower) local one.
+    left = window if window < k.size(1) else -1
+    out = _flash_fn(q, k, v, causal=True, window_size=(left, 0))
+    return out[0] if isinstance(out, tuple) else out  # some versions also return the log-sum-exp
+
+
+def _flex(q, k, v, window):
+    block_mask = _cached(_block_mask, window, q.size(1), k.size(1), q.device)
+    out = _flex_fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask)
+    return out.transpose(1, 2)
+
+
+def _sdpa(q, k, v, window):
+    Tq, Tk = q.size(1), k.size(1)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # SDPA wants (B, H, T, D)
+    if Tq == Tk and window >= Tk:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # lets SDPA pick flash
+    else:
+        mask = _cached(_bool_mask, window, Tq, Tk, q.device)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return out.transpose(1, 2)
+
+# -----------------------------------------------------------------------------
+# Loaders: return the kernel if it can run on (device, dtype), raise saying why not otherwise.
+
+
+def _need_gpu(device, dtype, majors):
+    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] not in majors:
+        raise RuntimeError(f"needs a CUDA GPU of compute capability {' or '.join(f'{m}.x' for m in majors)}")
+    if dtype not in (torch.bfloat16, torch.float16):
+        raise RuntimeError(f"needs bf16 or fp16 inputs, got {dtype}")
+
+
+def _load_fa3(device, dtype):
+    global _flash_fn
+    _need_gpu(device, dtype, (9,))
+    from flash_attn_interface import flash_attn_func
+    _flash_fn = flash_attn_func
+    return _flash
+
+
+def _load_fa4(device, dtype):
+    global _flash_fn
+    _need_gpu(device, dtype, (9, 10))
+    from flash_attn.cute import flash_attn_func
+    # FA4 is not a torch custom op (yet): dynamo cannot trace into its CuTe launcher, so run it
+    # outside the graph. That costs a graph break per layer under torch.compile.
+    _flash_fn = torch.compiler.disable(flash_attn_func)
+    return _flash
+
+
+def _load_flex(device, dtype):
+    global _flex_fn
+    # Uncompiled, flex materializes the full score matrix: fine for tests on CPU, not for training.
+    _flex_fn = torch.compile(flex_attention) if device.type == "cuda" else flex_attention
+    return _flex
+
+
+def _load_sdpa(device, dtype):
+    return _sdpa
+
+
+BACKENDS = {  # name -> (what it is, loader), in auto-selection order
+    "fa3": ("flash-attn 3", _load_fa3),
+    "fa4": ("flash-attn 4", _load_fa4),
+    "flex": ("FlexAttention", _load_flex),
+    "sdpa": ("PyTorch SDPA", _load_sdpa),
+}
+
+_chosen = None  # (name, kernel) once picked
+
+
+def get_backend(device=None, dtype=None):
+    """Pick the backend once per process and return its name. Call it before torch.compile
+    (the import and the print are not traceable); attention() calls it on first use otherwise."""
+    global _chosen
+    if _chosen is not None:
+        return _chosen[0]
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    forced = os.environ.get("NANOCHAT_ATTN")
+    if forced:
+        if forced not in BACKENDS:
+            raise ValueError(f"NANOCHAT_ATTN={forced!r}: expected one of {', '.join(BACKENDS)}")
+        try:
+            _chosen = forced, BACKENDS[forced][1](device, dtype)
+        except Exception as e:  # ImportError, wrong GPU, wrong dtype: never fall back silently
+            raise RuntimeError(f"NANOCHAT_ATTN={forced!r} cannot run on {device} ({dtype}): {e}") from e
+    else:
+        for name in BACKENDS if device.type == "cuda" else ["sdpa"]:
+            try:
+                _chosen = name, BACKENDS[name][1](device, dtype)
+                break
+            except Exception:  # not installed, or not this GPU: try the next one
+                continue
+    print0(f"attention backend: {_chosen[0]} ({BACKENDS[_chosen[0]][0]})")
+    return _chosen[0]
+
+
+def attention(q, k, v, window):
+    """Causal attention of q (B, Tq, H, D) over k, v (B, Tk, H, D), Tq <= Tk, queries aligned to
+    the end of the keys, sliding window `window`. Returns (B, Tq, H, D) in q's dtype (possibly a
+    non-contiguous view: use .reshape, or .contiguous() before .view)."""
+    if _chosen is None:
+        get_backend(q.device, q.dtype)
+    return _chosen[1](q, k, v, window)

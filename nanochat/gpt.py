@@ -1,0 +1,287 @@
+"""
+The GPT: a decoder-only Transformer in the mid-2026 speedrun recipe.
+
+Relative to GPT-2 it keeps the shape (pre-norm blocks of attention + MLP) and changes the parts:
+- rotary position embeddings instead of learned ones, and RMSNorm on q and k (QK-norm)
+- parameter-free RMSNorm everywhere, no biases, untied input and output embeddings
+- sliding-window attention on most layers (pattern "SSSL": three short, one long)
+- a ReLU² MLP, value embeddings mixed into V, learned residual scalars that re-inject
+  the input embedding, a "smear" of the previous token, a "backout" of the middle layer
+- logits soft-capped at ±15
+`--depth` is the one dial: width, heads and every learning rate follow from it.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nanochat.attention import attention, get_backend
+from nanochat.common import compute_dtype
+
+
+@dataclass
+class GPTConfig:
+    sequence_len: int = 2048
+    vocab_size: int = 32768
+    n_layer: int = 12
+    n_head: int = 6
+    n_embd: int = 768
+    window_pattern: str = "SSSL"  # tiled over the layers; "L" = full context everywhere
+
+    @classmethod
+    def from_depth(cls, depth, vocab_size=32768, sequence_len=2048, head_dim=128, window_pattern="SSSL"):
+        # width grows with depth (64 per layer), rounded up to whole heads
+        n_embd = math.ceil(depth * 64 / head_dim) * head_dim
+        return cls(sequence_len, vocab_size, depth, n_embd // head_dim, n_embd, window_pattern)
+
+    @property
+    def head_dim(self):
+        return self.n_embd // self.n_head
+
+    def window_sizes(self):
+        """Per-layer attention window. Short windows are cheap and local context is most of what a
+        layer needs; the periodic long layers (and always the last) carry the long-range information."""
+        long, short = self.sequence_len, math.ceil(self.sequence_len / 4 / 128) * 128
+        sizes = [long if self.window_pattern[i % len(self.window_pattern)] == "L" else min(short, long)
+                 for i in range(self.n_layer)]
+        sizes[-1] = long
+        return sizes
+
+    def has_value_embed(self, layer):
+        return (self.n_layer - 1 - layer) % 2 == 0  # alternating layers, always including the last
+
+
+def norm(x):
+    return F.rms_norm(x, (x.size(-1),))  # no learnable gain: the next layer's weights can absorb it
+
+
+class Linear(nn.Linear):
+    """Bias-free linear layer. The weight is kept in fp32 (the optimizer's master copy) and cast
+    to the activations' dtype (bf16 on GPU) on the fly; no autocast anywhere."""
+
+    def __init__(self, in_features, out_features):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x):
+        return F.linear(x, self.weight.to(x.dtype))
+
+
+def rotary_cos_sin(seq_len, head_dim, base=100_000, device=None):
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
+    return angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]  # (1, T, 1, D/2)
+
+
+def apply_rotary(x, cos, sin):
+    """Rotate each pair of channels (i, i + D/2) by an angle proportional to the position, so
+    q·k depends only on the distance between the two tokens."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config, layer):
+        super().__init__()
+        self.n_head, self.head_dim = config.n_head, config.head_dim
+        self.window = config.window_sizes()[layer]
+        C = config.n_embd
+        self.c_q, self.c_k, self.c_v, self.c_proj = Linear(C, C), Linear(C, C), Linear(C, C), Linear(C, C)
+        # value embeddings: a per-token vector added into V, gated per head by 3·sigmoid(W·x[:12])
+        self.ve_gate = Linear(12, config.n_head) if config.has_value_embed(layer) else None
+
+    def forward(self, x, ve, cos, sin):
+        B, T, C = x.shape
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).view(B, T, self.n_head, self.head_dim)
+        v = self.c_v(x).view(B, T, self.n_head, self.head_dim)
+        if ve is not None:
+            gate = 3 * torch.sigmoid(self.ve_gate(x[..., :12]))  # (B, T, H) in (0, 3)
+            v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_head, self.head_dim)
+        # QK-norm bounds the attention logits (no softmax blow-ups at high LR); the 1.2 gain
+        # on each of q and k gives back some sharpness (1.44 / sqrt(d) effective scale)
+        q = norm(apply_rotary(q, cos, sin)) * 1.2
+        k = norm(apply_rotary(k, cos, sin)) * 1.2
+        y = attention(q, k, v, self.window)
+        return self.c_proj(y.reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd)
+
+    def forward(self, x):
+        return self.c_proj(F.relu(self.c_fc(x)).square())  # ReLU²: sparse, and better than GELU here
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer):
+        super().__init__()
+        self.attn = CausalSelfAttention(config, layer)
+        self.mlp = MLP(config)
+
+    def forward(self, x, ve, cos, sin):
+        x = x + self.attn(norm(x), ve, cos, sin)
+        return x + self.mlp(norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        V, C, L = config.vocab_size, config.n_embd, config.n_layer
+        self.wte = nn.Embedding(V, C)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(L))
+        self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(V, C) for i in range(L) if config.has_value_embed(i)})
+        self.lm_head = Linear(C, V)
+        # before block i: x = resid_lambdas[i]·x + x0_lambdas[i]·x0 (the embedding, re-injected)
+        self.resid_lambdas = nn.Parameter(torch.ones(L))
+        self.x0_lambdas = nn.Parameter(torch.zeros(L))
+        self.smear_gate = Linear(24, 1)
+        self.smear_lambda = nn.Parameter(torch.zeros(()))
+        self.backout_lambda = nn.Parameter(torch.zeros(()))
+        # rotary tables, longer than the context so sampling can run past it; filled by init_weights
+        cos, sin = rotary_cos_sin(4 * config.sequence_len, config.head_dim, device="meta")
+        self.register_buffer("cos", torch.empty_like(cos), persistent=False)
+        self.register_buffer("sin", torch.empty_like(sin), persistent=False)
+
+    @torch.no_grad()
+    def init_weights(self):
+        """Initialize in place (the model is built on the meta device, then materialized)."""
+        C, L = self.config.n_embd, self.config.n_layer
+        s = 3 ** 0.5 * C ** -0.5  # uniform(-s, s) has std 1/sqrt(C)
+        nn.init.normal_(self.wte.weight, std=0.8)
+        nn.init.normal_(self.lm_head.weight, std=0.001)  # start near uniform predictions
+        for block in self.blocks:
+            for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v):
+                nn.init.uniform_(lin.weight, -s, s)
+            nn.init.uniform_(block.mlp.c_fc.weight, -0.4 * s, 0.4 * s)
+            # zero output projections: every block starts as the identity
+            nn.init.zeros_(block.attn.c_proj.weight)
+            nn.init.zeros_(block.mlp.c_proj.weight)
+            if block.attn.ve_gate is not None:
+                nn.init.zeros_(block.attn.ve_gate.weight)
+        for ve in self.value_embeds.values():
+            nn.init.uniform_(ve.weight, -s, s)
+        self.resid_lambdas.copy_(torch.linspace(1.15, 1.05, L))
+        self.x0_lambdas.copy_(torch.linspace(0.20, 0.05, L))
+        nn.init.zeros_(self.smear_gate.weight)
+        self.smear_lambda.zero_()
+        self.backout_lambda.fill_(0.2)
+        # embeddings are looked up, not multiplied: store them directly in the compute dtype
+        dtype = compute_dtype(self.wte.weight.device.type)
+        for emb in [self.wte, *self.value_embeds.values()]:
+            emb.to(dtype)
+        cos, sin = rotary_cos_sin(self.cos.size(1), self.config.head_dim, device=self.cos.device)
+        self.cos, self.sin = cos.to(dtype), sin.to(dtype)
+
+    def forward(self, idx, targets=None, loss_reduction="mean"):
+        B, T = idx.shape
+        L = self.config.n_layer
+        cos, sin = self.cos[:, :T], self.sin[:, :T]
+        x = norm(self.wte(idx))
+        # smear: add a gated bit of the previous token's embedding (cheap bigram information)
+        gate = self.smear_lambda * torch.sigmoid(self.smear_gate(x[:, 1:, :24]))
+        x = torch.cat([x[:, :1], x[:, 1:] + gate * x[:, :-1]], dim=1)
+        x0 = x
+        for i, block in enumerate(self.blocks):
+            if i == L // 2:
+                x_mid = x  # remembered for the backout below
+            x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
+            x = block(x, ve, cos, sin)
+        # backout: subtract part of the mid-depth stream, whose low-level features the
+        # output head does not need
+        x = norm(x - self.backout_lambda * x_mid)
+        logits = self.lm_head(x).float()
+        logits = 15 * torch.tanh(logits / 15)  # softcap: bounded logits, steadier training
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
+                               ignore_index=-1, reduction=loss_reduction)
+
+    # --- sizes and costs ---
+
+    def num_params(self):
+        """Parameter counts by group."""
+        n = lambda params: sum(p.numel() for p in params)
+        counts = {
+            "wte": n(self.wte.parameters()),
+            "value_embeds": n(self.value_embeds.parameters()),
+            "lm_head": n(self.lm_head.parameters()),
+            "transformer_matrices": n(self.blocks.parameters()),
+            "scalars": n([self.resid_lambdas, self.x0_lambdas, self.smear_lambda, self.backout_lambda,
+                          self.smear_gate.weight]),
+        }
+        counts["total"] = n(self.parameters())
+        assert sum(counts.values()) == 2 * counts["total"], "a parameter is missing from the groups"
+        return counts
+
+    def estimate_flops(self):
+        """Training FLOPs per token: 6 per weight of every matmul (2 forward, 4 backward), plus
+        attention's two T×T products per layer, 12·H·D·(keys attended). Embedding lookups are
+        free. Counted from nn.Linear weights, so it does not matter which Linear class (bf16,
+        fp8) implements a layer."""
+        matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        cfg = self.config
+        attn = sum(12 * cfg.n_head * cfg.head_dim * min(w, cfg.sequence_len) for w in cfg.window_sizes())
+        return 6 * matmul + attn
+
+    # --- optimizer ---
+
+    def setup_optimizer(self, total_batch_size=2 ** 19, weight_decay=0.0, matrix_lr=0.02):
+        """Muon for the matrices inside the blocks, AdamW for everything else, with learning
+        rates scaled by width (s) and by batch size (b) from values tuned at d12, 2^19 tokens."""
+        from nanochat.optim import MuonAdamW
+        s = (self.config.n_embd / 768) ** -0.5
+        b = (total_batch_size / 2 ** 19) ** 0.5
+        adam = lambda params, lr, betas=(0.8, 0.95): dict(kind="adamw", params=list(params), lr=lr * b,
+                                                          betas=betas, eps=1e-10, weight_decay=0.0)
+        groups = [
+            adam(self.lm_head.parameters(), 0.008 * s),
+            adam(self.wte.parameters(), 0.3 * s),
+            adam(self.value_embeds.parameters(), 0.15 * s),
+            adam([self.x0_lambdas], 0.5, betas=(0.96, 0.95)),
+            adam([self.resid_lambdas], 0.005),
+            adam([self.smear_gate.weight, self.smear_lambda, self.backout_lambda], 0.2),
+        ]
+        by_shape = {}
+        for p in self.blocks.parameters():
+            by_shape.setdefault(p.shape, []).append(p)
+        groups += [dict(kind="muon", params=ps, lr=matrix_lr * b, momentum=0.95, beta2=0.9,
+                        weight_decay=weight_decay, ns_steps=5) for ps in by_shape.values()]
+        assert sum(len(g["params"]) for g in groups) == len(list(self.parameters()))
+        return MuonAdamW(groups)
+
+    # --- sampling (plain: recomputes the whole sequence per token; engine.py has the KV cache) ---
+
+    @torch.no_grad()
+    def generate(self, tokens, max_tokens, temperature=1.0, top_k=None, seed=42):
+        idx = torch.tensor([tokens], dtype=torch.long, device=self.wte.weight.device)
+        rng = torch.Generator(device=idx.device).manual_seed(seed)
+        for _ in range(max_tokens):
+            logits = self(idx[:, -self.config.sequence_len:])[:, -1, :]
+            if top_k is not None:
+                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, -float("inf"))
+            if temperature == 0:
+                next_id = logits.argmax(dim=-1, keepdim=True)
+            else:
+                next_id = torch.multinomial(F.softmax(logits / temperature, dim=-1), 1, generator=rng)
+            idx = torch.cat([idx, next_id], dim=1)
+            yield next_id.item()
+
+
+def build_model(config, device):
+    """Create the model on the meta device (no memory, no wasted init), then materialize it on
+    `device` and initialize. The same config can be sized without allocating: GPT(config) under
+    `with torch.device("meta")`."""
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=device)
+    model.init_weights()
+    get_backend(device, model.wte.weight.dtype)  # pick (and print) the kernel now, not inside torch.compile
+    return model

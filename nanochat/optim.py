@@ -1,0 +1,261 @@
+"""
+Muon + AdamW in one optimizer, for one process or many.
+
+Muon (for the 2-D matrices inside the blocks) replaces each update by the nearest semi-orthogonal
+matrix, so every direction in the matrix's input/output space moves by the same amount: the rare
+directions a raw gradient barely touches learn as fast as the dominant ones. Per step it does
+  Nesterov momentum -> Polar Express orthogonalization (bf16) -> NorMuon per-row step sizes
+  -> cautious weight decay -> p -= lr * sqrt(max(1, rows/cols)) * update.
+AdamW handles the rest (embeddings, lm_head, scalars), in fp32 even for bf16 parameters.
+
+Distributed (ZeRO-2, no DDP wrapper): the optimizer averages the gradients itself. Each rank
+receives the averaged gradient only for its shard (reduce-scatter), updates only that shard and
+keeps optimizer state only for it, then all-gathers the new parameters. Small tensors are just
+all-reduced and updated everywhere. Communication starts inside backward: a hook on every
+parameter launches its reduction as soon as its gradient is final.
+
+Training loop contract (the loop never all-reduces anything itself):
+    for micro_step in range(grad_accum_steps):
+        optimizer.sync_grads = micro_step == grad_accum_steps - 1  # like nanoGPT's require_backward_grad_sync
+        (model(x, y) / grad_accum_steps).backward()
+    for group in optimizer.param_groups:  # schedules: step() reads these fresh every time
+        group["lr"] = group["initial_lr"] * lr_multiplier           # (and group["momentum"], ["weight_decay"])
+    optimizer.step()
+    model.zero_grad(set_to_none=True)
+"""
+import math
+
+import torch
+import torch.distributed as dist
+
+# Tensors with at least this many elements are sharded across ranks; smaller ones are all-reduced
+# (sharding a vector of 12 layer scalars would save nothing and cost a collective each way).
+SHARD_MIN_NUMEL = 1 << 20
+
+# Polar Express (Amsel et al. 2025, arXiv:2505.16932): one (a, b, c) per iteration of
+# X <- a X + b (X Xᵀ) X + c (X Xᵀ)² X. Each odd polynomial is the minimax-optimal one for the interval
+# of singular values the previous steps left, tuned so that after 5 steps every singular value in
+# [1e-3, 1] of the normalized input lands near 1. Unlike one fixed Newton-Schulz quintic, the early
+# steps are aggressive (to lift tiny singular values) and the late ones gentle (to settle them).
+POLAR_EXPRESS_COEFFS = [
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+]
+
+
+def polar_express(G, steps=5, dtype=torch.bfloat16):
+    """Approximately U Vᵀ (G = U S Vᵀ) for every matrix of a stack G (..., m, n).
+    Output singular values land in about [0.86, 1.14], not exactly 1: Muon doesn't need more."""
+    assert steps <= len(POLAR_EXPRESS_COEFFS)
+    X = G.to(dtype)  # bf16 matmuls: orthogonalization is Muon's main cost, and precision matters little
+    tall = X.size(-2) > X.size(-1)
+    if tall:  # work on the wide orientation, so the Gram matrix X Xᵀ is the small (min(m,n)²) one
+        X = X.mT
+    # Frobenius norm >= spectral norm, so this puts all singular values in [0, 1]; the 2% margin
+    # keeps the largest one inside the range the coefficients were tuned for despite bf16 rounding.
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)
+    for a, b, c in POLAR_EXPRESS_COEFFS[:steps]:
+        A = X @ X.mT
+        X = a * X + (b * A + c * (A @ A)) @ X
+    return X.mT if tall else X
+
+
+def normuon(U, second_moment, beta2):
+    """NorMuon: give each row (or column) of the orthogonalized update U its own Adam-like step size,
+    from an EMA of its mean square, then rescale so each matrix keeps the norm it had. Orthogonalization
+    already gives every column of a tall matrix (row of a wide one) unit norm; what can still be unequal
+    is the other way: so one value per row for tall/square matrices, one per column for wide ones."""
+    dim = -1 if U.size(-2) >= U.size(-1) else -2  # average over the smaller dimension
+    second_moment.lerp_(U.square().mean(dim, keepdim=True), 1 - beta2)
+    V = U * second_moment.clamp_min(1e-10).rsqrt()
+    # only the direction changes: Muon's step size stays set by lr, not by this normalization
+    return V * (U.norm(dim=(-2, -1), keepdim=True) / V.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-10))
+
+
+def muon_update(p, grad, momentum_buffer, second_moment, lr, momentum, beta2, weight_decay, ns_steps):
+    """One Muon step, in place, on a fp32 stack p (R, m, n) of same-shape matrices."""
+    # Nesterov momentum: the buffer averages gradients; step along the gradient pulled toward it
+    momentum_buffer.lerp_(grad, 1 - momentum)
+    U = grad.lerp(momentum_buffer, momentum)
+    U = polar_express(U, ns_steps).float()
+    U = normuon(U, second_moment, beta2)
+    # Under an orthogonal update, a tall (out > in) matrix maps inputs of RMS 1 to outputs of RMS
+    # sqrt(in/out) < 1 only; sqrt(rows/cols) restores a full-size step there (e.g. the MLP's c_fc).
+    lr = lr * max(1.0, p.size(-2) / p.size(-1)) ** 0.5
+    # Cautious weight decay: decay only entries the update already pushes toward zero (same sign
+    # as the weight), so the decay never fights the gradient.
+    mask = (U * p) > 0
+    p.sub_(lr * U + lr * weight_decay * p * mask)
+
+
+def adamw_update(p, grad, exp_avg, exp_avg_sq, step, lr, betas, eps, weight_decay):
+    """One AdamW step, in place, on p of any dtype: the math and the moments are fp32
+    (bf16 moments would lose small gradient contributions to rounding)."""
+    beta1, beta2 = betas
+    g = grad.float()
+    exp_avg.lerp_(g, 1 - beta1)
+    exp_avg_sq.lerp_(g.square(), 1 - beta2)
+    p32 = p.float()  # p itself when p is fp32, else a fp32 copy
+    p32.mul_(1 - lr * weight_decay)  # decoupled: decay the weight, not the gradient
+    denom = (exp_avg_sq / (1 - beta2 ** step)).sqrt_().add_(eps)  # bias-corrected second moment
+    p32.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1 ** step))
+    if p32 is not p:
+        p.copy_(p32)
+
+
+def pad_rows(t, world):
+    """t with zero rows appended so dim 0 splits evenly into `world` blocks (t itself if it does)."""
+    extra = -t.size(0) % world
+    return t if extra == 0 else torch.cat([t, t.new_zeros(extra, *t.shape[1:])])
+
+
+ADAMW_DEFAULTS = dict(betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0)
+MUON_DEFAULTS = dict(momentum=0.95, beta2=0.9, weight_decay=0.0, ns_steps=5)
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """param_groups: dicts with kind="muon" (params: 2-D matrices, all of one shape; lr, momentum,
+    beta2, weight_decay, ns_steps) or kind="adamw" (params, lr, betas, eps, weight_decay).
+    Every group also gets initial_lr; step() reads lr, momentum, weight_decay from the group each
+    time, so schedules just overwrite them. Every parameter must get a gradient every step."""
+
+    def __init__(self, param_groups):
+        groups = []
+        for g in param_groups:
+            assert g["kind"] in ("muon", "adamw"), g["kind"]
+            groups.append({**(MUON_DEFAULTS if g["kind"] == "muon" else ADAMW_DEFAULTS), **g})
+        super().__init__(groups, {})
+        for group in self.param_groups:
+            group["initial_lr"] = group["lr"]
+            if group["kind"] == "muon":
+                shapes = {p.shape for p in group["params"]}
+                assert len(shapes) == 1 and len(next(iter(shapes))) == 2, f"one matrix shape per muon group, got {shapes}"
+        distributed = dist.is_initialized() and dist.get_world_size() > 1
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+        self.sync_grads = True  # False: backward only accumulates locally (earlier micro-steps)
+
+        # Communication units, in a fixed order that is the same on every rank. AdamW: one per param.
+        # Muon: one per "round" of W consecutive matrices of a group, reduce-scattered as a (W, m, n)
+        # stack, so rank r owns matrices r, r+W, r+2W, ... of its group (any count, any W: a short
+        # last round is padded with zero matrices). A round starts as soon as its W gradients exist.
+        self.units = []
+        for gi, group in enumerate(self.param_groups):
+            ps, W = group["params"], self.world
+            if group["kind"] == "adamw":
+                self.units += [dict(gi=gi, params=[p], sharded=W > 1 and p.numel() >= SHARD_MIN_NUMEL) for p in ps]
+            else:
+                self.units += [dict(gi=gi, params=ps[i:i + W], sharded=W > 1) for i in range(0, len(ps), W)]
+        for unit in self.units:
+            unit.update(n_ready=0, grad=None, work=None)
+        self.unit_of = {p: unit for unit in self.units for p in unit["params"]}
+        # Post-accumulate hooks fire once p.grad holds this backward's full gradient. Every rank runs the
+        # same graph, so hooks fire (and collectives launch) in the same order everywhere.
+        if self.world > 1:
+            self.hooks = [p.register_post_accumulate_grad_hook(self._grad_ready) for p in self.unit_of]
+
+    def _grad_ready(self, p):
+        if not self.sync_grads:  # an earlier micro-step: keep accumulating locally
+            return
+        unit = self.unit_of[p]
+        if unit["grad"] is not None:
+            raise RuntimeError("gradient reduced twice: set optimizer.sync_grads = False on all but the last micro-step")
+        unit["n_ready"] += 1
+        if unit["n_ready"] == len(unit["params"]):
+            self._reduce(unit)
+
+    def _reduce(self, unit):
+        """Start averaging the unit's gradients over ranks. unit["grad"] becomes what this rank updates:
+        the whole gradient (small tensors), its block of rows (large ones) or one matrix (a Muon round)."""
+        ps, W = unit["params"], self.world
+        if self.param_groups[unit["gi"]]["kind"] == "muon":
+            grad = torch.stack([p.grad for p in ps] + [torch.zeros_like(ps[0].grad)] * (W - len(ps)))
+        else:
+            grad = pad_rows(ps[0].grad, W) if unit["sharded"] else ps[0].grad
+        if W == 1:
+            unit["grad"] = grad
+        elif not unit["sharded"]:
+            unit["grad"], unit["work"] = grad, dist.all_reduce(grad, op=dist.ReduceOp.AVG, async_op=True)
+        else:  # gloo supports reduce-scatter and AVG too (torch 2.13), so CPU tests run the NCCL code path
+            out = grad.new_empty(grad.size(0) // W, *grad.shape[1:])
+            unit["grad"], unit["work"] = out, dist.reduce_scatter_single(out, grad, op=dist.ReduceOp.AVG, async_op=True)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        assert closure is None, "closures are not supported"
+        for unit in self.units:  # whatever no hook started (one process, sync_grads off, no hooks) starts now
+            if unit["grad"] is None:
+                self._reduce(unit)
+        gathers = []  # (work, [(dst, src), ...]): copies to make once an all-gather has landed
+        for gi, group in enumerate(self.param_groups):
+            units = [u for u in self.units if u["gi"] == gi]
+            for unit in units:
+                if unit["work"] is not None:
+                    unit["work"].wait()
+            step_fn = self._muon_step if group["kind"] == "muon" else self._adamw_step
+            gathers += step_fn(group, units)  # this group's all-gathers overlap the next group's math
+        for work, copies in gathers:
+            work.wait()
+            for dst, src in copies:
+                dst.copy_(src)
+        for unit in self.units:
+            unit.update(n_ready=0, grad=None, work=None)
+
+    def _adamw_step(self, group, units):
+        gathers = []
+        for unit in units:
+            p, grad = unit["params"][0], unit["grad"]
+            own = p
+            if unit["sharded"]:  # this rank's block of rows: fewer (or none) at the end of the tensor
+                k = grad.size(0)
+                own = p[self.rank * k:(self.rank + 1) * k]
+                grad = grad[:own.size(0)]
+            state = self.state[p]
+            if not state:
+                state.update(step=0, exp_avg=torch.zeros_like(own, dtype=torch.float32),
+                             exp_avg_sq=torch.zeros_like(own, dtype=torch.float32))
+            state["step"] += 1
+            adamw_update(own, grad, state["exp_avg"], state["exp_avg_sq"], state["step"],
+                         group["lr"], group["betas"], group["eps"], group["weight_decay"])
+            if unit["sharded"]:  # in-place all-gather: our block is already in place in `full`
+                full = pad_rows(p, self.world)  # p itself unless rows had to be padded
+                work = dist.all_gather_single(full, full[self.rank * k:(self.rank + 1) * k], async_op=True)
+                gathers.append((work, [(p, full[:p.size(0)])] if full.size(0) != p.size(0) else []))
+        return gathers
+
+    def _muon_step(self, group, units):
+        # this rank's matrices, one per round (None: a zero pad in the last round), and their gradients
+        mine = [u["params"][self.rank] if self.rank < len(u["params"]) else None for u in units]
+        grad = torch.cat([u["grad"] for u in units]).float()  # (R, m, n)
+        like = group["params"][0]
+        p = torch.stack([q if q is not None else torch.zeros_like(like) for q in mine]).float()
+        state = self.state[like]  # one state per group, stacked like p
+        if not state:
+            R, m, n = grad.shape  # NorMuon keeps one value per row (tall/square) or per column (wide)
+            state.update(momentum_buffer=torch.zeros_like(grad),
+                         second_moment=grad.new_zeros(R, m, 1) if m >= n else grad.new_zeros(R, 1, n))
+        muon_update(p, grad, state["momentum_buffer"], state["second_moment"], group["lr"], group["momentum"],
+                    group["beta2"], group["weight_decay"], group["ns_steps"])
+        p = p.to(like.dtype)
+        if self.world == 1:
+            for q, new in zip(group["params"], p):
+                q.copy_(new)
+            return []
+        gathers = []
+        for j, unit in enumerate(units):  # round j: every rank contributes its matrix, all get all W
+            full = p.new_empty(self.world, *p.shape[1:])
+            work = dist.all_gather_single(full, p[j:j + 1], async_op=True)
+            gathers.append((work, list(zip(unit["params"], full.unbind(0)))))
+        return gathers
+
+    def load_state_dict(self, state_dict):
+        # torch casts loaded state to each parameter's dtype; our moments are fp32 on purpose
+        # (also for bf16 parameters), so put back the tensors exactly as saved.
+        super().load_state_dict(state_dict)
+        params = [p for group in self.param_groups for p in group["params"]]
+        for i, saved in state_dict["state"].items():
+            for key, value in saved.items():
+                if torch.is_tensor(value):
+                    self.state[params[i]][key] = value.to(params[i].device, copy=True)

@@ -1,0 +1,224 @@
+"""Attention backends on CPU: every kernel that runs here against a float64 reference,
+plus causality, windows, decode alignment, backend selection and torch.compile tracing."""
+import pytest
+import torch
+
+from nanochat import attention as attn
+
+CPU = torch.device("cpu")
+# Uncompiled flex warns that it materializes the scores; that is the point of running it here.
+pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+
+
+def load(name):
+    """The kernel of one backend, bypassing the once-per-process choice."""
+    try:
+        return attn.BACKENDS[name][1](CPU, torch.float32)
+    except Exception as e:
+        pytest.skip(f"{name} cannot load on CPU: {e}")
+
+
+BACKENDS_HERE = ["sdpa", "flex"]
+
+
+def reference(q, k, v, window):
+    """Explicit scores + mask + softmax in float64, one query position at a time."""
+    B, Tq, H, D = q.shape
+    Tk = k.shape[1]
+    q, k, v = q.double(), k.double(), v.double()
+    out = torch.zeros(B, Tq, H, D, dtype=torch.float64)
+    for i in range(Tq):
+        t = Tk - Tq + i  # absolute position of query i
+        visible = [j for j in range(Tk) if 0 <= t - j <= window]
+        scores = torch.einsum("bhd,bjhd->bhj", q[:, i], k[:, visible]) / D ** 0.5
+        out[:, i] = torch.einsum("bhj,bjhd->bhd", scores.softmax(-1), v[:, visible])
+    return out
+
+
+def qkv(B=2, Tq=16, Tk=16, H=3, D=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, Tq, H, D, generator=g), torch.randn(B, Tk, H, D, generator=g),
+            torch.randn(B, Tk, H, D, generator=g))
+
+
+CASES = [  # (Tq, Tk, window)
+    (16, 16, 100),  # plain causal
+    (16, 16, 16),   # window == Tk: still plain causal
+    (16, 16, 15),   # window just covers position 0 from the last query
+    (16, 16, 4),    # short window
+    (16, 16, 0),    # each query sees only itself
+    (5, 16, 4),     # a chunk of queries against a longer cache
+    (1, 16, 3),     # one decode step
+    (1, 16, 100),
+    (3, 130, 40),   # more than one 128-key block for flex
+]
+
+
+@pytest.mark.parametrize("name", BACKENDS_HERE)
+@pytest.mark.parametrize("Tq,Tk,window", CASES)
+def test_matches_reference(name, Tq, Tk, window):
+    kernel = load(name)
+    q, k, v = qkv(Tq=Tq, Tk=Tk)
+    out = kernel(q, k, v, window)
+    assert out.shape == q.shape and out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), reference(q, k, v, window), atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", BACKENDS_HERE)
+def test_gradients_match_reference(name):
+    if name == "flex":
+        pytest.skip("FlexAttention has no backward on CPU in torch 2.13")
+    kernel = load(name)
+    q, k, v = (x.requires_grad_() for x in qkv(Tq=6, Tk=12))
+    qr, kr, vr = (x.detach().double().requires_grad_() for x in (q, k, v))
+    w = torch.randn(2, 6, 3, 8)
+    (kernel(q, k, v, 3) * w).sum().backward()
+    (reference(qr, kr, vr, 3) * w.double()).sum().backward()
+    for got, want in [(q.grad, qr.grad), (k.grad, kr.grad), (v.grad, vr.grad)]:
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", BACKENDS_HERE)
+def test_backends_agree(name):
+    q, k, v = qkv(Tq=7, Tk=20)
+    for window in (2, 9, 50):
+        torch.testing.assert_close(load(name)(q, k, v, window), load("sdpa")(q, k, v, window),
+                                   atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", BACKENDS_HERE)
+@pytest.mark.parametrize("window", [100, 5])
+def test_future_never_leaks(name, window):
+    kernel = load(name)
+    q, k, v = qkv()
+    p = 9  # perturb the key and value at position p
+    k2, v2 = k.clone(), v.clone()
+    k2[:, p] += 3.0
+    v2[:, p] += 3.0
+    a, b = kernel(q, k, v, window), kernel(q, k2, v2, window)
+    torch.testing.assert_close(a[:, :p], b[:, :p], atol=0, rtol=0)  # masked exactly, not approximately
+    assert (a[:, p] - b[:, p]).abs().max() > 1e-3  # and the position itself does see it
+
+
+@pytest.mark.parametrize("name", BACKENDS_HERE)
+def test_window_boundary(name):
+    kernel = load(name)
+    q, k, v = qkv()
+    t, window = 12, 4
+
+    def output_at_t_after_changing(j):
+        k2, v2 = k.clone(), v.clone()
+        k2[:, j] += 3.0
+        v2[:, j] += 3.0
+        return kernel(q, k2, v2, window)[:, t]
+
+    base = kernel(q, k, v, window)[:, t]
+    torch.testing.assert_close(output_at_t_after_changing(t - window - 1), base, atol=0, rtol=0)
+    assert (output_at_t_after_changing(t - window) - base).abs().max() > 1e-3  # oldest visible key
+    assert (output_at_t_after_changing(t) - base).abs().max() > 1e-3  # itself
+
+
+@pytest.mark.parametrize("name", BACKENDS_HERE)
+@pytest.mark.parametrize("window", [100, 6])
+def test_decode_equals_last_rows_of_full(name, window):
+    kernel = load(name)
+    q, k, v = qkv(Tq=20, Tk=20)
+    full = kernel(q, k, v, window)
+    for n in (1, 3):
+        torch.testing.assert_close(kernel(q[:, -n:], k, v, window), full[:, -n:], atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", BACKENDS_HERE)
+def test_traces_without_graph_breaks(name, monkeypatch):
+    """fullgraph=True raises on any graph break; masks are cached outside the hot path, so the
+    second window shape costs one recompile at most, not one per call."""
+    import torch._dynamo
+    import torch._dynamo.testing
+    monkeypatch.setattr(attn, "_chosen", (name, load(name)))
+    monkeypatch.setattr(attn, "_masks", {})
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounter()
+    f = torch.compile(lambda q, k, v: attn.attention(q, k, v, 4) + attn.attention(q, k, v, 100),
+                      backend=counter, fullgraph=True)
+    q, k, v = qkv()
+    for _ in range(4):
+        out = f(q, k, v)
+    torch.testing.assert_close(out.double(), reference(q, k, v, 4) + reference(q, k, v, 100), atol=4e-6, rtol=1e-5)
+    assert counter.frame_count <= 2
+    torch._dynamo.reset()
+
+
+def test_mask_built_once_per_shape(monkeypatch):
+    monkeypatch.setattr(attn, "_masks", {})
+    a = attn._cached(attn._bool_mask, 4, 16, 16, CPU)
+    assert attn._cached(attn._bool_mask, 4, 16, 16, CPU) is a
+    assert attn._cached(attn._bool_mask, 5, 16, 16, CPU) is not a
+    assert a.sum() == sum(min(t, 4) + 1 for t in range(16))
+
+
+# -----------------------------------------------------------------------------
+# choosing the backend
+
+
+@pytest.fixture
+def fresh_choice(monkeypatch):
+    monkeypatch.setattr(attn, "_chosen", None)
+    return monkeypatch
+
+
+def test_cpu_default_is_sdpa(fresh_choice, capsys):
+    fresh_choice.delenv("NANOCHAT_ATTN", raising=False)
+    q, k, v = qkv()
+    out = attn.attention(q, k, v, 4)
+    assert attn.get_backend() == "sdpa"
+    assert "attention backend: sdpa" in capsys.readouterr().out
+    torch.testing.assert_close(out.double(), reference(q, k, v, 4), atol=2e-6, rtol=1e-5)
+    attn.get_backend()
+    assert capsys.readouterr().out == ""  # printed once, chosen once
+
+
+def test_forced_backend_is_used(fresh_choice, capsys):
+    fresh_choice.setenv("NANOCHAT_ATTN", "flex")
+    assert attn.get_backend(CPU, torch.float32) == "flex"
+    assert "attention backend: flex (FlexAttention)" in capsys.readouterr().out
+    assert attn._chosen[1] is attn._flex
+
+
+def test_unknown_backend_names_the_variable(fresh_choice):
+    fresh_choice.setenv("NANOCHAT_ATTN", "fa9")
+    with pytest.raises(ValueError, match="NANOCHAT_ATTN='fa9'"):
+        attn.get_backend(CPU, torch.float32)
+
+
+@pytest.mark.parametrize("name", ["fa3", "fa4"])
+def test_unavailable_backend_raises_instead_of_falling_back(fresh_choice, name):
+    fresh_choice.setenv("NANOCHAT_ATTN", name)
+    q, k, v = qkv()
+    with pytest.raises(RuntimeError, match=f"NANOCHAT_ATTN='{name}'"):
+        attn.attention(q, k, v, 4)
+    assert attn._chosen is None
+
+
+# -----------------------------------------------------------------------------
+# on a GPU (skipped on CPU machines): every backend that loads there, in bf16
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", list(attn.BACKENDS))
+@pytest.mark.parametrize("Tq,Tk,window", [(256, 256, 4096), (256, 256, 64), (64, 256, 64), (1, 300, 128)])
+def test_cuda_backend_matches_reference(name, Tq, Tk, window):
+    device = torch.device("cuda")
+    try:
+        kernel = attn.BACKENDS[name][1](device, torch.bfloat16)
+    except Exception as e:
+        pytest.skip(f"{name} cannot load here: {e}")
+    q, k, v = (x.to(device, torch.bfloat16).requires_grad_() for x in qkv(Tq=Tq, Tk=Tk, H=4, D=128))
+    out = kernel(q, k, v, window)
+    assert out.dtype == torch.bfloat16 and out.shape == q.shape
+    torch.testing.assert_close(out.double().cpu(), reference(q.cpu(), k.cpu(), v.cpu(), window), atol=2e-2, rtol=2e-2)
+    out.float().square().sum().backward()  # gradients agree with SDPA's
+    grads = [x.grad for x in (q, k, v)]
+    q2, k2, v2 = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    attn._sdpa(q2, k2, v2, window).float().square().sum().backward()
+    for got, want in zip(grads, (q2.grad, k2.grad, v2.grad)):
+        torch.testing.assert_close(got.float(), want.float(), atol=5e-2, rtol=5e-2)
