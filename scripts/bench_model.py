@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from nanochat.common import autodetect_device_type, compute_dtype, get_peak_flops, mfu
+from nanochat.common import autodetect_device_type, compute_dtype, compute_init, get_peak_flops, mfu
 from nanochat.gpt import GPTConfig, build_model
 
 
@@ -33,6 +33,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     device = args.device_type or autodetect_device_type()
+    compute_init(device)
     use_compile = (device == "cuda") if args.compile is None else bool(args.compile)
     config = GPTConfig.from_depth(args.depth, vocab_size=args.vocab_size, sequence_len=args.seq_len,
                                   head_dim=args.head_dim, window_pattern=args.window_pattern)
