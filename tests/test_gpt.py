@@ -138,3 +138,12 @@ def test_generate_greedy_is_deterministic():
     a = list(model.generate([1, 2, 3], max_tokens=5, temperature=0))
     b = list(model.generate([1, 2, 3], max_tokens=5, temperature=0))
     assert a == b and len(a) == 5 and all(0 <= t < 64 for t in a)
+
+
+def test_no_graph_breaks_under_torch_compile():
+    # dynamo tracing only (no code generation): the whole forward must be one graph on any backend
+    model = build_model(tiny_config(depth=4), "cpu")
+    idx = torch.randint(0, 64, (2, 32))
+    model(idx, idx)  # mask caches filled outside the trace
+    explanation = torch._dynamo.explain(model)(idx, idx)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
