@@ -11,8 +11,9 @@ import hashlib
 import os
 import tempfile
 
+from nanochat.checkpoint import save_json
 from nanochat.dataset import iter_documents
-from nanochat.tokenizer import Tokenizer, get_tokenizer
+from nanochat.tokenizer import Tokenizer, get_tokenizer, get_tokenizer_dir
 
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 CL100K_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
@@ -67,6 +68,8 @@ def main(argv=None):
         ratio = {split: nbytes[split] / max(1, counts[name][split]) for split in texts}
         vs = f"{counts[name]['val'] / counts['gpt2']['val'] - 1:+.1%}" if "gpt2" in counts else "-"
         print(f"{name:<10} {tok.vocab_size:>8,} {ratio['train']:>7.2f} {ratio['val']:>7.2f}  {vs:>18}")
+    save_json(os.path.join(get_tokenizer_dir(), "tok_eval.json"), {  # for the report
+        "bytes": nbytes, "tokens": counts, "vocab": {name: tokenizers[name].vocab_size for name in counts}})
     return counts
 
 

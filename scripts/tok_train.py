@@ -4,8 +4,10 @@ Train the BPE tokenizer on the first --max-chars characters of the training shar
     python -m scripts.tok_train --vocab-size 32768 --max-chars 2000000000
 """
 import argparse
+import os
 import time
 
+from nanochat.checkpoint import save_json
 from nanochat.dataset import iter_documents
 from nanochat.tokenizer import Tokenizer, get_tokenizer_dir
 
@@ -36,6 +38,8 @@ def main(argv=None):
 
     sample = "Hello world! In 2026, tokenizers still split numbers like 123456 and ünïcödé 🎉."
     assert tokenizer.decode(tokenizer.encode(sample)) == sample, "tokenizer does not round-trip"
+    save_json(os.path.join(get_tokenizer_dir(), "tok_train.json"), {  # for the report
+        "vocab_size": tokenizer.vocab_size, "train_time": train_time, "max_chars": args.max_chars, "doc_cap": args.doc_cap})
     print(f"trained a {tokenizer.vocab_size:,}-token tokenizer in {train_time:.1f}s; saved to {path}")
     return tokenizer
 

@@ -1,0 +1,282 @@
+"""
+The run report: one markdown file that says what was run, on what, for how long, at what cost,
+and how good the model is, with plots beside it.
+
+    python -m nanochat.report [--model-tag d24] [--start-time EPOCH] [--gpu-hour-cost 3.0]
+
+writes $NANOCHAT_BASE_DIR/report.md and $NANOCHAT_BASE_DIR/report/*.png. Every input is optional:
+a stage whose output file is missing is reported as "not run", so the report can be written
+after any stage, or after a crash, to see how far a run got.
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from nanochat.checkpoint import get_run_dir
+from nanochat.common import atomic_write, get_base_dir
+
+# Aggregate CORE of the original GPT-2 models (all 22 tasks), the numbers a run is measured against.
+GPT2_CORE = [("GPT-2 124M", 0.1139), ("GPT-2 355M", 0.1849), ("GPT-2 774M", 0.2146), ("GPT-2 1.5B", 0.2565)]
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def read_json(path):
+    """The parsed file, or None if it is missing or unreadable (a stage that did not run)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def read_metrics(path):
+    """Records of metrics.jsonl grouped by type. A run killed mid-write can leave a torn last line: skip it."""
+    groups = {}
+    if not os.path.exists(path):
+        return groups
+    with open(path) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict):
+                groups.setdefault(rec.get("type"), []).append(rec)
+    return groups
+
+
+def latest_tag(base_dir):
+    """The most recently modified run under base_checkpoints/, or None if there is none."""
+    root = os.path.join(base_dir, "base_checkpoints")
+    dirs = [d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))] if os.path.isdir(root) else []
+    return max(dirs, key=lambda d: os.path.getmtime(os.path.join(root, d)), default=None)
+
+
+def git(*args):
+    """Output of a git command in the repo, or None (no git installed, not a checkout)."""
+    try:
+        out = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def ram_gb():
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+    except (ValueError, OSError, AttributeError):  # not POSIX
+        return None
+
+
+def fmt(x, spec=",", missing="n/a"):
+    return missing if x is None else format(x, spec)
+
+
+def save_png(fig, path):
+    """Agg canvas directly (no pyplot, no global backend switch), written atomically like report.md."""
+    FigureCanvasAgg(fig)
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+
+
+def plot_curves(records, key, title, path):
+    """One figure, three views of the same curve: per step, per minute of wall time, per FLOP."""
+    recs = [r for r in records if r.get(key) is not None]
+    if not recs:
+        return False
+    fig = Figure(figsize=(15, 4))
+    for ax, (xkey, xlabel, scale) in zip(fig.subplots(1, 3), [("step", "step", 1), ("elapsed", "time (min)", 60),
+                                                               ("flops", "FLOPs", 1)]):
+        pts = [(r[xkey] / scale, r[key]) for r in recs if r.get(xkey) is not None]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 50 else None)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    save_png(fig, path)
+    return True
+
+
+def plot_core_tasks(centered, path):
+    names = sorted(centered, key=centered.get)
+    fig = Figure(figsize=(8, 0.3 * len(names) + 1.5))
+    ax = fig.subplots()
+    ax.barh(names, [centered[n] for n in names])
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_xlabel("centered score (0 = random guessing, 1 = perfect)")
+    ax.set_title("CORE per task")
+    save_png(fig, path)
+
+
+def write_report(base_dir=None, model_tag=None, start_time=None, gpu_hour_cost=3.0):
+    use_env = base_dir is None  # then get_run_dir (which follows $NANOCHAT_BASE_DIR) finds the run
+    base_dir = base_dir or get_base_dir()
+    plot_dir = os.path.join(base_dir, "report")
+    os.makedirs(plot_dir, exist_ok=True)
+    tag = model_tag or latest_tag(base_dir)
+    run_dir = None
+    if tag:
+        run_dir = get_run_dir(tag) if use_env else os.path.join(base_dir, "base_checkpoints", tag)
+    cfg = read_json(os.path.join(run_dir, "config.json")) if run_dir else None
+    metrics = read_metrics(os.path.join(run_dir, "metrics.jsonl")) if run_dir else {}
+    ev = read_json(os.path.join(run_dir, "base_eval.json")) if run_dir else None
+    tok_train = read_json(os.path.join(base_dir, "tokenizer", "tok_train.json"))
+    tok_eval = read_json(os.path.join(base_dir, "tokenizer", "tok_eval.json"))
+    final = (metrics.get("final") or [None])[-1]
+
+    # header: wall time from the flag, else from the file speedrun.sh writes at its start
+    if start_time is None:
+        try:
+            with open(os.path.join(base_dir, "speedrun_start")) as f:
+                start_time = float(f.read().strip())
+        except (OSError, ValueError):
+            pass
+    hours = (time.time() - start_time) / 3600 if start_time is not None else None
+    n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n_gpus == 0:
+        cost = "CPU run: no GPU cost"
+    elif hours is None:
+        cost = "unknown (no start time: pass --start-time or write speedrun_start)"
+    else:
+        cost = f"${hours * n_gpus * gpu_hour_cost:,.2f} ({hours:.2f} h x {n_gpus} GPUs x ${gpu_hour_cost}/GPU-hour)"
+    L = ["# nanochat report", "",
+         f"- date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M:%S')}",
+         f"- command: `{' '.join([os.path.basename(sys.executable)] + sys.argv)}`",
+         f"- run: {tag or 'not run (no base_checkpoints/)'}",
+         "- started: " + (datetime.datetime.fromtimestamp(start_time).strftime("%Y-%m-%d %H:%M:%S")
+                          if start_time is not None else "unknown"),
+         f"- total wall time: {f'{hours:.2f} h' if hours is not None else 'unknown'}",
+         f"- estimated cost: {cost}", ""]
+
+    # system: enough to reproduce or explain a throughput number
+    gpu = f"{n_gpus} x {torch.cuda.get_device_name(0)}" if n_gpus else "none (CPU)"
+    commit, branch, status = git("rev-parse", "--short", "HEAD"), git("rev-parse", "--abbrev-ref", "HEAD"), git("status", "--porcelain")
+    L += ["## System", "",
+          f"- python {platform.python_version()}, torch {torch.__version__}, {platform.platform()}",
+          f"- GPU: {gpu}",
+          f"- CPU cores: {os.cpu_count()}, RAM: {fmt(ram_gb(), '.1f')} GB",
+          f"- git: {commit or 'unknown'} on {branch or 'unknown'}"
+          + ("" if status is None else " (dirty: uncommitted changes)" if status else " (clean)"), ""]
+
+    L += ["## Tokenizer", ""]
+    if tok_train:
+        L += [f"- vocab size {fmt(tok_train.get('vocab_size'))}, trained in {fmt(tok_train.get('train_time'), '.1f')} s "
+              f"on {fmt(tok_train.get('max_chars'))} chars (documents capped at {fmt(tok_train.get('doc_cap'))} chars)"]
+    else:
+        L += ["- training: not run"]
+    if tok_eval:
+        nbytes = tok_eval.get("bytes", {})
+        L += ["", "| tokenizer | vocab | bytes/token train | bytes/token val |", "|---|---|---|---|"]
+        for name, toks in tok_eval.get("tokens", {}).items():  # higher bytes/token = better compression
+            ratio = [nbytes[s] / toks[s] if toks.get(s) and nbytes.get(s) else None for s in ("train", "val")]
+            L += [f"| {name} | {fmt(tok_eval.get('vocab', {}).get(name))} | {fmt(ratio[0], '.2f')} | {fmt(ratio[1], '.2f')} |"]
+    else:
+        L += ["- evaluation: not run"]
+    L += [""]
+
+    L += ["## Training", ""]
+    if cfg:
+        mc, np_, args = cfg.get("model_config", {}), cfg.get("num_params", {}), cfg.get("args", {})
+        tokens = (final or {}).get("total_tokens") or (cfg.get("total_batch_size") or 0) * (cfg.get("num_iterations") or 0)
+        scaling = (np_.get("transformer_matrices") or 0) + (np_.get("lm_head") or 0)  # the params of SPEC §5's ratio
+        L += [f"- depth {mc.get('n_layer')}, width {mc.get('n_embd')}, {mc.get('n_head')} heads, seq len {mc.get('sequence_len')}, "
+              f"vocab {fmt(mc.get('vocab_size'))}, windows {mc.get('window_pattern')}",
+              "- params: " + ", ".join(f"{k} {fmt(v)}" for k, v in np_.items()),
+              f"- FLOPs/token {fmt(cfg.get('flops_per_token'), '.3e')}, batch {fmt(cfg.get('total_batch_size'))} tokens, "
+              f"{fmt(cfg.get('num_iterations'))} iterations, {fmt(tokens)} tokens, "
+              f"tokens:params {fmt(tokens / scaling if scaling else None, '.2f')}",
+              f"- {cfg.get('world_size')} x {cfg.get('device_name')}, dtype {cfg.get('dtype')}, fp8 {'on' if args.get('fp8') else 'off'}",
+              "- flags: `" + " ".join(f"--{k.replace('_', '-')}={v}" for k, v in args.items()) + "`"]
+    else:
+        L += ["- config: not run (no config.json)"]
+    train = metrics.get("train", [])
+    if train:
+        steady = train[len(train) // 10:] or train  # the first steps include compilation
+        tps = sum(r.get("tok_per_sec") or 0 for r in steady) / len(steady)
+        mfus = [r["mfu"] for r in steady if r.get("mfu") is not None]
+        L += [f"- last train loss {fmt(train[-1].get('loss'), '.4f')} at step {train[-1].get('step')}; "
+              f"{tps:,.0f} tok/s, MFU " + (f"{100 * sum(mfus) / len(mfus):.1f} %" if mfus else "n/a")]
+    if final:
+        L += [f"- training time {fmt(final.get('elapsed'), ',.0f')} s, {fmt(final.get('total_flops'), '.3e')} FLOPs"]
+    if not train and not final:
+        L += ["- training metrics: not run"]
+    L += [""]
+
+    L += ["## Results", ""]
+    val = final or (metrics.get("val") or [{}])[-1]
+    val_bpb = val.get("val_bpb") if val.get("val_bpb") is not None else ((ev or {}).get("bpb") or {}).get("val")
+    L += [f"- final val bpb: {fmt(val_bpb, '.4f', 'not run')}"]
+    if ev and ev.get("bpb"):
+        L += [f"- eval bpb: train {fmt(ev['bpb'].get('train'), '.4f')}, val {fmt(ev['bpb'].get('val'), '.4f')}"]
+    core_recs = [r for r in metrics.get("core", []) if isinstance(r.get("core"), (int, float))]
+    src = ev if ev and ev.get("core") is not None else (core_recs[-1] if core_recs else None)
+    if src:
+        core, label = src["core"], src.get("core_label", "CORE")
+        rows = sorted(GPT2_CORE + [(f"**ours ({tag}), {label}**", core)], key=lambda r: r[1])  # ours in rank order
+        L += ["", "| model | CORE |", "|---|---|"] + [f"| {n} | {s:.4f} |" for n, s in rows]
+        beaten = [name for name, score in GPT2_CORE if core > score]
+        L += ["", f"Our {label} = {core:.4f}: " + (f"beats {beaten[-1]} ({dict(GPT2_CORE)[beaten[-1]]:.4f})"
+                                                   if beaten else "below GPT-2 124M (0.1139)") + "."]
+        if ev and (ev.get("n_tasks") or 22) < (ev.get("n_total") or 22):
+            L += [f"Only {ev['n_tasks']} of {ev['n_total']} tasks were scored; the GPT-2 numbers are over all 22, "
+                  "so the comparison is approximate."]
+        tasks = src.get("tasks", {})  # base_eval: dicts of scores; a training core record: centered only
+        L += ["", "| task | accuracy | centered | random baseline | items |", "|---|---|---|---|---|"]
+        for name, t in tasks.items():
+            t = t if isinstance(t, dict) else {"centered": t}
+            L += [f"| {name} | {fmt(t.get('accuracy'), '.4f')} | {fmt(t.get('centered'), '.4f')} | "
+                  f"{fmt(t.get('random_baseline'), '.1f')} | {fmt(t.get('n_items'))} |"]
+        if ev and ev.get("skipped"):
+            L += ["", "Skipped (data missing): " + ", ".join(ev["skipped"])]
+        centered = {n: (t.get("centered") if isinstance(t, dict) else t) for n, t in tasks.items()}
+        centered = {n: c for n, c in centered.items() if isinstance(c, (int, float))}  # a task that errored has none
+        if centered:
+            plot_core_tasks(centered, os.path.join(plot_dir, "core_tasks.png"))
+            L += ["", "![CORE per task](report/core_tasks.png)"]
+    else:
+        L += ["- CORE: not run"]
+    if core_recs:
+        L += ["", "CORE during training: " + ", ".join(f"step {r['step']}: {r['core']:.4f}" for r in core_recs)]
+    L += [""]
+
+    L += ["## Samples", ""]
+    samples = (ev or {}).get("samples") or ((metrics.get("sample") or [{}])[-1]).get("samples")
+    for s in samples or []:
+        L += ["````text", s, "````", ""]
+    if not samples:
+        L += ["not run", ""]
+
+    L += ["## Plots", ""]
+    for recs, key, name, title in [(train, "loss", "train_loss", "train loss"),
+                                   (metrics.get("val", []), "val_bpb", "val_bpb", "validation bpb")]:
+        if plot_curves(recs, key, title, os.path.join(plot_dir, name + ".png")):
+            L += [f"![{title}](report/{name}.png)", ""]
+        else:
+            L += [f"- {title}: not run", ""]
+
+    path = os.path.join(base_dir, "report.md")
+    with atomic_write(path) as tmp, open(tmp, "w") as f:
+        f.write("\n".join(L))
+    return path
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Write report.md and plots for a run")
+    p.add_argument("--model-tag", default=None, help="run under base_checkpoints/ (default: the newest)")
+    p.add_argument("--start-time", type=float, default=None, help="epoch seconds the run started (default: speedrun_start file)")
+    p.add_argument("--gpu-hour-cost", type=float, default=3.0, help="dollars per GPU-hour for the cost estimate")
+    a = p.parse_args(argv)
+    print(write_report(model_tag=a.model_tag, start_time=a.start_time, gpu_hour_cost=a.gpu_hour_cost))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,299 @@
+"""
+Pretrain the base model.
+
+    python -m scripts.base_train --depth 12                                  # one GPU or CPU
+    torchrun --standalone --nproc_per_node=8 -m scripts.base_train --depth 24 --target-param-data-ratio 8 --fp8
+
+--depth sets the model and, through it, every default: the training horizon (tokens =
+ratio × (matrix + lm_head params)), the total batch size, the learning rates and the weight
+decay. Each rank processes --device-batch-size × seq-len tokens per micro-step and
+accumulates gradients up to the total batch. Metrics go to <run dir>/metrics.jsonl (and
+wandb with --run); checkpoints to <run dir>/step_NNNNNN; --resume continues exactly.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+
+import torch
+
+from nanochat.checkpoint import get_run_dir, list_steps, load_meta, load_rank_state, save_checkpoint, step_dir
+from nanochat.common import atomic_write, compute_cleanup, compute_init, get_base_dir, get_peak_flops, mfu, print0
+from nanochat.dataloader import DataLoader
+from nanochat.gpt import GPT, GPTConfig, build_model
+from nanochat.loss_eval import evaluate_bpb
+from nanochat.tokenizer import get_tokenizer
+
+SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then tomorrow will be",
+                  "The opposite of hot is", "The planets of the solar system are:"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # model
+    p.add_argument("--depth", type=int, default=20, help="the one dial: width, heads and defaults follow from it")
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--max-seq-len", type=int, default=2048)
+    p.add_argument("--window-pattern", default="SSSL", help="S = short window, L = long; tiled over layers")
+    p.add_argument("--fp8", action="store_true", help="fp8 matmuls for the large Linears (CUDA SM89+)")
+    # horizon: the first of these that is set wins
+    p.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps")
+    p.add_argument("--target-flops", type=float, default=-1, help="total training FLOPs")
+    p.add_argument("--target-param-data-ratio", type=float, default=12, help="tokens per (matrix + lm_head) param")
+    # batch
+    p.add_argument("--device-batch-size", type=int, default=16, help="sequences per rank per micro-step")
+    p.add_argument("--total-batch-size", type=int, default=-1, help="tokens per optimizer step (-1: auto)")
+    # optimization
+    p.add_argument("--matrix-lr", type=float, default=0.02, help="Muon LR (other LRs follow SPEC scalings)")
+    p.add_argument("--weight-decay", type=float, default=-1, help="Muon weight decay (-1: auto from batch and horizon)")
+    p.add_argument("--warmup-steps", type=int, default=40)
+    p.add_argument("--warmdown-ratio", type=float, default=0.65)
+    p.add_argument("--final-lr-frac", type=float, default=0.05)
+    # evaluation, logging, checkpoints
+    p.add_argument("--eval-every", type=int, default=250, help="val bpb every N steps (and at the end)")
+    p.add_argument("--eval-tokens", type=int, default=10 * 524288, help="val tokens per bpb evaluation")
+    p.add_argument("--core-every", type=int, default=2000, help="CORE (subset) every N steps and at the end; -1: never")
+    p.add_argument("--core-max-per-task", type=int, default=500, help="items per CORE task during training")
+    p.add_argument("--eval-bundle", default=None, help="CORE eval bundle dir (default: <base dir>/eval_bundle)")
+    p.add_argument("--sample-every", type=int, default=2000, help="print samples every N steps and at the end")
+    p.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (always at the end)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of the run dir")
+    p.add_argument("--model-tag", default=None, help="run dir name under base_checkpoints (default: d<depth>)")
+    p.add_argument("--run", default=None, help="wandb run name (default: no wandb; WANDB_MODE=offline works)")
+    p.add_argument("--device-type", default=None, help="cuda|cpu|mps (default: autodetect)")
+    p.add_argument("--compile", type=int, default=None, help="torch.compile (default: 1 on CUDA)")
+    return p.parse_args(argv)
+
+
+def matrix_and_head_params(config):
+    with torch.device("meta"):
+        counts = GPT(config).num_params()
+    return counts["transformer_matrices"] + counts["lm_head"]
+
+
+def plan(args, config, flops_per_token, tokens_per_micro_step):
+    """Training horizon and batch size, derived from the depth unless given explicitly."""
+    params = matrix_and_head_params(config)
+    # the reference horizon: d12 at ratio 12; batch and weight decay were tuned there
+    ref_tokens = 12 * matrix_and_head_params(GPTConfig.from_depth(12, vocab_size=config.vocab_size))
+    if args.num_iterations > 0 and args.total_batch_size > 0:
+        tokens = args.num_iterations * args.total_batch_size
+    elif args.target_flops > 0:
+        tokens = args.target_flops / flops_per_token
+    else:
+        tokens = args.target_param_data_ratio * params
+    # bigger horizons want bigger batches: B ∝ D^0.383, rounded to a power of two
+    B = args.total_batch_size if args.total_batch_size > 0 else \
+        2 ** round(math.log2(2 ** 19 * (tokens / ref_tokens) ** 0.383))
+    B = max(B, tokens_per_micro_step)
+    if B % tokens_per_micro_step:
+        raise ValueError(f"--total-batch-size {B} is not a multiple of device batch × seq len × processes = "
+                         f"{tokens_per_micro_step}: change --total-batch-size or --device-batch-size")
+    steps = args.num_iterations if args.num_iterations > 0 else max(1, round(tokens / B))
+    # weight decay ∝ sqrt(batch) and inversely ∝ horizon (the total decay applied stays similar)
+    wd = args.weight_decay if args.weight_decay >= 0 else 0.28 * (B / 2 ** 19) ** 0.5 * ref_tokens / (steps * B)
+    return B, steps, wd, params
+
+
+def lr_multiplier(step, steps, args):
+    """Linear warmup, constant, then linear warmdown over the last warmdown_ratio to final_lr_frac."""
+    warmdown_start = steps * (1 - args.warmdown_ratio)
+    if step < args.warmup_steps:
+        return (step + 1) / args.warmup_steps
+    if step < warmdown_start:
+        return 1.0
+    progress = (step - warmdown_start) / max(1, steps - warmdown_start)
+    return 1.0 - progress * (1.0 - args.final_lr_frac)
+
+
+def muon_momentum(step, steps, args):
+    """0.85 -> 0.97 over the first 400 steps (early gradients are noisy, later ones need memory),
+    then back down to 0.90 over the warmdown (a shorter memory anneals faster)."""
+    m = 0.85 + 0.12 * min(1.0, step / 400)
+    warmdown_start = steps * (1 - args.warmdown_ratio)
+    if step > warmdown_start:
+        m -= 0.07 * (step - warmdown_start) / max(1, steps - warmdown_start)
+    return m
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    is_ddp, rank, local_rank, world, device = compute_init(args.device_type)
+    use_compile = device.type == "cuda" if args.compile is None else bool(args.compile)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    tokenizer = get_tokenizer()
+    token_bytes = tokenizer.token_bytes().to(device)
+    config = GPTConfig.from_depth(args.depth, vocab_size=tokenizer.vocab_size, sequence_len=args.max_seq_len,
+                                  head_dim=args.head_dim, window_pattern=args.window_pattern)
+    model = build_model(config, device)
+    if args.fp8:
+        from nanochat.fp8 import convert_to_float8
+        convert_to_float8(model.blocks)  # the head stays bf16: its softcapped logits are precision-sensitive
+    flops_per_token = model.estimate_flops()
+    T, B_dev = args.max_seq_len, args.device_batch_size
+    B, num_iterations, weight_decay, horizon_params = plan(args, config, flops_per_token, B_dev * T * world)
+    accum = B // (B_dev * T * world)
+    optimizer = model.setup_optimizer(total_batch_size=B, weight_decay=weight_decay, matrix_lr=args.matrix_lr)
+    step_model = torch.compile(model) if use_compile else model
+    peak = get_peak_flops(device)
+    eval_mode = nullcontext
+    if args.fp8:
+        from nanochat.fp8 import disable_fp8
+        eval_mode = lambda: disable_fp8(model)  # noqa: E731 (evaluation runs in bf16)
+
+    # Data: each rank runs `accum` micro-streams, stream (rank, a) being loader rank*accum + a of
+    # world*accum. The global batch is then the same for any split of world × accum: 8 GPUs with
+    # accum 1 see exactly the batches of 1 GPU with accum 8.
+    loaders = [DataLoader(tokenizer, B_dev, T, "train", device, rank=rank * accum + a, world_size=world * accum)
+               for a in range(accum)]
+
+    run_dir = get_run_dir(args.model_tag or f"d{args.depth}")
+    metrics_path = os.path.join(run_dir, "metrics.jsonl")
+    step, elapsed, smooth_loss = 0, 0.0, 0.0
+    if args.resume and list_steps(run_dir):
+        meta = load_meta(run_dir)
+        if meta["model_config"] != dataclasses.asdict(config):
+            raise ValueError(f"--resume: the checkpoint in {run_dir} is a different model "
+                             f"({meta['model_config']}); use the same --depth and model flags or another --model-tag")
+        step = meta["step"]
+        model.load_state_dict(torch.load(os.path.join(step_dir(run_dir, step), "model.pt"), map_location=device,
+                                         weights_only=True))
+        state = load_rank_state(run_dir, step, rank)
+        optimizer.load_state_dict(state["optimizer"])
+        for loader, loader_state in zip(loaders, state["loaders"], strict=True):
+            loader.load_state_dict(loader_state)
+        elapsed, smooth_loss = meta["loop"]["elapsed"], meta["loop"]["smooth_loss"]
+        if rank == 0 and os.path.exists(metrics_path):  # drop what the stopped run logged after this checkpoint
+            with open(metrics_path) as f:
+                keep = [line for line in f if json.loads(line)["step"] <= step]
+            with atomic_write(metrics_path) as tmp, open(tmp, "w") as f:
+                f.writelines(keep)
+        print0(f"resumed from {step_dir(run_dir, step)}")
+        if step == num_iterations:
+            print0(f"training already complete ({step} steps in {run_dir})")
+            return {"val_bpb": None, "steps": num_iterations}
+    resume_step = step
+
+    train_config = {
+        "args": vars(args), "model_config": dataclasses.asdict(config), "num_params": model.num_params(),
+        "flops_per_token": flops_per_token, "total_batch_size": B, "num_iterations": num_iterations,
+        "grad_accum_steps": accum, "weight_decay": weight_decay, "horizon_params": horizon_params,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+        "world_size": world, "dtype": str(model.wte.weight.dtype).replace("torch.", ""),
+    }
+    wandb_run = None
+    if rank == 0:
+        os.makedirs(run_dir, exist_ok=True)
+        with atomic_write(os.path.join(run_dir, "config.json")) as tmp, open(tmp, "w") as f:
+            json.dump(train_config, f, indent=2)
+        if args.run:
+            import wandb
+            wandb_run = wandb.init(project="nanochat", name=args.run, config=train_config, dir=run_dir)
+    print0(f"model d{args.depth}: {config.n_embd} wide, {config.n_head} heads, {model.num_params()['total']:,} params, "
+           f"{flops_per_token:.3e} FLOPs/token")
+    print0(f"horizon: {num_iterations:,} steps × {B:,} tokens = {num_iterations * B:,} tokens "
+           f"({num_iterations * B / horizon_params:.1f} per matrix+head param), {num_iterations * B * flops_per_token:.3e} FLOPs; "
+           f"{world} process(es) × {accum} micro-steps of {B_dev}×{T}")
+
+    def log(record):
+        record = {"step": step, "elapsed": elapsed, "tokens": step * B, "flops": step * B * flops_per_token, **record}
+        if rank == 0:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if wandb_run:
+                wandb_run.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
+
+    bundle = args.eval_bundle or os.path.join(get_base_dir(), "eval_bundle")
+    val_bpb = None
+    while True:
+        last = step == num_iterations
+        fresh = step != resume_step or step == 0  # evals at the resume step already ran before the stop
+        due = lambda every: every > 0 and (last or step % every == 0) and fresh  # noqa: E731
+        if due(args.eval_every):
+            model.eval()
+            with eval_mode():
+                val_loader = DataLoader(tokenizer, B_dev, T, "val", device, rank=rank, world_size=world)
+                val_bpb = evaluate_bpb(step_model, val_loader, max(1, args.eval_tokens // (B_dev * T * world)),
+                                       token_bytes)
+                val_loader.close()
+            model.train()
+            print0(f"step {step:05d} | val bpb {val_bpb:.4f}")
+            log({"type": "val", "val_bpb": val_bpb})
+        if due(args.core_every):
+            if os.path.isdir(bundle):
+                from nanochat.core_eval import evaluate_core
+                model.eval()
+                with eval_mode():
+                    core = evaluate_core(model, tokenizer, bundle, device, max_per_task=args.core_max_per_task)
+                model.train()
+                print0(f"step {step:05d} | {core['core_label']}: {core['core']:.4f}")
+                log({"type": "core", "core": core["core"], "core_label": core["core_label"],
+                     "tasks": {k: v["centered"] for k, v in core["tasks"].items()}})
+            else:
+                print0(f"step {step:05d} | CORE skipped: no eval bundle at {bundle} (python -m scripts.base_eval downloads it)")
+        if due(args.sample_every) and rank == 0:
+            model.eval()
+            with eval_mode():
+                samples = [p + tokenizer.decode(list(model.generate(tokenizer.encode(p, prepend=tokenizer.bos_token_id),
+                                                                    16, temperature=0))) for p in SAMPLE_PROMPTS]
+            model.train()
+            print0("\n".join(f"  {s!r}" for s in samples))
+            log({"type": "sample", "samples": samples})
+        if (last or (args.save_every > 0 and step % args.save_every == 0)) and step != resume_step:
+            meta = {"model_config": dataclasses.asdict(config), "args": vars(args), "total_batch_size": B,
+                    "num_iterations": num_iterations, "world_size": world,
+                    "loop": {"elapsed": elapsed, "smooth_loss": smooth_loss}}
+            save_checkpoint(run_dir, step, model, optimizer, meta, rank=rank,
+                            rank_state={"loaders": [loader.state_dict() for loader in loaders]})
+        if last:
+            break
+
+        # one optimizer step (step -> step + 1): accum micro-steps of forward + backward, then the update
+        sync()
+        t0 = time.perf_counter()
+        for a, loader in enumerate(loaders):
+            x, y = next(loader)
+            optimizer.sync_grads = a == accum - 1  # gradients cross ranks only after the last micro-step
+            loss = step_model(x, y)
+            (loss / accum).backward()
+        lrm = lr_multiplier(step, num_iterations, args)
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * lrm
+            if group["kind"] == "muon":
+                group["momentum"] = muon_momentum(step, num_iterations, args)
+                group["weight_decay"] = weight_decay * 0.5 * (1 + math.cos(math.pi * step / num_iterations))
+        optimizer.step()
+        model.zero_grad(set_to_none=True)
+        train_loss = loss.item()  # the last micro-step's loss, this rank (a sync point: fine once per step)
+        sync()
+        dt = time.perf_counter() - t0
+        if step >= 10 or resume_step > 0:  # the first steps include compilation
+            elapsed += dt
+        smooth_loss = 0.9 * smooth_loss + 0.1 * train_loss
+        debiased = smooth_loss / (1 - 0.9 ** (step + 1))
+        tok_per_sec = B / dt
+        util = mfu(tok_per_sec / world, flops_per_token, peak)
+        step += 1
+        eta = (num_iterations - step) * dt
+        print0(f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:.1f}%) | loss {debiased:.4f} | "
+               f"lrm {lrm:.2f} | dt {dt * 1e3:.0f}ms | tok/s {tok_per_sec:,.0f} | "
+               f"mfu {'-' if util is None else f'{util:.1%}'} | elapsed {elapsed / 60:.1f}m | eta {eta / 60:.1f}m")
+        log({"type": "train", "loss": debiased, "raw_loss": train_loss, "lr_mult": lrm, "dt": dt,
+             "tok_per_sec": tok_per_sec, "mfu": util})
+
+    print0(f"done: {num_iterations} steps, {elapsed / 60:.1f} min of training, final val bpb {val_bpb}")
+    log({"type": "final", "val_bpb": val_bpb, "total_tokens": step * B, "total_flops": step * B * flops_per_token})
+    for loader in loaders:
+        loader.close()
+    if wandb_run:
+        wandb_run.finish()
+    compute_cleanup()
+    return {"val_bpb": val_bpb, "steps": num_iterations}
+
+
+if __name__ == "__main__":
+    main()

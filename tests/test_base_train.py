@@ -1,0 +1,88 @@
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from nanochat.dataset import write_shards
+from nanochat.tokenizer import Tokenizer
+from scripts import base_train
+
+TINY = ["--depth", "1", "--head-dim", "16", "--max-seq-len", "32", "--device-batch-size", "4",
+        "--eval-every", "3", "--eval-tokens", "256", "--core-every", "-1", "--sample-every", "-1",
+        "--device-type", "cpu"]
+
+
+@pytest.fixture
+def base_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    rng = random.Random(0)
+    words = "the of and to in is was for on that with as by at from his her an which were are".split()
+    docs = [" ".join(rng.choice(words) for _ in range(rng.randint(5, 80))) for _ in range(400)]
+    write_shards(docs, str(tmp_path / "base_data"), docs_per_shard=200, val_docs=40, row_group_size=16)
+    Tokenizer.train(iter(docs), vocab_size=300).save(str(tmp_path / "tokenizer"))
+    return tmp_path
+
+
+def train_records(base_dir, tag):
+    with open(base_dir / "base_checkpoints" / tag / "metrics.jsonl") as f:
+        return [r for r in map(json.loads, f) if r["type"] == "train"]
+
+
+def weights(base_dir, tag, step):
+    return torch.load(base_dir / "base_checkpoints" / tag / f"step_{step:06d}" / "model.pt", weights_only=True)
+
+
+def test_resume_is_exact(base_dir):
+    args = TINY + ["--num-iterations", "6", "--total-batch-size", "256"]  # 2 micro-steps per step
+    base_train.main(args + ["--model-tag", "straight"])
+    base_train.main(args + ["--model-tag", "stopped", "--save-every", "3"])
+    run = base_dir / "base_checkpoints" / "stopped"
+    shutil.rmtree(run / "step_000006")  # as if the run had died between step 3 and the end
+    base_train.main(args + ["--model-tag", "stopped", "--resume"])
+    straight, resumed = train_records(base_dir, "straight"), train_records(base_dir, "stopped")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]  # the log was rewound to the checkpoint
+    assert [r["raw_loss"] for r in resumed] == [r["raw_loss"] for r in straight]  # bit-identical losses
+    a, b = weights(base_dir, "straight", 6), weights(base_dir, "stopped", 6)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_of_a_different_model_is_refused(base_dir):
+    base_train.main(TINY + ["--num-iterations", "2", "--total-batch-size", "128", "--model-tag", "x"])
+    with pytest.raises(ValueError, match="different model"):
+        base_train.main(TINY[2:] + ["--depth", "2", "--num-iterations", "2", "--total-batch-size", "128",
+                                    "--model-tag", "x", "--resume"])
+
+
+def test_bad_batch_is_a_clear_error(base_dir):
+    with pytest.raises(ValueError, match="--total-batch-size 200"):
+        base_train.main(TINY + ["--num-iterations", "2", "--total-batch-size", "200"])
+
+
+def test_two_processes_equal_one(base_dir):
+    # same global batch (256 tokens): 1 process × 2 micro-steps vs 2 processes × 1 micro-step
+    args = TINY + ["--num-iterations", "4", "--total-batch-size", "256"]
+    base_train.main(args + ["--model-tag", "one"])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "scripts.base_train", *args, "--model-tag", "two"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=os.getcwd(),
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    one, two = weights(base_dir, "one", 4), weights(base_dir, "two", 4)
+    for k in one:  # fp32 on CPU; gradient averages are exact for two halves
+        assert torch.allclose(one[k].float(), two[k].float(), rtol=1e-5, atol=1e-6), k
+
+
+def test_wandb_offline(base_dir, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    base_train.main(TINY + ["--num-iterations", "2", "--total-batch-size", "128", "--run", "smoke",
+                            "--model-tag", "w"])
+    wandb_dir = base_dir / "base_checkpoints" / "w" / "wandb"
+    runs = [d for d in os.listdir(wandb_dir) if d.startswith("offline-run-")]
+    assert len(runs) == 1 and any(f.endswith(".wandb") for f in os.listdir(wandb_dir / runs[0]))

@@ -1,0 +1,162 @@
+"""report.py: a fake run directory in, a markdown report with valid PNG plots out."""
+import json
+import os
+import time
+
+import pytest
+
+from nanochat import report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TASKS = {"arc_easy": (0.55, 0.40, 25.0, 2376), "piqa": (0.62, 0.24, 50.0, 1838), "lambada_openai": (0.30, 0.30, 0.0, 5153)}
+
+
+def write_json(path, data):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(data, f)
+
+
+def make_config(run_dir):
+    write_json(os.path.join(run_dir, "config.json"), {
+        "args": {"depth": 4, "fp8": False, "target_param_data_ratio": 8},
+        "model_config": {"sequence_len": 256, "vocab_size": 4096, "n_layer": 4, "n_head": 2, "n_embd": 256,
+                         "window_pattern": "SSSL"},
+        "num_params": {"wte": 1048576, "value_embeds": 2097152, "lm_head": 1048576, "transformer_matrices": 3145728,
+                       "scalars": 40, "total": 7340072},
+        "flops_per_token": 2.5e7, "total_batch_size": 8192, "num_iterations": 20,
+        "device_name": "cpu", "world_size": 1, "dtype": "float32"})
+
+
+def make_full_run(base):
+    run_dir = os.path.join(base, "base_checkpoints", "d4")
+    make_config(run_dir)
+    lines = []
+    for step in range(20):
+        lines.append({"type": "train", "step": step, "loss": 8.0 - 0.2 * step, "lr_mult": 1.0, "dt": 0.5,
+                      "tok_per_sec": 16000.0, "mfu": None, "elapsed": 0.5 * step, "tokens": 8192 * step,
+                      "flops": 2.5e7 * 8192 * step})
+    for step in (0, 10, 20):
+        lines.append({"type": "val", "step": step, "val_bpb": 3.0 - 0.05 * step, "elapsed": 0.5 * step,
+                      "tokens": 8192 * step, "flops": 2.5e7 * 8192 * step})
+    lines.append({"type": "core", "step": 20, "core": 0.0312, "core_label": "CORE over 3/22 tasks",
+                  "tasks": {k: v[1] for k, v in TASKS.items()}, "elapsed": 10.0, "flops": 4e12})
+    lines.append({"type": "sample", "step": 20, "samples": ["The capital of France is Paris"]})
+    lines.append({"type": "final", "step": 20, "val_bpb": 2.1234, "elapsed": 10.5, "total_tokens": 41943040,
+                  "total_flops": 4.1e12})
+    with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in lines))
+        f.write('{"type": "train", "step": 21, "lo')  # a torn last line from a killed run
+    write_json(os.path.join(run_dir, "base_eval.json"), {
+        "step": 20, "core": 0.1900, "core_label": "CORE over 3/22 tasks", "n_tasks": 3, "n_total": 22,
+        "tasks": {k: {"accuracy": a, "centered": c, "random_baseline": b, "n_items": n} for k, (a, c, b, n) in TASKS.items()},
+        "skipped": ["hellaswag_zeroshot", "squad"], "bpb": {"train": 2.11, "val": 2.1234},
+        "samples": ["Once upon a time there was a tokenizer"]})
+    write_json(os.path.join(base, "tokenizer", "tok_train.json"),
+               {"vocab_size": 4096, "train_time": 3.2, "max_chars": 1000000, "doc_cap": 10000})
+    write_json(os.path.join(base, "tokenizer", "tok_eval.json"),
+               {"bytes": {"train": 4000, "val": 3000}, "tokens": {"ours": {"train": 1000, "val": 800},
+                                                                 "gpt2": {"train": 900, "val": 700}},
+                "vocab": {"ours": 4096, "gpt2": 50257}})
+    return run_dir
+
+
+@pytest.fixture
+def base(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    return str(tmp_path)
+
+
+def test_full_report(base):
+    make_full_run(base)
+    path = report.write_report(start_time=time.time() - 1800)
+    assert path == os.path.join(base, "report.md")
+    md = open(path).read()
+    assert "d4" in md
+    assert "2.1234" in md  # final val bpb
+    assert "CORE over 3/22 tasks" in md
+    for label, (acc, centered, _, n) in TASKS.items():
+        row = next(line for line in md.splitlines() if line.startswith(f"| {label} |"))
+        assert f"{acc:.4f}" in row and f"{centered:.4f}" in row and f"{n:,}" in row
+    for name, score in report.GPT2_CORE:
+        assert f"| {name} | {score:.4f} |" in md
+    assert "beats GPT-2 355M" in md  # 0.19 lies between 355M (0.1849) and 774M (0.2146)
+    assert "approximate" in md  # 3 of 22 tasks: the comparison is flagged
+    assert "hellaswag_zeroshot" in md
+    assert "Once upon a time there was a tokenizer" in md
+    assert "| ours | 4,096 | 4.00 | 3.75 |" in md  # bytes/token = bytes / tokens
+    assert "tokens:params 10.00" in md  # 41943040 / (3145728 + 1048576)
+    assert "0.50 h" in md
+    assert "not run" not in md
+    for png in ("train_loss.png", "val_bpb.png", "core_tasks.png"):
+        assert f"(report/{png})" in md
+        with open(os.path.join(base, "report", png), "rb") as f:
+            assert f.read(8) == PNG_MAGIC
+
+
+def test_core_from_training_metrics_when_no_eval(base):
+    run_dir = make_full_run(base)
+    os.remove(os.path.join(run_dir, "base_eval.json"))
+    md = open(report.write_report()).read()
+    assert "0.0312" in md and "below GPT-2 124M" in md  # the training-time CORE record stands in
+    assert "The capital of France is Paris" in md  # samples from metrics.jsonl
+
+
+def test_config_only_says_not_run(base, monkeypatch):
+    make_config(os.path.join(base, "base_checkpoints", "d4"))
+    monkeypatch.setattr(report.torch.cuda, "is_available", lambda: False)
+    md = open(report.write_report()).read()
+    assert "depth 4, width 256" in md
+    assert "- final val bpb: not run" in md
+    assert "- CORE: not run" in md
+    assert "- train loss: not run" in md
+    assert "CPU run: no GPU cost" in md
+    assert "total wall time: unknown" in md
+    assert not os.listdir(os.path.join(base, "report"))  # nothing to plot
+
+
+def test_empty_base_dir(base):
+    md = open(report.write_report()).read()
+    assert "not run (no base_checkpoints/)" in md
+    assert "- config: not run" in md and "- training: not run" in md
+
+
+def test_newest_run_is_default_and_start_file(base):
+    make_config(os.path.join(base, "base_checkpoints", "old"))
+    new = os.path.join(base, "base_checkpoints", "new")
+    make_config(new)
+    os.utime(os.path.join(base, "base_checkpoints", "old"), (1, 1))
+    with open(os.path.join(base, "speedrun_start"), "w") as f:
+        f.write(str(time.time() - 2 * 3600))
+    md = open(report.write_report()).read()
+    assert "- run: new" in md
+    assert "total wall time: 2.00 h" in md
+
+
+def test_main_atomic_no_temp_files(base, capsys):
+    make_full_run(base)
+    report.main(["--model-tag", "d4", "--gpu-hour-cost", "2.5"])
+    assert capsys.readouterr().out.strip() == os.path.join(base, "report.md")
+    leftovers = [f for d in (base, os.path.join(base, "report")) for f in os.listdir(d) if ".tmp" in f]
+    assert leftovers == []
+    assert os.path.getsize(os.path.join(base, "report.md")) > 0
+
+
+def test_failed_write_keeps_previous_report(base, monkeypatch):
+    make_full_run(base)
+    path = report.write_report()
+    before = open(path).read()
+
+    def torn_open(file, mode="r", *args, **kwargs):  # the disk fills up halfway through writing report.md
+        f = open(file, mode, *args, **kwargs)
+        if "w" in mode:
+            def write(text):
+                f.file_write(text[: len(text) // 2])
+                raise OSError("No space left on device")
+            f.file_write, f.write = f.write, write
+        return f
+    monkeypatch.setattr(report, "open", torn_open, raising=False)
+    with pytest.raises(OSError, match="No space"):
+        report.write_report()
+    assert open(path).read() == before
+    assert not [f for f in os.listdir(base) if ".tmp" in f]
