@@ -84,14 +84,14 @@ def apply_rotary(x, cos, sin):
 class CausalSelfAttention(nn.Module):
     def __init__(self, config, layer):
         super().__init__()
-        self.n_head, self.head_dim = config.n_head, config.head_dim
+        self.layer, self.n_head, self.head_dim = layer, config.n_head, config.head_dim
         self.window = config.window_sizes()[layer]
         C = config.n_embd
         self.c_q, self.c_k, self.c_v, self.c_proj = Linear(C, C), Linear(C, C), Linear(C, C), Linear(C, C)
         # value embeddings: a per-token vector added into V, gated per head by 3·sigmoid(W·x[:12])
         self.ve_gate = Linear(12, config.n_head) if config.has_value_embed(layer) else None
 
-    def forward(self, x, ve, cos, sin):
+    def forward(self, x, ve, cos, sin, kv_cache=None):
         B, T, C = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_head, self.head_dim)
@@ -103,6 +103,8 @@ class CausalSelfAttention(nn.Module):
         # on each of q and k gives back some sharpness (1.44 / sqrt(d) effective scale)
         q = norm(apply_rotary(q, cos, sin)) * 1.2
         k = norm(apply_rotary(k, cos, sin)) * 1.2
+        if kv_cache is not None:  # decoding: attend over the cached tokens plus these new ones
+            k, v = kv_cache.update(self.layer, k, v)
         y = attention(q, k, v, self.window)
         return self.c_proj(y.reshape(B, T, C))
 
@@ -123,8 +125,8 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer)
         self.mlp = MLP(config)
 
-    def forward(self, x, ve, cos, sin):
-        x = x + self.attn(norm(x), ve, cos, sin)
+    def forward(self, x, ve, cos, sin, kv_cache=None):
+        x = x + self.attn(norm(x), ve, cos, sin, kv_cache)
         return x + self.mlp(norm(x))
 
 
@@ -178,21 +180,28 @@ class GPT(nn.Module):
         cos, sin = rotary_cos_sin(self.cos.size(1), self.config.head_dim, device=self.cos.device)
         self.cos, self.sin = cos.to(dtype), sin.to(dtype)
 
-    def forward(self, idx, targets=None, loss_reduction="mean"):
+    def forward(self, idx, targets=None, loss_reduction="mean", kv_cache=None):
         B, T = idx.shape
         L = self.config.n_layer
-        cos, sin = self.cos[:, :T], self.sin[:, :T]
+        T0 = 0 if kv_cache is None else kv_cache.pos  # with a KV cache, idx continues after T0 tokens
+        cos, sin = self.cos[:, T0:T0 + T], self.sin[:, T0:T0 + T]
         x = norm(self.wte(idx))
-        # smear: add a gated bit of the previous token's embedding (cheap bigram information)
-        gate = self.smear_lambda * torch.sigmoid(self.smear_gate(x[:, 1:, :24]))
-        x = torch.cat([x[:, :1], x[:, 1:] + gate * x[:, :-1]], dim=1)
+        # smear: add a gated bit of the previous token's embedding (cheap bigram information).
+        # The first token has no predecessor, unless a KV cache kept it from the previous call.
+        first = kv_cache.prev_embed if kv_cache is not None and T0 > 0 else torch.zeros_like(x[:, :1])
+        if kv_cache is not None:
+            kv_cache.prev_embed = x[:, -1:]
+        gate = self.smear_lambda * torch.sigmoid(self.smear_gate(x[..., :24]))
+        x = x + gate * torch.cat([first, x[:, :-1]], dim=1)
         x0 = x
         for i, block in enumerate(self.blocks):
             if i == L // 2:
                 x_mid = x  # remembered for the backout below
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
-            x = block(x, ve, cos, sin)
+            x = block(x, ve, cos, sin, kv_cache)
+        if kv_cache is not None:
+            kv_cache.pos += T  # every layer has stored these T tokens: advance once, here
         # backout: subtract part of the mid-depth stream, whose low-level features the
         # output head does not need
         x = norm(x - self.backout_lambda * x_mid)
