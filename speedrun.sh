@@ -1,40 +1,65 @@
 #!/usr/bin/env bash
-# The nanochat speedrun: from a blank machine to a trained tokenizer and pretraining data
-# (pretraining, evaluation and the report are the next stages to land here).
+# The nanochat speedrun: blank machine -> data, tokenizer, pretrained model, evaluation, report.
 #
-#   bash speedrun.sh                                   # real data: ClimbMix shards from Hugging Face
+#   bash speedrun.sh                                     # real data: ClimbMix shards from Hugging Face
 #   NANOCHAT_DATA_SOURCE=path/to/texts bash speedrun.sh  # offline: .jsonl/.txt/.parquet files or dirs
 #   NANOCHAT_DATA_SOURCE=hf:org/name bash speedrun.sh    # any Hugging Face dataset with a text column
 #
-# Environment overrides: NANOCHAT_BASE_DIR (outputs, default ~/.cache/nanochat),
-# NANOCHAT_DATA_SOURCE, NANOCHAT_NUM_SHARDS (train shards to download, default 170),
-# NANOCHAT_VOCAB_SIZE (default 32768 on GPU, 8192 for the CPU demo).
+# It picks a configuration from the hardware: 8 H100/H200-class GPUs run the reference recipe
+# (d24, 8 tokens per parameter, fp8, device batch 16, ~1.7 h); fewer or smaller GPUs run the
+# same model with gradient accumulation; no GPU runs a small demo of every stage (~10 min on
+# 2 cores). Environment overrides:
+#   NANOCHAT_BASE_DIR      outputs (default ~/.cache/nanochat)
+#   NANOCHAT_DATA_SOURCE   local path or hf:NAME instead of downloading ClimbMix
+#   NANOCHAT_NUM_SHARDS    ClimbMix train shards to download (default 170)
+#   NANOCHAT_EVAL_BUNDLE   local CORE eval bundle dir instead of downloading it
+#   NANOCHAT_TRAIN_ARGS    extra base_train flags, appended (last wins), e.g. "--num-iterations 5"
+#   NANOCHAT_EVAL_ARGS     extra base_eval flags, e.g. "--max-per-task 2"
 set -euo pipefail
 cd "$(dirname "$0")"
-
-# --- environment, from this repo's own files ---
-if [ ! -x .venv/bin/python ]; then
-    python3 -m venv .venv
-fi
-.venv/bin/pip install -q -e .
-PY=.venv/bin/python
 export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
 mkdir -p "$NANOCHAT_BASE_DIR"
+date +%s > "$NANOCHAT_BASE_DIR/speedrun_start"
 
-# --- hardware: a GPU node runs the real recipe, a CPU machine a small demo of every stage ---
+# --- environment, from this repo's own files (reinstalled only when pyproject.toml changes) ---
+[ -x .venv/bin/python ] || python3 -m venv .venv
+if [ ! -f .venv/.installed ] || [ pyproject.toml -nt .venv/.installed ]; then
+    .venv/bin/pip install -q -e . && touch .venv/.installed
+fi
+PY=.venv/bin/python
+
+# --- hardware -> configuration ---
+NUM_GPUS=0
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     NUM_GPUS=$(nvidia-smi -L | wc -l)
-    VOCAB_SIZE="${NANOCHAT_VOCAB_SIZE:-32768}"
-else
-    NUM_GPUS=0
-    VOCAB_SIZE="${NANOCHAT_VOCAB_SIZE:-8192}"
 fi
-echo "speedrun: $NUM_GPUS GPU(s), outputs in $NANOCHAT_BASE_DIR"
+if [ "$NUM_GPUS" -gt 0 ]; then
+    GPU_MEM_MB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -n 1)
+    GPU_CC=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -n 1)
+    VOCAB_SIZE=32768
+    if [ "$GPU_MEM_MB" -ge 70000 ]; then BATCH=16; elif [ "$GPU_MEM_MB" -ge 35000 ]; then BATCH=8; else BATCH=2; fi
+    TRAIN_ARGS="--depth 24 --target-param-data-ratio 8 --device-batch-size $BATCH"
+    # fp8 tensor cores from compute capability 8.9 (Ada, Hopper, Blackwell)
+    if awk "BEGIN {exit !($GPU_CC >= 8.9)}"; then TRAIN_ARGS="$TRAIN_ARGS --fp8"; fi
+    EVAL_ARGS=""
+    LAUNCH=(.venv/bin/torchrun --standalone --nproc_per_node="$NUM_GPUS" -m)
+    echo "speedrun: $NUM_GPUS GPU(s), ${GPU_MEM_MB} MB each, compute capability $GPU_CC"
+else
+    VOCAB_SIZE=8192
+    # the CPU demo: a 4-layer model, full windows, 256-token context, 200 steps of 4,096 tokens
+    TRAIN_ARGS="--depth 4 --head-dim 64 --max-seq-len 256 --window-pattern L --device-batch-size 16
+                --total-batch-size 4096 --num-iterations 200 --eval-every 50 --eval-tokens 65536
+                --core-every -1 --sample-every 100"
+    EVAL_ARGS="--max-per-task 50 --bpb-tokens 262144 --device-batch-size 16"
+    LAUNCH=($PY -m)
+    echo "speedrun: no GPU, running the CPU demo"
+fi
+echo "speedrun: outputs in $NANOCHAT_BASE_DIR"
 
 # --- data ---
 SOURCE="${NANOCHAT_DATA_SOURCE:-}"
 DOWNLOAD_PID=""
-if [ -n "$(ls "$NANOCHAT_BASE_DIR"/base_data/shard_*.parquet 2>/dev/null)" ] && [ -n "$SOURCE" ]; then
+if [ -n "$SOURCE" ] && [ -n "$(ls "$NANOCHAT_BASE_DIR"/base_data/shard_*.parquet 2>/dev/null)" ]; then
     echo "data: shards already in $NANOCHAT_BASE_DIR/base_data"
 elif [[ "$SOURCE" == hf:* ]]; then
     $PY -m nanochat.dataset --hf "${SOURCE#hf:}"
@@ -59,4 +84,14 @@ if [ -n "$DOWNLOAD_PID" ]; then
     echo "data: waiting for the remaining shards (log: $NANOCHAT_BASE_DIR/download.log)"
     wait "$DOWNLOAD_PID" || { tail -n 5 "$NANOCHAT_BASE_DIR/download.log"; exit 1; }
 fi
-echo "speedrun: done. Shards in $NANOCHAT_BASE_DIR/base_data, tokenizer in $NANOCHAT_BASE_DIR/tokenizer"
+
+# --- CORE eval bundle (used during training and by base_eval) ---
+BUNDLE="${NANOCHAT_EVAL_BUNDLE:-$NANOCHAT_BASE_DIR/eval_bundle}"
+[ -d "$BUNDLE" ] || $PY -m scripts.base_eval --download-only --eval-bundle "$BUNDLE"
+
+# --- pretraining, evaluation, report ---
+# shellcheck disable=SC2086  # the argument strings are meant to split into flags
+"${LAUNCH[@]}" scripts.base_train $TRAIN_ARGS --eval-bundle "$BUNDLE" --resume ${NANOCHAT_TRAIN_ARGS:-}
+# shellcheck disable=SC2086
+"${LAUNCH[@]}" scripts.base_eval $EVAL_ARGS --eval-bundle "$BUNDLE" ${NANOCHAT_EVAL_ARGS:-}
+$PY -m nanochat.report

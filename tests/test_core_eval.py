@@ -1,0 +1,281 @@
+"""
+Tests for nanochat/core_eval.py: each task type on a model whose answers are known by
+construction (a bigram table: the logits at t are table[token t]), few-shot sampling,
+centering and aggregation, missing files, left truncation, the rank split, and a smoke run
+on the real eval bundle.
+"""
+import json
+import math
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+import yaml
+
+from nanochat import core_eval
+from nanochat.gpt import GPTConfig, build_model
+from nanochat.tokenizer import Tokenizer
+
+BUNDLE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "eval_bundle")
+WORDS = ["cat", "dog", "sat", "down", "mat", "red", "green"]  # each one token with its leading space
+
+
+def make_tokenizer():
+    text = "the " + " ".join(WORDS) + ". "
+    filler = "pack my box with five dozen liquor jugs; how vexingly quick daft zebras jump! "  # more pairs to merge
+    tok = Tokenizer.train([text * 20] * 5 + [filler * 3], 300)
+    for w in WORDS:  # the hand-computed examples below rely on these
+        assert len(tok.encode(" " + w)) == 1, w
+    assert len(tok.encode("the")) == 1 and len(tok.encode("Q")) == 1
+    return tok
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tokenizer()
+
+
+class Bigram(nn.Module):
+    """logits[b, t] = table[idx[b, t]]: the next-token prediction depends on the current token only."""
+
+    def __init__(self, vocab_size, sequence_len=256):
+        super().__init__()
+        self.table = torch.zeros(vocab_size, vocab_size)
+        self.config = SimpleNamespace(sequence_len=sequence_len)
+        self.shapes = []
+
+    def prefer(self, tok, prev, nxt, logit):
+        self.table[tok.encode(prev)[-1], tok.encode(nxt)[0]] = logit
+
+    def forward(self, idx):
+        self.shapes.append(tuple(idx.shape))
+        return self.table[idx]
+
+
+def task(kind, data, num_fewshot=0, delimiter=" ", baseline=0.0, label="t"):
+    return {"label": label, "type": kind, "data": data, "num_fewshot": num_fewshot, "delimiter": delimiter,
+            "random_baseline": baseline, "path": label + ".jsonl"}
+
+
+def mc_model(tok):
+    # " red" after Q: loss ~2.8 (one token).  " green dog mat": loss ~5.7 on " green", then ~0, ~0:
+    # a HIGHER total (~5.7) but a LOWER mean (~1.9) than " red".
+    m = Bigram(tok.vocab_size)
+    m.prefer(tok, "Q", " red", 3.0)
+    m.prefer(tok, " green", " dog", 20.0)
+    m.prefer(tok, " dog", " mat", 20.0)
+    return m
+
+
+# -----------------------------------------------------------------------------
+# The three task types
+
+def test_multiple_choice_picks_lowest_mean_not_total_loss(tok):
+    m = mc_model(tok)
+    rows = core_eval.tokenize_prompts(tok, [("Q ", "red"), ("Q ", "green dog mat")], 256)
+    mean_loss, _ = core_eval.score_rows(m, rows, tok.bos_token_id, "cpu")
+    total = [mean_loss[i].item() * (len(ids) - start) for i, (ids, start) in enumerate(rows)]
+    assert total[1] > total[0] and mean_loss[1] < mean_loss[0]  # the two rules disagree here
+    assert mean_loss[0].item() == pytest.approx(math.log(tok.vocab_size - 1 + math.e ** 3) - 3, abs=1e-4)
+    data = [{"query": "Q", "choices": ["red", "green dog mat"], "gold": g} for g in (1, 0)]
+    t = task("multiple_choice", data)
+    assert core_eval.evaluate_item(m, tok, t, 0, "cpu") is True
+    assert core_eval.evaluate_item(m, tok, t, 1, "cpu") is False
+    assert core_eval.evaluate_task(m, tok, t, "cpu") == 0.5
+    assert m.shapes[-1][0] == 2  # both choices in one forward
+
+
+def test_answer_span_is_found_across_a_merged_boundary(tok):
+    # "Q " alone ends in a space token, but in "Q red" the space merged into " red"
+    (ids, start), = core_eval.tokenize_prompts(tok, [("Q ", "red")], 256)
+    assert ids == [tok.bos_token_id] + tok.encode("Q red") and ids[start:] == tok.encode(" red")
+
+
+def test_schema_scores_only_the_shared_continuation(tok):
+    m = Bigram(tok.vocab_size)
+    m.prefer(tok, " cat", " sat", 20.0)
+    m.prefer(tok, " sat", " down", 20.0)
+    m.prefer(tok, "the", " dog", 20.0)  # "the dog" is the likelier context: that must not count
+    data = [{"context_options": ["the dog", "the cat"], "continuation": "sat down", "gold": 1},
+            {"context_options": ["the cat", "the dog"], "continuation": "sat down", "gold": 1}]
+    t = task("schema", data)
+    rows = core_eval.tokenize_prompts(tok, core_eval.render_prompts(t, 0), 256)
+    assert all(ids[start:] == tok.encode(" sat down") for ids, start in rows)
+    assert core_eval.evaluate_item(m, tok, t, 0, "cpu") is True
+    assert core_eval.evaluate_item(m, tok, t, 1, "cpu") is False
+    assert core_eval.evaluate_task(m, tok, t, "cpu") == 0.5
+
+
+def test_language_modeling_exact_match(tok):
+    m = Bigram(tok.vocab_size)
+    m.prefer(tok, " cat", " sat", 20.0)
+    m.prefer(tok, " sat", " down", 2.0)  # argmax though not confident: still correct
+    data = [{"context": "the cat", "continuation": "sat down"},  # greedy: " sat" " down" -> right
+            {"context": "the cat", "continuation": "sat mat"},   # greedy says " down", not " mat"
+            {"context": "the dog", "continuation": "sat down"}]  # nothing predicts " sat" after " dog"
+    t = task("language_modeling", data)
+    assert [core_eval.evaluate_item(m, tok, t, i, "cpu") for i in range(3)] == [True, False, False]
+    m.prefer(tok, " sat", " mat", 5.0)  # now " mat" beats " down" after " sat"
+    assert [core_eval.evaluate_item(m, tok, t, i, "cpu") for i in range(3)] == [False, True, False]
+
+
+# -----------------------------------------------------------------------------
+# Few-shot
+
+def test_fewshot_never_the_item_and_deterministic():
+    for n, k in [(5, 3), (11, 10), (4, 10), (1000, 10)]:
+        for index in range(0, n, max(1, n // 7)):
+            picks = core_eval.fewshot_indices(n, index, k)
+            assert index not in picks and len(set(picks)) == len(picks) == min(k, n - 1)
+            assert all(0 <= j < n for j in picks)
+            assert picks == core_eval.fewshot_indices(n, index, k)
+    assert core_eval.fewshot_indices(1000, 0, 10) != core_eval.fewshot_indices(1000, 1, 10)  # per item
+
+
+def test_fewshot_prompt_renders_solved_examples(tok):
+    data = [{"query": f"q{i}", "choices": [f"a{i}", f"b{i}"], "gold": i % 2} for i in range(6)]
+    t = task("multiple_choice", data, num_fewshot=3, delimiter="\nAnswer: ")
+    for index in range(6):
+        prompts = core_eval.render_prompts(t, index)
+        assert [a for _, a in prompts] == data[index]["choices"]
+        shots = prompts[0][0].split("\n\n")
+        assert shots[-1] == f"q{index}\nAnswer: " and len(shots) == 4
+        others = [j for j in range(6) if j != index]
+        solved = {f"q{j}\nAnswer: " + data[j]["choices"][data[j]["gold"]] for j in others}
+        assert set(shots[:-1]) <= solved
+        assert prompts == core_eval.render_prompts(t, index)
+
+
+# -----------------------------------------------------------------------------
+# Context length
+
+def test_left_truncation_keeps_the_answer(tok):
+    m = mc_model(tok)
+    m.config.sequence_len = 32
+    long_query = " ".join(["the dog sat down"] * 30) + " Q"  # ~120 tokens
+    data = [{"query": long_query, "choices": ["red", "green dog mat"], "gold": 1}]
+    t = task("multiple_choice", data, num_fewshot=0)
+    rows = core_eval.tokenize_prompts(tok, core_eval.render_prompts(t, 0), 32)
+    assert all(len(ids) == 32 for ids, _ in rows)
+    assert rows[0][0][rows[0][1]:] == tok.encode(" red") and rows[0][0][rows[0][1] - 1] == tok.encode("Q")[0]
+    assert rows[1][0][rows[1][1]:] == tok.encode(" green dog mat")
+    assert core_eval.evaluate_item(m, tok, t, 0, "cpu") is True  # same pick as without the long query
+    assert max(T for _, T in m.shapes) <= 32
+    # an answer longer than the whole context is cut too, rather than crash
+    (ids, start), = core_eval.tokenize_prompts(tok, [("Q ", " ".join(["cat"] * 50))], 32)
+    assert len(ids) == 32 and start == 1
+
+
+# -----------------------------------------------------------------------------
+# Bundle loading, centering, aggregation
+
+def write_bundle(root, tasks, present):
+    """A small bundle: tasks = [(label, type, uri, shots, baseline%, records)]; only `present` files written."""
+    os.makedirs(root, exist_ok=True)
+    spec = [{"label": l, "icl_task_type": k, "dataset_uri": u, "num_fewshot": [s], "continuation_delimiter": " "}
+            for l, k, u, s, _, _ in tasks]
+    with open(os.path.join(root, "core.yaml"), "w") as f:
+        yaml.safe_dump({"icl_tasks": spec}, f)
+    with open(os.path.join(root, "eval_meta_data.csv"), "w") as f:
+        f.write("Eval Task,Task Type,Random baseline,Description\n")
+        f.writelines(f'{l},{k},{b},"a, description"\n' for l, k, _, _, b, _ in tasks)
+    for l, _, uri, _, _, records in tasks:
+        if l in present:
+            path = os.path.join(root, "eval_data", uri)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in records)
+
+
+def test_centered():
+    assert core_eval.centered(0.62, 62) == pytest.approx(0.0)
+    assert core_eval.centered(1.0, 25) == pytest.approx(1.0)
+    assert core_eval.centered(0.625, 25) == pytest.approx(0.5)
+    assert core_eval.centered(0.0, 50) == pytest.approx(-1.0)
+
+
+def test_evaluate_core_aggregates_and_skips_missing(tok, tmp_path, capsys):
+    lm = [{"context": "the cat", "continuation": "sat"}, {"context": "the dog", "continuation": "sat"}]
+    mc = [{"query": "Q", "choices": ["red", "green dog mat"], "gold": 1}] * 4
+    write_bundle(tmp_path, [("lm", "language_modeling", "a/lm.jsonl", 1, 0, lm),
+                            ("mc", "multiple_choice", "b/mc.jsonl", 0, 50, mc),
+                            ("gone", "multiple_choice", "b/gone.jsonl", 0, 25, mc)], present={"lm", "mc"})
+    m = mc_model(tok)
+    m.prefer(tok, " cat", " sat", 20.0)  # lm: item 0 right, item 1 wrong -> 0.5
+    m.train()
+    res = core_eval.evaluate_core(m, tok, str(tmp_path), "cpu")
+    assert m.training  # restored
+    assert res["skipped"] == ["gone"] and "gone.jsonl is missing" in capsys.readouterr().out
+    assert res["tasks"]["lm"] == {"accuracy": 0.5, "centered": 0.5, "random_baseline": 0.0, "n_items": 2}
+    assert res["tasks"]["mc"]["accuracy"] == 1.0 and res["tasks"]["mc"]["centered"] == pytest.approx(1.0)
+    assert res["core"] == pytest.approx(0.75)
+    assert (res["n_tasks"], res["n_total"]) == (2, 3) and res["core_label"] == "CORE over 2/3 tasks"
+    sub = core_eval.evaluate_core(m, tok, str(tmp_path), "cpu", max_per_task=1)
+    assert sub["tasks"]["lm"]["n_items"] == 1 and sub["tasks"]["lm"]["accuracy"] == 1.0
+    assert sub["core_label"] == "CORE over 2/3 tasks, subset: 1 items per task"
+
+
+def test_load_tasks_real_bundle_layout():
+    if not os.path.isdir(BUNDLE):
+        pytest.skip("shared/eval_bundle not present")
+    tasks = core_eval.load_tasks(BUNDLE)
+    assert len(tasks) == 22
+    by = {t["label"]: t for t in tasks}
+    assert by["boolq"]["random_baseline"] == 62 and by["boolq"]["num_fewshot"] == 10
+    assert by["jeopardy"]["delimiter"] == "\nAnswer: " and by["winograd"]["type"] == "schema"
+    assert by["squad"]["data"] is None and len(by["copa"]["data"]) == 100
+
+
+# -----------------------------------------------------------------------------
+# Distributed: ranks split the items and sum their counts
+
+RANK_DATA = [{"context": "the cat", "continuation": "sat"}, {"context": "the dog", "continuation": "sat"},
+             {"context": "the cat", "continuation": "sat"}, {"context": "the cat", "continuation": "mat"},
+             {"context": "the cat", "continuation": "sat"}]  # right, wrong, right, wrong, right: 3/5
+
+
+def rank_model(tok):
+    m = Bigram(tok.vocab_size)
+    m.prefer(tok, " cat", " sat", 20.0)
+    return m
+
+
+def _rank_worker(rank, world, rdzv, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rdzv}", rank=rank, world_size=world)
+    tok = make_tokenizer()
+    acc = core_eval.evaluate_task(rank_model(tok), tok, task("language_modeling", RANK_DATA), "cpu")
+    torch.save(acc, f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_rank_split_counts(tok):
+    m, t = rank_model(tok), task("language_modeling", RANK_DATA)
+    count = lambda rank, world, n=5: core_eval.count_correct(m, tok, t, "cpu", n, rank, world)
+    assert count(0, 1) == 3 and (count(0, 2), count(1, 2)) == (3, 0)  # items 0,2,4 and 1,3
+    assert count(0, 3) + count(1, 3) + count(2, 3) == 3
+    assert count(0, 2, n=2) + count(1, 2, n=2) == 1  # max_items: the first n items only
+
+
+def test_two_gloo_ranks_sum_to_the_whole(tmp_path):
+    mp.spawn(_rank_worker, args=(2, str(tmp_path / "rdzv"), str(tmp_path)), nprocs=2)
+    assert [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)] == [0.6, 0.6]
+
+
+# -----------------------------------------------------------------------------
+# Smoke run on the real bundle (18 of the 22 task files are present in shared/)
+
+@pytest.mark.skipif(not os.path.isdir(BUNDLE), reason="shared/eval_bundle not present")
+def test_real_bundle_smoke(tok):
+    torch.manual_seed(0)
+    model = build_model(GPTConfig(sequence_len=64, vocab_size=tok.vocab_size, n_layer=1, n_head=1, n_embd=64), "cpu")
+    res = core_eval.evaluate_core(model, tok, BUNDLE, "cpu", max_per_task=2)
+    assert res["n_tasks"] == 18 and res["n_total"] == 22 and len(res["skipped"]) == 4
+    assert set(res["skipped"]) == {"hellaswag_zeroshot", "hellaswag", "squad", "coqa"}
+    assert res["core_label"] == "CORE over 18/22 tasks, subset: 2 items per task"
+    assert all(t["n_items"] == 2 and t["accuracy"] in (0.0, 0.5, 1.0) for t in res["tasks"].values())
+    assert math.isfinite(res["core"]) and -2 < res["core"] <= 1
