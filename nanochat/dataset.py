@@ -113,14 +113,13 @@ def _is_parquet(path):
         return False
 
 
-def download_shard(index, data_dir=None, retries=5, backoff=2.0, timeout=30):
-    """Download shard `index` into data_dir and return its path. Transient failures (network
-    errors, timeouts, 5xx, a corrupt file) are retried with exponential backoff; a 4xx is not."""
-    data_dir = data_dir or get_data_dir()
-    path = os.path.join(data_dir, f"shard_{index:05d}.parquet")
+def download_file(url, path, verify, retries=5, backoff=2.0, timeout=30):
+    """Download url to path, which appears only once `verify(temp_path)` accepts the bytes.
+    Transient failures (network errors, timeouts, 5xx, bytes that fail verification) are
+    retried with exponential backoff; a 4xx is not. Raises RuntimeError naming the URL."""
     if os.path.exists(path):
         return path  # only verified files are ever renamed into place, so this one is whole
-    url, tmp = shard_url(index), path + ".partial"  # a fixed temp name lets a re-run resume it
+    tmp = path + ".partial"  # a fixed temp name lets a re-run resume it
     for attempt in range(retries + 1):
         if attempt:
             time.sleep(backoff * 2 ** (attempt - 1))
@@ -136,12 +135,18 @@ def download_shard(index, data_dir=None, retries=5, backoff=2.0, timeout=30):
         except (OSError, http.client.HTTPException) as e:  # refused, reset, dropped, timed out
             error = e
             continue
-        if _is_parquet(tmp):
+        if verify(tmp):
             os.replace(tmp, path)
             return path
         os.remove(tmp)  # the bytes themselves are bad, so resuming them would not help
-        error = "downloaded file is not a valid parquet file"
+        error = "the downloaded file is corrupt or truncated"
     raise RuntimeError(f"could not download {url} after {retries + 1} attempts: {error}")
+
+
+def download_shard(index, data_dir=None, retries=5, backoff=2.0, timeout=30):
+    """Download shard `index` into data_dir (verified as a whole parquet file) and return its path."""
+    path = os.path.join(data_dir or get_data_dir(), f"shard_{index:05d}.parquet")
+    return download_file(shard_url(index), path, _is_parquet, retries, backoff, timeout)
 
 
 def download(num_train_shards=8, data_dir=None, workers=8, retries=5, backoff=2.0):

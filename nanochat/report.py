@@ -170,7 +170,7 @@ def write_report(base_dir=None, model_tag=None, start_time=None, gpu_hour_cost=3
     L += ["## Tokenizer", ""]
     if tok_train:
         L += [f"- vocab size {fmt(tok_train.get('vocab_size'))}, trained in {fmt(tok_train.get('train_time'), '.1f')} s "
-              f"on {fmt(tok_train.get('max_chars'))} chars (documents capped at {fmt(tok_train.get('doc_cap'))} chars)"]
+              f"on {fmt(tok_train.get('chars'))} chars (documents capped at {fmt(tok_train.get('doc_cap'))} chars)"]
     else:
         L += ["- training: not run"]
     if tok_eval:

@@ -15,8 +15,6 @@ import os
 import shutil
 import tempfile
 import time
-import urllib.error
-import urllib.request
 import zipfile
 import zlib
 
@@ -26,6 +24,7 @@ import torch.distributed as dist
 from nanochat.checkpoint import get_run_dir, list_steps, load_model, save_json
 from nanochat.common import compute_cleanup, compute_init, get_base_dir, print0
 from nanochat.core_eval import evaluate_core
+from nanochat.dataset import download_file
 from nanochat.tokenizer import get_tokenizer
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
@@ -42,20 +41,9 @@ SAMPLE_PROMPTS = [
 # -----------------------------------------------------------------------------
 # The eval bundle
 
-def _fetch(url, path, timeout):
-    with urllib.request.urlopen(url, timeout=timeout) as resp, open(path, "wb") as f:
-        expected = int(resp.headers.get("Content-Length", -1))
-        got = 0
-        while chunk := resp.read(1 << 20):
-            f.write(chunk)
-            got += len(chunk)
-    if got < expected:  # urllib returns b"" rather than raising when the connection drops early
-        raise ConnectionError(f"connection dropped after {got:,} of {expected:,} bytes")
-
-
 def _unpack(zip_path, dest):
     """Extract into a temp dir next to dest, then rename into place: dest is whole or absent."""
-    tmp = tempfile.mkdtemp(prefix=".eval_bundle.", dir=os.path.dirname(dest))
+    tmp = tempfile.mkdtemp(prefix=".eval_bundle.", dir=os.path.dirname(os.path.abspath(dest)))
     try:
         with zipfile.ZipFile(zip_path) as z:
             z.extractall(tmp)
@@ -68,32 +56,21 @@ def _unpack(zip_path, dest):
 
 
 def download_eval_bundle(dest, url=None, retries=4, backoff=2.0, timeout=60):
-    """Download and unpack the eval bundle to dest. Network errors, 5xx and a corrupt zip are
-    retried with exponential backoff; a 4xx is not (asking again will not change the answer)."""
+    """Download the eval bundle zip (retried, verified, as for shards) and unpack it to dest."""
     url = url or os.environ.get("NANOCHAT_EVAL_BUNDLE_URL") or EVAL_BUNDLE_URL
-    fix = "download and unzip it yourself and pass --eval-bundle PATH/eval_bundle"
     parent = os.path.dirname(os.path.abspath(dest))
     os.makedirs(parent, exist_ok=True)
-    fd, zip_path = tempfile.mkstemp(prefix=".eval_bundle.", suffix=".zip", dir=parent)
-    os.close(fd)
+    zip_path = os.path.join(parent, "eval_bundle.zip")
     print0(f"downloading the CORE eval bundle from {url}")
     try:
-        for attempt in range(retries + 1):
-            if attempt:
-                time.sleep(backoff * 2 ** (attempt - 1))
-            try:
-                _fetch(url, zip_path, timeout)
-                _unpack(zip_path, dest)
-                return dest
-            except urllib.error.HTTPError as e:
-                error = e
-                if e.code < 500 and e.code not in (408, 429):
-                    break
-            except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:  # refused, reset, timed out, truncated
-                error = e
-        raise RuntimeError(f"could not download the eval bundle from {url} ({error}); {fix}")
+        download_file(url, zip_path, zipfile.is_zipfile, retries, backoff, timeout)
+        _unpack(zip_path, dest)
+    except (RuntimeError, zipfile.BadZipFile, zlib.error, EOFError) as e:
+        raise RuntimeError(f"{e}; download and unzip it yourself and pass --eval-bundle PATH/eval_bundle") from None
     finally:
-        os.remove(zip_path)
+        if os.path.exists(zip_path):
+            os.remove(zip_path)
+    return dest
 
 
 def ensure_eval_bundle(path, rank=0):

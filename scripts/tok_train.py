@@ -32,15 +32,23 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     t0 = time.time()
-    tokenizer = Tokenizer.train(capped_texts(args.max_chars, args.doc_cap), args.vocab_size)
+    chars = 0
+
+    def counted(texts):  # how much text the tokenizer really saw, for the report
+        nonlocal chars
+        for text in texts:
+            chars += len(text)
+            yield text
+    tokenizer = Tokenizer.train(counted(capped_texts(args.max_chars, args.doc_cap)), args.vocab_size)
     train_time = time.time() - t0
     path = tokenizer.save(get_tokenizer_dir())
 
     sample = "Hello world! In 2026, tokenizers still split numbers like 123456 and ünïcödé 🎉."
     assert tokenizer.decode(tokenizer.encode(sample)) == sample, "tokenizer does not round-trip"
     save_json(os.path.join(get_tokenizer_dir(), "tok_train.json"), {  # for the report
-        "vocab_size": tokenizer.vocab_size, "train_time": train_time, "max_chars": args.max_chars, "doc_cap": args.doc_cap})
-    print(f"trained a {tokenizer.vocab_size:,}-token tokenizer in {train_time:.1f}s; saved to {path}")
+        "vocab_size": tokenizer.vocab_size, "train_time": train_time, "chars": chars, "doc_cap": args.doc_cap})
+    print(f"trained a {tokenizer.vocab_size:,}-token tokenizer on {chars:,} characters in {train_time:.1f}s; "
+          f"saved to {path}")
     return tokenizer
 
 

@@ -53,7 +53,7 @@ def make_full_run(base):
         "skipped": ["hellaswag_zeroshot", "squad"], "bpb": {"train": 2.11, "val": 2.1234},
         "samples": ["Once upon a time there was a tokenizer"]})
     write_json(os.path.join(base, "tokenizer", "tok_train.json"),
-               {"vocab_size": 4096, "train_time": 3.2, "max_chars": 1000000, "doc_cap": 10000})
+               {"vocab_size": 4096, "train_time": 3.2, "chars": 1000000, "doc_cap": 10000})
     write_json(os.path.join(base, "tokenizer", "tok_eval.json"),
                {"bytes": {"train": 4000, "val": 3000}, "tokens": {"ours": {"train": 1000, "val": 800},
                                                                  "gpt2": {"train": 900, "val": 700}},
