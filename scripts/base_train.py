@@ -15,10 +15,12 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import time
 from contextlib import nullcontext
 
 import torch
+import torch.distributed as dist
 
 from nanochat.checkpoint import get_run_dir, list_steps, load_meta, load_rank_state, save_checkpoint, step_dir
 from nanochat.common import atomic_write, compute_cleanup, compute_init, get_base_dir, get_peak_flops, mfu, print0
@@ -119,8 +121,7 @@ def muon_momentum(step, steps, args):
     return m
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def train(args, stop_signal):
     is_ddp, rank, local_rank, world, device = compute_init(args.device_type)
     use_compile = device.type == "cuda" if args.compile is None else bool(args.compile)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -163,7 +164,10 @@ def main(argv=None):
         model.load_state_dict(torch.load(os.path.join(step_dir(run_dir, step), "model.pt"), map_location=device,
                                          weights_only=True))
         state = load_rank_state(run_dir, step, rank)
-        optimizer.load_state_dict(state["optimizer"])
+        flags_hyper = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        optimizer.load_state_dict(state["optimizer"])  # moments; the hyperparameters come from this run's flags
+        for group, hyper in zip(optimizer.param_groups, flags_hyper):
+            group.update(hyper)
         for loader, loader_state in zip(loaders, state["loaders"], strict=True):
             loader.load_state_dict(loader_state)
         elapsed, smooth_loss = meta["loop"]["elapsed"], meta["loop"]["smooth_loss"]
@@ -199,6 +203,11 @@ def main(argv=None):
            f"({num_iterations * B / horizon_params:.1f} per matrix+head param), {num_iterations * B * flops_per_token:.3e} FLOPs; "
            f"{world} process(es) × {accum} micro-steps of {B_dev}×{T}")
 
+    def checkpoint_meta():
+        return {"model_config": dataclasses.asdict(config), "args": vars(args), "total_batch_size": B,
+                "num_iterations": num_iterations, "world_size": world,
+                "loop": {"elapsed": elapsed, "smooth_loss": smooth_loss}}
+
     def log(record):
         record = {"step": step, "elapsed": elapsed, "tokens": step * B, "flops": step * B * flops_per_token, **record}
         if rank == 0:
@@ -208,8 +217,27 @@ def main(argv=None):
                 wandb_run.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
 
     bundle = args.eval_bundle or os.path.join(get_base_dir(), "eval_bundle")
-    val_bpb = None
+    val_bpb, train_loss = None, 0.0
     while True:
+        # all ranks agree on stopping (a signal may reach them a step apart) and on divergence
+        flags = torch.tensor([float(bool(stop_signal)), float(not math.isfinite(train_loss))], device=device)
+        if is_ddp:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        if flags[1]:  # the weights of step - 1 gave a non-finite loss: any checkpoint before them is good
+            good = [s for s in list_steps(run_dir) if s < step - 1]
+            raise RuntimeError(f"loss is not finite at step {step} (last loss {train_loss}): stopped. Last good "
+                               f"checkpoint: {step_dir(run_dir, good[-1]) if good else 'none'}; resume from it "
+                               f"with --resume, perhaps with a lower --matrix-lr")
+        if flags[0]:
+            if step != resume_step:
+                save_checkpoint(run_dir, step, model, optimizer, checkpoint_meta(), rank=rank,
+                                rank_state={"loaders": [loader.state_dict() for loader in loaders]})
+            print0(f"stopped by signal at step {step}; checkpoint in {step_dir(run_dir, step)}; "
+                   f"continue with --resume")
+            for loader in loaders:
+                loader.close()
+            compute_cleanup()
+            return {"val_bpb": val_bpb, "steps": step}
         last = step == num_iterations
         fresh = step != resume_step or step == 0  # evals at the resume step already ran before the stop
         due = lambda every: every > 0 and (last or step % every == 0) and fresh  # noqa: E731
@@ -244,10 +272,7 @@ def main(argv=None):
             print0("\n".join(f"  {s!r}" for s in samples))
             log({"type": "sample", "samples": samples})
         if (last or (args.save_every > 0 and step % args.save_every == 0)) and step != resume_step:
-            meta = {"model_config": dataclasses.asdict(config), "args": vars(args), "total_batch_size": B,
-                    "num_iterations": num_iterations, "world_size": world,
-                    "loop": {"elapsed": elapsed, "smooth_loss": smooth_loss}}
-            save_checkpoint(run_dir, step, model, optimizer, meta, rank=rank,
+            save_checkpoint(run_dir, step, model, optimizer, checkpoint_meta(), rank=rank,
                             rank_state={"loaders": [loader.state_dict() for loader in loaders]})
         if last:
             break
@@ -293,6 +318,18 @@ def main(argv=None):
         wandb_run.finish()
     compute_cleanup()
     return {"val_bpb": val_bpb, "steps": num_iterations}
+
+
+def main(argv=None):
+    # SIGTERM (preemption, torchrun shutting down) or Ctrl-C: finish the step, checkpoint, exit cleanly
+    stop_signal = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
+                for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return train(parse_args(argv), stop_signal)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

@@ -86,3 +86,36 @@ def test_wandb_offline(base_dir, monkeypatch):
     wandb_dir = base_dir / "base_checkpoints" / "w" / "wandb"
     runs = [d for d in os.listdir(wandb_dir) if d.startswith("offline-run-")]
     assert len(runs) == 1 and any(f.endswith(".wandb") for f in os.listdir(wandb_dir / runs[0]))
+
+
+def test_sigterm_checkpoints_and_resume_matches(base_dir):
+    import signal
+    import time
+    args = TINY + ["--num-iterations", "60", "--total-batch-size", "128", "--eval-every", "-1"]
+    base_train.main(args + ["--model-tag", "straight"])
+    proc = subprocess.Popen([sys.executable, "-m", "scripts.base_train", *args, "--model-tag", "killed"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=os.getcwd())
+    metrics = base_dir / "base_checkpoints" / "killed" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-2000:]
+    assert "stopped by signal" in out
+    from nanochat.checkpoint import list_steps
+    steps = list_steps(base_dir / "base_checkpoints" / "killed")
+    assert len(steps) == 1 and 0 < steps[0] < 60  # stopped mid-run, with a checkpoint
+    base_train.main(args + ["--model-tag", "killed", "--resume"])
+    a, b = weights(base_dir, "straight", 60), weights(base_dir, "killed", 60)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_non_finite_loss_stops_naming_step_and_checkpoint(base_dir):
+    args = TINY + ["--total-batch-size", "128", "--model-tag", "nan"]
+    base_train.main(args + ["--num-iterations", "2"])  # a good checkpoint at step 2
+    # then an absurd learning rate: the weights overflow and the loss turns NaN a step later
+    with pytest.raises(RuntimeError, match=r"not finite at step 4 .*Last good checkpoint: .*step_000002"):
+        base_train.main(args + ["--num-iterations", "8", "--resume", "--matrix-lr", "1e38", "--save-every", "1"])
+    from nanochat.checkpoint import list_steps
+    assert list_steps(base_dir / "base_checkpoints" / "nan")[-1] == 3  # saved before the NaN showed; 2 kept

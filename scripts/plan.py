@@ -1,0 +1,213 @@
+"""
+Plan a pretraining run before renting GPUs: parameters, horizon, batch, memory, time and cost.
+
+    python -m scripts.plan --depth 24 --gpus 8 --gpu h100 --target-param-data-ratio 8 --fp8
+
+Nothing is allocated: the model is built on the meta device. The horizon, total batch and steps
+come from scripts/base_train.py's own `plan` (same flags, same defaults). Memory per GPU and the
+device batch that fits are ESTIMATES (a count of weights, grads, optimizer state and the main
+saved activations; allocator overhead, fragmentation and temporaries are covered only by the 10%
+margin). The time is total FLOPs / (gpus × bf16 peak × MFU); the MFU is --mfu, else one recorded
+for this GPU in docs/PERF.md, else 0.40 (assumed, not measured).
+"""
+import argparse
+import math
+import os
+import re
+import sys
+from collections import defaultdict
+
+import torch
+import torch.nn as nn
+
+from nanochat.common import PEAK_BF16_FLOPS
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.optim import SHARD_MIN_NUMEL
+from scripts import base_train
+
+# --gpu name -> (key in nanochat.common.PEAK_BF16_FLOPS, memory in GB = 1e9 bytes)
+GPUS = {
+    "h100": ("H100", 80), "h200": ("H200", 141), "a100": ("A100", 80), "a100-40gb": ("A100", 40),
+    "b200": ("B200", 180), "l4": ("L4", 24), "4090": ("RTX 4090", 24),
+}
+SAFETY = 0.9  # use at most 90% of the GPU's memory
+DEFAULT_MFU = 0.40
+BATCH_CANDIDATES = [2 ** i for i in range(7)]  # 1..64
+PERF_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "PERF.md")
+
+# Activations saved for backward, in bf16, per token and per layer, in units of n_embd (C) elements.
+# One block (torch.compile fuses the elementwise chains, so their intermediates are not kept):
+#   attention: block input x (C), norm(x) fed to q/k/v (C), the q, k, v projections (3C),
+#              q, k after rotary + QK-norm and v after the value embedding, read by attention (3C),
+#              attention output y fed to c_proj (C)                                       = 9C
+#   residual after attention (C), norm of it fed to the MLP (C)                           = 2C
+#   MLP: hidden c_fc output h (4C, for ReLU²'s backward), ReLU²(h) fed to c_proj (4C)     = 8C
+# total 19C (the attention's logsumexp, H fp32 per token, is negligible).
+ACT_C_PER_LAYER = 19
+# Outside the blocks, per token: embedding, x0, smeared stream, mid-depth stream, final norm (~5C bf16),
+# one value-embedding row per value-embedding layer (C bf16), and the head: the lm_head output in
+# bf16 (V, for the softcap's backward), the softcapped fp32 logits saved for the cross-entropy
+# (V fp32) and their fp32 gradient during backward (V fp32); the cast and tanh are fused by compile.
+ACT_C_OUTSIDE = 5
+LOGIT_BYTES_PER_VOCAB = 2 + 2 * 4
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--depth", type=int, default=None, help="model depth (default: base_train's)")
+    p.add_argument("--gpus", type=int, default=8, help="number of GPUs (data-parallel processes)")
+    p.add_argument("--gpu", default="h100", help="GPU kind: " + ", ".join(GPUS))
+    p.add_argument("--target-param-data-ratio", type=float, default=None, help="(default: base_train's)")
+    p.add_argument("--fp8", action="store_true", help="passed to base_train; FLOPs and memory are counted in bf16")
+    p.add_argument("--device-batch-size", default="auto", help="auto (largest power of two that fits) or N")
+    p.add_argument("--max-seq-len", type=int, default=None, help="(default: base_train's)")
+    p.add_argument("--vocab-size", type=int, default=32768)
+    p.add_argument("--mfu", type=float, default=None, help="model FLOPs utilization (default: docs/PERF.md or 0.40)")
+    p.add_argument("--gpu-hour-cost", type=float, default=3.0, help="$ per GPU-hour")
+    return p.parse_args(argv)
+
+
+def train_args(args, device_batch_size):
+    """base_train's Namespace for these flags: only the flags given here are passed, so every
+    default stays in base_train.parse_args."""
+    argv = ["--device-batch-size", str(device_batch_size)]
+    for flag, value in [("--depth", args.depth), ("--target-param-data-ratio", args.target_param_data_ratio),
+                        ("--max-seq-len", args.max_seq_len)]:
+        if value is not None:
+            argv += [flag, str(value)]
+    if args.fp8:
+        argv.append("--fp8")
+    return base_train.parse_args(argv)
+
+
+def memory_estimate(model, device_batch_size, gpus):
+    """Estimated peak bytes per GPU for one micro-step of device_batch_size × seq_len tokens."""
+    cfg, W = model.config, gpus
+    block_params = {id(p) for p in model.blocks.parameters()}
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    weights = grads = adamw = 0
+    for p in model.parameters():
+        nbytes = p.numel() * (2 if id(p) in embeddings else 4)  # embeddings bf16; Linear weights, scalars fp32
+        weights += nbytes
+        grads += nbytes  # a gradient has its parameter's dtype
+        if id(p) not in block_params:  # AdamW: exp_avg + exp_avg_sq in fp32, sharded if large enough
+            sharded = W > 1 and p.numel() >= SHARD_MIN_NUMEL
+            adamw += 2 * 4 * (math.ceil(p.size(0) / W) * p[0].numel() if sharded and p.dim() > 0 else p.numel())
+    # Muon: matrices of one shape are handled W at a time, each rank owning whole matrices:
+    # ceil(n / W) fp32 momentum buffers per shape, plus the NorMuon factor (one per row or column)
+    by_shape = defaultdict(int)
+    for p in model.blocks.parameters():
+        by_shape[tuple(p.shape)] += 1
+    muon = sum(math.ceil(n / W) * 4 * (m * k + (m if m >= k else k)) for (m, k), n in by_shape.items())
+    tokens = device_batch_size * cfg.sequence_len
+    C, L = cfg.n_embd, cfg.n_layer
+    n_ve = sum(cfg.has_value_embed(i) for i in range(L))
+    activations = tokens * (2 * C * (ACT_C_PER_LAYER * L + ACT_C_OUTSIDE + n_ve) + LOGIT_BYTES_PER_VOCAB * cfg.vocab_size)
+    parts = dict(weights=weights, grads=grads, adamw_state=adamw, muon_state=muon, activations=activations)
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def recorded_mfu(gpu_key, path=None):
+    """An MFU measured on this GPU kind, from a table row of docs/PERF.md naming the GPU and an
+    'MFU xx%' / 'xx% MFU' figure; None if there is none."""
+    try:
+        with open(path or PERF_PATH) as f:
+            lines = f.readlines()
+    except OSError:
+        return None
+    name = re.compile(r"(?<![\w-])" + re.escape(gpu_key) + r"(?![\w-])", re.IGNORECASE)
+    figure = re.compile(r"MFU\D{0,3}?(\d+(?:\.\d+)?)\s*%|(\d+(?:\.\d+)?)\s*%\s*MFU", re.IGNORECASE)
+    for line in lines:
+        if line.startswith("|") and name.search(line) and (m := figure.search(line)):
+            return float(m.group(1) or m.group(2)) / 100
+    return None
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.gpu.lower() not in GPUS:
+        print(f"error: --gpu {args.gpu!r} is unknown; known: {', '.join(GPUS)}", file=sys.stderr)
+        sys.exit(1)
+    peak_key, mem_gb = GPUS[args.gpu.lower()]
+    peak = PEAK_BF16_FLOPS[peak_key]
+    budget = mem_gb * 1e9 * SAFETY
+
+    base = train_args(args, 1)  # the defaults (depth, seq len, head dim, windows) from base_train
+    config = GPTConfig.from_depth(base.depth, vocab_size=args.vocab_size, sequence_len=base.max_seq_len,
+                                  head_dim=base.head_dim, window_pattern=base.window_pattern)
+    with torch.device("meta"):
+        model = GPT(config)
+    counts = model.num_params()
+    flops_per_token = model.estimate_flops()  # the same with or without fp8 (SPEC §2)
+    T = config.sequence_len
+
+    memory = {b: memory_estimate(model, b, args.gpus) for b in BATCH_CANDIDATES}
+    fits = [b for b in BATCH_CANDIDATES if memory[b]["total"] <= budget]
+    best_fit = max(fits) if fits else None
+    if args.device_batch_size == "auto":
+        device_batch = best_fit or 1
+    else:
+        device_batch = int(args.device_batch_size)
+    mem = memory[device_batch] if device_batch in memory else memory_estimate(model, device_batch, args.gpus)
+
+    targs = train_args(args, device_batch)
+    B, steps, weight_decay, horizon_params = base_train.plan(targs, config, flops_per_token, device_batch * T * args.gpus)
+    accum = B // (device_batch * T * args.gpus)
+    tokens = steps * B
+    total_flops = tokens * flops_per_token
+
+    if args.mfu is not None:
+        mfu, mfu_source = args.mfu, "given (--mfu)"
+    elif (recorded := recorded_mfu(peak_key)) is not None:
+        mfu, mfu_source = recorded, "measured, docs/PERF.md"
+    else:
+        mfu, mfu_source = DEFAULT_MFU, "assumed, not measured"
+    seconds = total_flops / (args.gpus * peak * mfu)
+    hours = seconds / 3600
+    cost = hours * args.gpus * args.gpu_hour_cost
+
+    GB = 1e9
+    rows = [("model", f"d{config.n_layer}: {config.n_embd} wide, {config.n_head} heads × {config.head_dim}, "
+                      f"seq {T}, vocab {config.vocab_size:,}" + (", fp8" if args.fp8 else ""))]
+    rows += [(f"params {k}", f"{v:,}") for k, v in counts.items()]
+    rows += [
+        ("horizon params", f"{horizon_params:,} (matrices + lm_head)"),
+        ("tokens", f"{tokens:,} ({tokens:.3e}, {tokens / horizon_params:.2f} per horizon param)"),
+        ("total batch", f"{B:,} tokens (2^{math.log2(B):g})" if B & (B - 1) == 0 else f"{B:,} tokens"),
+        ("steps", f"{steps:,}"),
+        ("device batch", f"{device_batch} × {T}" + (" (auto)" if args.device_batch_size == "auto" else "")),
+        ("grad accumulation", f"{accum} micro-steps × {args.gpus} GPUs"),
+        ("FLOPs per token", f"{flops_per_token:.3e}"),
+        ("total FLOPs", f"{total_flops:.3e}"),
+        ("-- memory per GPU", f"ESTIMATE at device batch {device_batch}, {args.gpu} {mem_gb} GB, "
+                              f"budget {budget / GB:.1f} GB (90%)"),
+    ]
+    rows += [(f"  {k}", f"{v / GB:.2f} GB") for k, v in mem.items()]
+    rows += [("  by device batch", "  ".join(f"{b}: {memory[b]['total'] / GB:.1f}" for b in BATCH_CANDIDATES) + " GB"),
+             ("  largest that fits", f"{best_fit} (estimate)" if best_fit else "none: even 1 × seq len does not fit")]
+    if mem["total"] > budget:
+        rows.append(("  WARNING", f"device batch {device_batch} is estimated not to fit"))
+    rows += [
+        ("-- time and cost", f"{args.gpus} × {args.gpu} at {peak / 1e12:.0f} TFLOP/s bf16 peak"),
+        ("  MFU", f"{mfu:.2f} ({mfu_source})"),
+        ("  training time", f"{hours:.2f} h ({seconds / 60:.0f} min)"),
+        ("  cost", f"${cost:,.2f} at ${args.gpu_hour_cost:.2f}/GPU-hour"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+
+    return {
+        "config": config, "num_params": counts, "horizon_params": horizon_params, "tokens": tokens,
+        "total_batch_size": B, "num_iterations": steps, "grad_accum_steps": accum, "weight_decay": weight_decay,
+        "device_batch_size": device_batch, "max_fitting_device_batch_size": best_fit,
+        "flops_per_token": flops_per_token, "total_flops": total_flops,
+        "memory": mem, "memory_by_batch": {b: m["total"] for b, m in memory.items()},
+        "memory_budget": budget, "gpu_memory": mem_gb * GB, "peak_flops": peak,
+        "mfu": mfu, "mfu_source": mfu_source, "hours": hours, "cost": cost,
+    }
+
+
+if __name__ == "__main__":
+    main()
