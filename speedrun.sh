@@ -38,6 +38,7 @@ if [ "$NUM_GPUS" -gt 0 ]; then
     GPU_CC=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -n 1)
     VOCAB_SIZE=32768
     if [ "$GPU_MEM_MB" -ge 70000 ]; then BATCH=16; elif [ "$GPU_MEM_MB" -ge 35000 ]; then BATCH=8; else BATCH=2; fi
+    TAG=d24
     TRAIN_ARGS="--depth 24 --target-param-data-ratio 8 --device-batch-size $BATCH"
     # fp8 tensor cores from compute capability 8.9 (Ada, Hopper, Blackwell)
     if awk "BEGIN {exit !($GPU_CC >= 8.9)}"; then TRAIN_ARGS="$TRAIN_ARGS --fp8"; fi
@@ -46,6 +47,7 @@ if [ "$NUM_GPUS" -gt 0 ]; then
     echo "speedrun: $NUM_GPUS GPU(s), ${GPU_MEM_MB} MB each, compute capability $GPU_CC"
 else
     VOCAB_SIZE=8192
+    TAG=d4
     # the CPU demo: a 4-layer model, full windows, 256-token context, 200 steps of 4,096 tokens
     TRAIN_ARGS="--depth 4 --head-dim 64 --max-seq-len 256 --window-pattern L --device-batch-size 16
                 --total-batch-size 4096 --num-iterations 200 --eval-every 50 --eval-tokens 65536
@@ -60,6 +62,9 @@ echo "speedrun: outputs in $NANOCHAT_BASE_DIR"
 SOURCE="${NANOCHAT_DATA_SOURCE:-}"
 DOWNLOAD_PID=""
 if [ -n "$SOURCE" ] && [ -n "$(ls "$NANOCHAT_BASE_DIR"/base_data/shard_*.parquet 2>/dev/null)" ]; then
+    # already built: check every shard opens (a damaged one stops here, named, with the fix)
+    $PY -c "from nanochat.dataset import list_shards, open_shard
+[open_shard(p) for split in ('train', 'val') for p in list_shards(split)]"
     echo "data: shards already in $NANOCHAT_BASE_DIR/base_data"
 elif [[ "$SOURCE" == hf:* ]]; then
     $PY -m nanochat.dataset --hf "${SOURCE#hf:}"
@@ -73,7 +78,8 @@ else
 fi
 
 # --- tokenizer ---
-if [ -f "$NANOCHAT_BASE_DIR/tokenizer/tokenizer.json" ]; then
+if $PY -c "import sys; from nanochat.tokenizer import get_tokenizer
+sys.exit(get_tokenizer().vocab_size != $VOCAB_SIZE)" 2>/dev/null; then  # loads, and has the right size
     echo "tokenizer: already trained ($NANOCHAT_BASE_DIR/tokenizer/tokenizer.json)"
 else
     $PY -m scripts.tok_train --vocab-size "$VOCAB_SIZE"
@@ -87,11 +93,28 @@ fi
 
 # --- CORE eval bundle (used during training and by base_eval) ---
 BUNDLE="${NANOCHAT_EVAL_BUNDLE:-$NANOCHAT_BASE_DIR/eval_bundle}"
-[ -d "$BUNDLE" ] || $PY -m scripts.base_eval --download-only --eval-bundle "$BUNDLE"
+[ -f "$BUNDLE/core.yaml" ] || $PY -m scripts.base_eval --download-only --eval-bundle "$BUNDLE"
 
-# --- pretraining, evaluation, report ---
+# --- pre-flight plan (GPU): sizes, memory, time and cost before any money is spent ---
+if [ "$NUM_GPUS" -gt 0 ]; then
+    GPU_KIND=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1 | tr 'A-Z' 'a-z' |
+               grep -oE 'h100|h200|b200|a100|l4|4090' | head -n 1 || true)
+    [ "$GPU_KIND" = a100 ] && [ "$GPU_MEM_MB" -lt 60000 ] && GPU_KIND=a100-40gb
+    # shellcheck disable=SC2086
+    $PY -m scripts.plan $TRAIN_ARGS --gpus "$NUM_GPUS" --gpu "${GPU_KIND:-h100}" || echo "plan: skipped"
+fi
+
+# --- pretraining (resumes from the newest complete checkpoint; a finished run returns at once) ---
 # shellcheck disable=SC2086  # the argument strings are meant to split into flags
-"${LAUNCH[@]}" scripts.base_train $TRAIN_ARGS --eval-bundle "$BUNDLE" --resume ${NANOCHAT_TRAIN_ARGS:-}
-# shellcheck disable=SC2086
-"${LAUNCH[@]}" scripts.base_eval $EVAL_ARGS --eval-bundle "$BUNDLE" ${NANOCHAT_EVAL_ARGS:-}
-$PY -m nanochat.report
+"${LAUNCH[@]}" scripts.base_train $TRAIN_ARGS --model-tag "$TAG" --eval-bundle "$BUNDLE" --resume ${NANOCHAT_TRAIN_ARGS:-}
+
+# --- evaluation (skipped if base_eval.json already scores the final checkpoint), report ---
+if $PY -c "import json, sys; from nanochat.checkpoint import get_run_dir, list_steps
+run = get_run_dir('$TAG'); done = json.load(open(run + '/base_eval.json'))['step']
+sys.exit(done != list_steps(run)[-1])" 2>/dev/null; then
+    echo "eval: already done for the final checkpoint"
+else
+    # shellcheck disable=SC2086
+    "${LAUNCH[@]}" scripts.base_eval $EVAL_ARGS --model-tag "$TAG" --eval-bundle "$BUNDLE" ${NANOCHAT_EVAL_ARGS:-}
+fi
+$PY -m nanochat.report --model-tag "$TAG"

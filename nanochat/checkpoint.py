@@ -1,14 +1,17 @@
 """
-Checkpoints: one directory per step, written completely or not at all.
+Checkpoints: one directory per step, written completely or not at all, readable by any
+number of processes.
 
     base_checkpoints/<tag>/step_000500/
-        model.pt        the weights (rank 0)
-        rank0.pt ...    each rank's optimizer shard, dataloader state and RNG state
+        model.pt        the weights
+        optimizer.pt    the optimizer state, gathered from all ranks' shards (MuonAdamW.full_state_dict)
+        loaders.json    the state of every data stream (processes × micro-steps of them), in order
         meta.json       step, model config, training args, loop state (human-readable)
 
-Every rank writes into step_000500.tmp/; once all have finished, rank 0 renames the
-directory. A crash at any moment therefore leaves either a complete checkpoint or a
-.tmp directory that is ignored, and never damages an earlier checkpoint.
+Rank 0 writes everything into step_000500.tmp/ and renames it when complete. A crash at any
+moment therefore leaves either a complete checkpoint or a .tmp directory that is ignored,
+and never damages an earlier checkpoint. Because nothing in it is per-rank, a run saved by 8
+processes resumes on 1 (or 3) and vice versa; see docs/RELIABILITY.md for what stays exact.
 """
 import json
 import os
@@ -36,34 +39,50 @@ def step_dir(run_dir, step):
     return os.path.join(run_dir, f"step_{step:06d}")
 
 
-def _barrier():
+def save_checkpoint(run_dir, step, model, optimizer, meta, loader_states, rank=0, keep=2):
+    """Called by every rank: the optimizer shards and the ranks' data-stream states (a list per
+    rank, rank-major = stream order) are gathered, then rank 0 writes. Keeps the newest `keep`."""
+    optimizer_state = optimizer.full_state_dict() if optimizer is not None else None
+    streams = loader_states
     if dist.is_initialized():
-        dist.barrier()
-
-
-def save_checkpoint(run_dir, step, model, optimizer, meta, rank_state, rank=0, keep=2):
-    """Called by every rank. rank_state: this rank's dataloader state, RNG state, etc."""
+        per_rank = [None] * dist.get_world_size()
+        dist.all_gather_object(per_rank, loader_states)
+        streams = [state for states in per_rank for state in states]
     final = step_dir(run_dir, step)
-    tmp = final + ".tmp"
     if rank == 0:
+        tmp = final + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crash during an earlier save
         os.makedirs(tmp)
-    _barrier()
-    if rank == 0:
         torch.save(model.state_dict(), os.path.join(tmp, "model.pt"))
-        with open(os.path.join(tmp, "meta.json"), "w") as f:
-            json.dump({"step": step, **meta}, f, indent=2)
-    torch.save({"optimizer": optimizer.state_dict() if optimizer else None, **rank_state},
-               os.path.join(tmp, f"rank{rank}.pt"))
-    _barrier()
-    if rank == 0:
+        torch.save(optimizer_state, os.path.join(tmp, "optimizer.pt"))
+        for name, data in (("loaders.json", streams), ("meta.json", {"step": step, **meta})):
+            with open(os.path.join(tmp, name), "w") as f:
+                json.dump(data, f)
         if os.path.exists(final):  # re-saving a step (e.g. the final step after a resume)
             shutil.rmtree(final)
         os.replace(tmp, final)
         for old in list_steps(run_dir)[:-keep] if keep else []:
             shutil.rmtree(step_dir(run_dir, old), ignore_errors=True)
-    _barrier()
+    if dist.is_initialized():
+        dist.barrier()  # nobody goes on (or reads it) before it is complete
     return final
+
+
+def _damaged(path, e):
+    # disk trouble, not a half-written save (those never get their final name): name the way back
+    fix = f"delete {os.path.dirname(path)} to resume from the previous checkpoint"
+    if isinstance(e, FileNotFoundError):
+        return FileNotFoundError(f"{path} is missing: {fix}")
+    return ValueError(f"{path} is truncated or corrupt ({type(e).__name__}): {fix}")
+
+
+def _torch_load(path, **kwargs):
+    try:
+        return torch.load(path, **kwargs)
+    except torch.OutOfMemoryError:
+        raise  # the file is fine; the device is full
+    except Exception as e:  # a damaged zip or pickle can fail in many ways, all meaning the same
+        raise _damaged(path, e) from None
 
 
 def load_meta(run_dir, step=None):
@@ -71,25 +90,41 @@ def load_meta(run_dir, step=None):
     if not steps:
         raise FileNotFoundError(f"no checkpoint in {run_dir}: train one with python -m scripts.base_train")
     step = steps[-1] if step is None else step
-    path = os.path.join(step_dir(run_dir, step), "meta.json")
-    with open(path) as f:
-        return json.load(f)
+    return _json_load(os.path.join(step_dir(run_dir, step), "meta.json"))
 
 
-def load_model(run_dir, device, step=None):
-    """(model, meta) from the newest (or the given) checkpoint of a run."""
+def _json_load(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:  # ValueError: bad JSON or bad UTF-8
+        raise _damaged(path, e) from None
+
+
+def load_weights(run_dir, step, device):
+    return _torch_load(os.path.join(step_dir(run_dir, step), "model.pt"), map_location=device, weights_only=True)
+
+
+def load_model(run_dir, device, step=None, vocab_size=None):
+    """(model, meta) from the newest (or the given) checkpoint of a run. vocab_size: the tokenizer's,
+    checked against the model's (a different tokenizer would silently give garbage)."""
     meta = load_meta(run_dir, step)
+    trained = meta["model_config"]["vocab_size"]
+    if vocab_size is not None and vocab_size != trained:
+        from nanochat.tokenizer import get_tokenizer_dir
+        raise ValueError(f"checkpoint {step_dir(run_dir, meta['step'])} was trained with a vocab of {trained} tokens "
+                         f"but the tokenizer at {os.path.join(get_tokenizer_dir(), 'tokenizer.json')} has "
+                         f"{vocab_size}: use the tokenizer the model was trained with")
     model = build_model(GPTConfig(**meta["model_config"]), device)
-    path = os.path.join(step_dir(run_dir, meta["step"]), "model.pt")
-    model.load_state_dict(torch.load(path, map_location=device, weights_only=True))
+    model.load_state_dict(load_weights(run_dir, meta["step"], device))
     return model, meta
 
 
-def load_rank_state(run_dir, step, rank):
-    path = os.path.join(step_dir(run_dir, step), f"rank{rank}.pt")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} is missing: resume with the same number of processes as the checkpoint")
-    return torch.load(path, map_location="cpu", weights_only=False)
+def load_training_state(run_dir, step):
+    """(optimizer state, list of data-stream states) of a checkpoint, the same for any world size."""
+    d = step_dir(run_dir, step)
+    optimizer_state = _torch_load(os.path.join(d, "optimizer.pt"), map_location="cpu", weights_only=False)
+    return optimizer_state, _json_load(os.path.join(d, "loaders.json"))
 
 
 def save_json(path, data):

@@ -27,10 +27,9 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
-from nanochat.dataset import list_shards, read_row_group
+from nanochat.dataset import list_shards, open_shard, read_row_group
 
 
 class DataLoader:
@@ -43,7 +42,7 @@ class DataLoader:
         self.threads = threads
         self.bos = tokenizer.bos_token_id
         self.paths = list_shards(split, data_dir)
-        self.num_row_groups = [pq.ParquetFile(p).num_row_groups for p in self.paths]
+        self.num_row_groups = [open_shard(p).num_row_groups for p in self.paths]  # fails early on a bad shard
         if all(n <= rank for n in self.num_row_groups):
             raise ValueError(f"rank {rank} of {world_size} gets no row group of the {split!r} shards: "
                              f"use fewer processes or more/smaller row groups")
@@ -89,7 +88,12 @@ class DataLoader:
                 epoch, s, g, doc = next(self.stream)
                 self.inflight.append(((epoch, s, g), self.pool.submit(self._tokenize, s, g, doc)))
             rg, future = self.inflight.popleft()
-            self.pending.extend((rg + (i,), tokens) for i, tokens in future.result())
+            try:
+                docs = future.result()  # a bad shard's error surfaces here, in the training loop
+            except Exception:
+                self.close()  # stop reading ahead; a retry restarts at the cursor and fails the same way
+                raise
+            self.pending.extend((rg + (i,), tokens) for i, tokens in docs)
         docid, tokens = self.pending.popleft()
         self.cursor = docid[:3] + (docid[3] + 1,)
         return docid, tokens

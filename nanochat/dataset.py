@@ -11,6 +11,7 @@ Downloads resume: a finished shard is skipped, a partial one continues where it 
 and nothing appears under a shard's real name until it has been checked to be whole.
 """
 import argparse
+import errno
 import http.client
 import itertools
 import json
@@ -67,16 +68,38 @@ def list_shards(split, data_dir=None):
     return paths[:-1] if split == "train" else paths[-1:]
 
 
+def _unreadable(path, e):
+    # pyarrow's messages can span lines and hold raw bytes of the damaged file: keep one clean line
+    reason = " ".join("".join(c if c.isprintable() else " " for c in str(e)).split())
+    return ValueError(f"{path}: not a readable parquet shard ({reason}); delete it and run "
+                      f"python -m nanochat.dataset again (or rebuild with --local)")
+
+
+def open_shard(path):
+    """The ParquetFile of a shard, or a one-line ValueError naming the damaged file and the fix."""
+    try:
+        pf = pq.ParquetFile(path)
+    except (OSError, pa.ArrowException) as e:  # garbage, truncated or empty (a full disk, a killed copy)
+        raise _unreadable(path, e) from None
+    if "text" not in pf.schema_arrow.names:
+        raise ValueError(f"{path}: no 'text' column (columns: {', '.join(pf.schema_arrow.names)}); delete it "
+                         f"and run python -m nanochat.dataset again (or rebuild with --local)")
+    return pf
+
+
 def read_row_group(path, rg):
     """The documents (strings) of one row group of a shard."""
-    return pq.ParquetFile(path).read_row_group(rg, columns=["text"]).column("text").to_pylist()
+    try:
+        return open_shard(path).read_row_group(rg, columns=["text"]).column("text").to_pylist()
+    except (OSError, pa.ArrowException) as e:  # a sound footer over damaged pages shows up only here
+        raise _unreadable(path, e) from None
 
 
 def iter_documents(split, data_dir=None, rank=0, world_size=1):
     """Yield the documents of a split, shard by shard. Rank r reads row groups r, r+W, r+2W, ...
     of every shard, so W ranks together see each document exactly once without coordinating."""
     for path in list_shards(split, data_dir):
-        for rg in range(rank, pq.ParquetFile(path).num_row_groups, world_size):
+        for rg in range(rank, open_shard(path).num_row_groups, world_size):
             yield from read_row_group(path, rg)
 
 
@@ -133,6 +156,9 @@ def download_file(url, path, verify, retries=5, backoff=2.0, timeout=30):
             error = e
             continue
         except (OSError, http.client.HTTPException) as e:  # refused, reset, dropped, timed out
+            if getattr(e, "errno", None) == errno.ENOSPC:  # retrying cannot help until space is freed
+                raise RuntimeError(f"no space left on device while writing {tmp}: free space in "
+                                   f"{os.path.dirname(tmp)} and run again (the partial download resumes)") from None
             error = e
             continue
         if verify(tmp):

@@ -259,3 +259,70 @@ class MuonAdamW(torch.optim.Optimizer):
             for key, value in saved.items():
                 if torch.is_tensor(value):
                     self.state[params[i]][key] = value.to(params[i].device, copy=True)
+
+    # World-size-independent checkpoints. state_dict() saves each rank's shards as they are, so it only
+    # loads back under the same world size. These two convert to and from one full, unsharded state per
+    # parameter (what a single process would hold), so a run can resume on any number of ranks.
+
+    def _gather_rows(self, t, k):
+        """Every rank's block t (its first dim padded with zeros to k) concatenated in rank order."""
+        if t.size(0) < k:
+            t = torch.cat([t, t.new_zeros(k - t.size(0), *t.shape[1:])])
+        if self.world == 1:
+            return t
+        full = t.new_empty(self.world * k, *t.shape[1:])
+        dist.all_gather_single(full, t.contiguous())
+        return full
+
+    @torch.no_grad()
+    def full_state_dict(self):
+        """Call on every rank (it all-gathers when world > 1); every rank gets the result. Layout as
+        torch's state_dict: state[i] for the i-th parameter of param_groups, full fp32 tensors on CPU."""
+        W, state, i = self.world, {}, 0
+        cpu = lambda t: t.to("cpu", copy=True)
+        for group in self.param_groups:
+            ps = group["params"]
+            if group["kind"] == "adamw":
+                for j, p in enumerate(ps):
+                    s = self.state.get(p)
+                    if s:  # sharded: glue the row blocks back together and drop the padding rows
+                        k = -(-p.size(0) // W) if self.unit_of[p]["sharded"] else None  # rows per block
+                        full = lambda t: t if k is None else self._gather_rows(t, k)[:p.size(0)]
+                        state[i + j] = dict(step=s["step"], exp_avg=cpu(full(s["exp_avg"])),
+                                            exp_avg_sq=cpu(full(s["exp_avg_sq"])))
+            elif self.state.get(ps[0]):  # one stacked state per group, under its first matrix
+                s, R = self.state[ps[0]], -(-len(ps) // W)  # R rounds: this rank's stack has R matrices
+                full = {k: self._gather_rows(v, R) for k, v in s.items()}
+                for j in range(len(ps)):  # matrix j sits in round j // W of rank j % W; pads are never read
+                    state[i + j] = {k: cpu(v[(j % W) * R + j // W]) for k, v in full.items()}
+            i += len(ps)
+        index = {p: n for n, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [index[p] for p in g["params"]]}
+                  for g in self.param_groups]
+        return dict(state=state, param_groups=groups)
+
+    @torch.no_grad()
+    def load_full_state_dict(self, state_dict):
+        """Inverse of full_state_dict() under any world size; call on every rank (no communication).
+        Each rank keeps only what it owns now, laid out exactly as step() would have created it."""
+        assert len(state_dict["param_groups"]) == len(self.param_groups)
+        W, r, i = self.world, self.rank, 0
+        self.state.clear()
+        for group, saved_group in zip(self.param_groups, state_dict["param_groups"]):
+            ps = group["params"]
+            assert saved_group["kind"] == group["kind"] and len(saved_group["params"]) == len(ps)
+            group.update({k: v for k, v in saved_group.items() if k != "params"})  # hyperparameters
+            saved = [state_dict["state"].get(i + j) for j in range(len(ps))]
+            fp32 = lambda t: t.to(ps[0].device, torch.float32, copy=True)  # moments stay fp32
+            if group["kind"] == "adamw":
+                for p, s in zip(ps, saved):
+                    if s:  # sharded: this rank's block of rows (fewer or none at the end, like step())
+                        k = -(-p.size(0) // W) if self.unit_of[p]["sharded"] else None
+                        own = lambda t: t if k is None else t[r * k:(r + 1) * k]
+                        self.state[p] = dict(step=s["step"], exp_avg=fp32(own(s["exp_avg"])),
+                                             exp_avg_sq=fp32(own(s["exp_avg_sq"])))
+            elif saved[0]:  # this rank's matrices r, r+W, ... stacked; zero state for the last round's pads
+                mine = range(r, -(-len(ps) // W) * W, W)
+                self.state[ps[0]] = {k: fp32(torch.stack([saved[j][k] if j < len(ps) else torch.zeros_like(v)
+                                                          for j in mine])) for k, v in saved[0].items()}
+            i += len(ps)

@@ -68,10 +68,14 @@ class Tokenizer:
         path = os.path.join(directory, "tokenizer.json")
         if not os.path.exists(path):
             raise FileNotFoundError(f"no tokenizer at {path}; train one with: python -m scripts.tok_train")
-        with open(path) as f:
-            data = json.load(f)
-        ranks = {base64.b64decode(t): i for i, t in enumerate(data["tokens"])}
-        return cls(ranks, data["pattern"], data["special_tokens"])
+        try:
+            with open(path) as f:
+                data = json.load(f)
+            ranks = {base64.b64decode(t): i for i, t in enumerate(data["tokens"])}
+            return cls(ranks, data["pattern"], data["special_tokens"])
+        except (ValueError, KeyError, TypeError) as e:  # bad JSON, UTF-8 or base64, a missing field
+            raise ValueError(f"{path} is corrupt ({type(e).__name__}): retrain it with python -m scripts.tok_train "
+                             f"(a model trained with the old tokenizer needs that exact file back)") from None
 
     @classmethod
     def from_tiktoken_file(cls, path, pattern, special_tokens=("<|endoftext|>",), name=None):

@@ -141,7 +141,7 @@ def main(argv=None):
 
     _, rank, _, world_size, device = compute_init(args.device_type)
     run_dir = get_run_dir(args.model_tag or newest_model_tag())
-    model, meta = load_model(run_dir, device, args.step)
+    model, meta = load_model(run_dir, device, args.step, vocab_size=get_tokenizer().vocab_size)
     tokenizer = get_tokenizer()
     print0(f"evaluating {run_dir} at step {meta['step']} on {world_size} x {device.type}")
 

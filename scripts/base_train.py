@@ -22,7 +22,8 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
-from nanochat.checkpoint import get_run_dir, list_steps, load_meta, load_rank_state, save_checkpoint, step_dir
+from nanochat.checkpoint import (get_run_dir, list_steps, load_meta, load_training_state, load_weights,
+                                 save_checkpoint, step_dir)
 from nanochat.common import atomic_write, compute_cleanup, compute_init, get_base_dir, get_peak_flops, mfu, print0
 from nanochat.dataloader import DataLoader
 from nanochat.gpt import GPT, GPTConfig, build_model
@@ -46,7 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--target-flops", type=float, default=-1, help="total training FLOPs")
     p.add_argument("--target-param-data-ratio", type=float, default=12, help="tokens per (matrix + lm_head) param")
     # batch
-    p.add_argument("--device-batch-size", type=int, default=16, help="sequences per rank per micro-step")
+    p.add_argument("--device-batch-size", default="16",
+                   help="sequences per rank per micro-step, or 'auto': the largest power of two that fits (CUDA)")
     p.add_argument("--total-batch-size", type=int, default=-1, help="tokens per optimizer step (-1: auto)")
     # optimization
     p.add_argument("--matrix-lr", type=float, default=0.02, help="Muon LR (other LRs follow SPEC scalings)")
@@ -62,6 +64,8 @@ def parse_args(argv=None):
     p.add_argument("--eval-bundle", default=None, help="CORE eval bundle dir (default: <base dir>/eval_bundle)")
     p.add_argument("--sample-every", type=int, default=2000, help="print samples every N steps and at the end")
     p.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (always at the end)")
+    p.add_argument("--save-every-minutes", type=float, default=-1,
+                   help="checkpoint every N minutes of wall time (-1: 30 on CUDA, off elsewhere; 0: off)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of the run dir")
     p.add_argument("--model-tag", default=None, help="run dir name under base_checkpoints (default: d<depth>)")
     p.add_argument("--run", default=None, help="wandb run name (default: no wandb; WANDB_MODE=offline works)")
@@ -100,6 +104,40 @@ def plan(args, config, flops_per_token, tokens_per_micro_step):
     return B, steps, wd, params
 
 
+def probe_device_batch(model, seq_len, device, world):
+    """The largest power-of-two device batch whose forward + backward, plus the optimizer state
+    still to be allocated (~8 bytes per parameter, sharded), fits in 90% of the GPU's memory.
+    Probed on the uncompiled model, which needs more memory than the compiled one: conservative."""
+    if device.type != "cuda":
+        return 16  # no out-of-memory to probe for: the CPU default
+    total = torch.cuda.get_device_properties(device).total_memory
+    optimizer_bytes = 8 * sum(p.numel() for p in model.parameters()) / world
+    best = 0
+    for b in (1, 2, 4, 8, 16, 32, 64):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        try:
+            x = torch.randint(0, model.config.vocab_size, (b, seq_len), device=device)
+            model(x, x).backward()
+            fits = torch.cuda.max_memory_allocated(device) + optimizer_bytes <= 0.9 * total
+        except torch.cuda.OutOfMemoryError:
+            fits = False
+        model.zero_grad(set_to_none=True)
+        if not fits:
+            break
+        best = b
+    torch.cuda.empty_cache()
+    if dist.is_initialized():  # every rank must run the same batch
+        agreed = torch.tensor(best, device=device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+        best = int(agreed)
+    if best == 0:
+        raise RuntimeError("--device-batch-size auto: not even 1 sequence fits in GPU memory; "
+                           "use a smaller --depth or --max-seq-len")
+    print0(f"--device-batch-size auto: {best} (largest power of two that fits)")
+    return best
+
+
 def lr_multiplier(step, steps, args):
     """Linear warmup, constant, then linear warmdown over the last warmdown_ratio to final_lr_frac."""
     warmdown_start = steps * (1 - args.warmdown_ratio)
@@ -135,7 +173,14 @@ def train(args, stop_signal):
         from nanochat.fp8 import convert_to_float8
         convert_to_float8(model.blocks)  # the head stays bf16: its softcapped logits are precision-sensitive
     flops_per_token = model.estimate_flops()
-    T, B_dev = args.max_seq_len, args.device_batch_size
+    T = args.max_seq_len
+    if args.device_batch_size == "auto":
+        B_dev = probe_device_batch(model, T, device, world)
+    elif args.device_batch_size.isdigit() and int(args.device_batch_size) > 0:
+        B_dev = int(args.device_batch_size)
+    else:
+        raise ValueError(f"--device-batch-size {args.device_batch_size}: expected a positive integer or 'auto'")
+    save_minutes = args.save_every_minutes if args.save_every_minutes >= 0 else (30 if device.type == "cuda" else 0)
     B, num_iterations, weight_decay, horizon_params = plan(args, config, flops_per_token, B_dev * T * world)
     accum = B // (B_dev * T * world)
     optimizer = model.setup_optimizer(total_batch_size=B, weight_decay=weight_decay, matrix_lr=args.matrix_lr)
@@ -161,25 +206,30 @@ def train(args, stop_signal):
             raise ValueError(f"--resume: the checkpoint in {run_dir} is a different model "
                              f"({meta['model_config']}); use the same --depth and model flags or another --model-tag")
         step = meta["step"]
-        model.load_state_dict(torch.load(os.path.join(step_dir(run_dir, step), "model.pt"), map_location=device,
-                                         weights_only=True))
-        state = load_rank_state(run_dir, step, rank)
+        model.load_state_dict(load_weights(run_dir, step, device))
+        optimizer_state, streams = load_training_state(run_dir, step)
+        if len(streams) != world * accum:
+            raise ValueError(f"--resume: {step_dir(run_dir, step)} has {len(streams)} data streams (processes × "
+                             f"micro-steps) but this run has {world} × {accum}: keep --total-batch-size and "
+                             f"--device-batch-size, so that processes × gradient accumulation stays {len(streams)}")
         flags_hyper = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-        optimizer.load_state_dict(state["optimizer"])  # moments; the hyperparameters come from this run's flags
+        optimizer.load_full_state_dict(optimizer_state)  # moments; hyperparameters come from this run's flags
         for group, hyper in zip(optimizer.param_groups, flags_hyper):
             group.update(hyper)
-        for loader, loader_state in zip(loaders, state["loaders"], strict=True):
-            loader.load_state_dict(loader_state)
+        for a, loader in enumerate(loaders):
+            loader.load_state_dict(streams[rank * accum + a])
         elapsed, smooth_loss = meta["loop"]["elapsed"], meta["loop"]["smooth_loss"]
         if rank == 0 and os.path.exists(metrics_path):  # drop what the stopped run logged after this checkpoint
-            with open(metrics_path) as f:
-                keep = [line for line in f if json.loads(line)["step"] <= step]
+            with open(metrics_path) as f:  # (a kill mid-write can leave a torn last line: dropped too)
+                keep = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= step]
             with atomic_write(metrics_path) as tmp, open(tmp, "w") as f:
                 f.writelines(keep)
         print0(f"resumed from {step_dir(run_dir, step)}")
         if step == num_iterations:
             print0(f"training already complete ({step} steps in {run_dir})")
             return {"val_bpb": None, "steps": num_iterations}
+    elif args.resume:
+        print0(f"--resume: no checkpoint in {run_dir} yet, starting from scratch")
     resume_step = step
 
     train_config = {
@@ -203,10 +253,15 @@ def train(args, stop_signal):
            f"({num_iterations * B / horizon_params:.1f} per matrix+head param), {num_iterations * B * flops_per_token:.3e} FLOPs; "
            f"{world} process(es) × {accum} micro-steps of {B_dev}×{T}")
 
-    def checkpoint_meta():
-        return {"model_config": dataclasses.asdict(config), "args": vars(args), "total_batch_size": B,
+    last_save = time.time()
+
+    def save():
+        nonlocal last_save
+        meta = {"model_config": dataclasses.asdict(config), "args": vars(args), "total_batch_size": B,
                 "num_iterations": num_iterations, "world_size": world,
                 "loop": {"elapsed": elapsed, "smooth_loss": smooth_loss}}
+        save_checkpoint(run_dir, step, model, optimizer, meta, [loader.state_dict() for loader in loaders], rank=rank)
+        last_save = time.time()
 
     def log(record):
         record = {"step": step, "elapsed": elapsed, "tokens": step * B, "flops": step * B * flops_per_token, **record}
@@ -219,8 +274,11 @@ def train(args, stop_signal):
     bundle = args.eval_bundle or os.path.join(get_base_dir(), "eval_bundle")
     val_bpb, train_loss = None, 0.0
     while True:
-        # all ranks agree on stopping (a signal may reach them a step apart) and on divergence
-        flags = torch.tensor([float(bool(stop_signal)), float(not math.isfinite(train_loss))], device=device)
+        # all ranks agree on stopping (a signal may reach them a step apart), divergence, and when
+        # a timed checkpoint is due (their clocks differ)
+        timed_save = save_minutes > 0 and time.time() - last_save > 60 * save_minutes
+        flags = torch.tensor([float(bool(stop_signal)), float(not math.isfinite(train_loss)), float(timed_save)],
+                             device=device)
         if is_ddp:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         if flags[1]:  # the weights of step - 1 gave a non-finite loss: any checkpoint before them is good
@@ -230,8 +288,7 @@ def train(args, stop_signal):
                                f"with --resume, perhaps with a lower --matrix-lr")
         if flags[0]:
             if step != resume_step:
-                save_checkpoint(run_dir, step, model, optimizer, checkpoint_meta(), rank=rank,
-                                rank_state={"loaders": [loader.state_dict() for loader in loaders]})
+                save()
             print0(f"stopped by signal at step {step}; checkpoint in {step_dir(run_dir, step)}; "
                    f"continue with --resume")
             for loader in loaders:
@@ -271,20 +328,24 @@ def train(args, stop_signal):
             model.train()
             print0("\n".join(f"  {s!r}" for s in samples))
             log({"type": "sample", "samples": samples})
-        if (last or (args.save_every > 0 and step % args.save_every == 0)) and step != resume_step:
-            save_checkpoint(run_dir, step, model, optimizer, checkpoint_meta(), rank=rank,
-                            rank_state={"loaders": [loader.state_dict() for loader in loaders]})
+        if (last or flags[2] or (args.save_every > 0 and step % args.save_every == 0)) and step != resume_step:
+            save()
         if last:
             break
 
         # one optimizer step (step -> step + 1): accum micro-steps of forward + backward, then the update
         sync()
         t0 = time.perf_counter()
-        for a, loader in enumerate(loaders):
-            x, y = next(loader)
-            optimizer.sync_grads = a == accum - 1  # gradients cross ranks only after the last micro-step
-            loss = step_model(x, y)
-            (loss / accum).backward()
+        try:
+            for a, loader in enumerate(loaders):
+                x, y = next(loader)
+                optimizer.sync_grads = a == accum - 1  # gradients cross ranks only after the last micro-step
+                loss = step_model(x, y)
+                (loss / accum).backward()
+        except torch.cuda.OutOfMemoryError:
+            raise RuntimeError(f"CUDA out of memory at --device-batch-size {B_dev}: try --device-batch-size "
+                               f"{max(1, B_dev // 2)} (gradient accumulation keeps the total batch) or "
+                               f"--device-batch-size auto") from None
         lrm = lr_multiplier(step, num_iterations, args)
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * lrm

@@ -113,7 +113,7 @@ def base_dir(tmp_path, monkeypatch):
     torch.manual_seed(0)
     cfg = GPTConfig(sequence_len=64, vocab_size=tok.vocab_size, n_layer=1, n_head=1, n_embd=64)
     model = build_model(cfg, "cpu")
-    save_checkpoint(get_run_dir("d1"), 7, model, None, meta={"model_config": dataclasses.asdict(cfg)}, rank_state={})
+    save_checkpoint(get_run_dir("d1"), 7, model, None, meta={"model_config": dataclasses.asdict(cfg)}, loader_states=[])
     return tmp_path
 
 
@@ -150,7 +150,7 @@ def test_main_404_exits_with_one_line(base_dir, server, monkeypatch):
 def test_main_uses_given_bundle_and_newest_tag(base_dir, tmp_path):
     cfg = GPTConfig(sequence_len=32, vocab_size=300, n_layer=1, n_head=1, n_embd=64)
     old = save_checkpoint(get_run_dir("d0"), 3, build_model(cfg, "cpu"), None,
-                          meta={"model_config": dataclasses.asdict(cfg)}, rank_state={})
+                          meta={"model_config": dataclasses.asdict(cfg)}, loader_states=[])
     os.utime(os.path.dirname(old), (1e9, 1e9))  # an older run: not the default
     bundle = tmp_path / "my_bundle"
     only_copa = lambda d, names: [n for n in names if n.endswith(".jsonl") and n != "copa.jsonl"]  # noqa: E731

@@ -1,6 +1,5 @@
 import json
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -8,24 +7,11 @@ import sys
 import pytest
 import torch
 
-from nanochat.dataset import write_shards
-from nanochat.tokenizer import Tokenizer
 from scripts import base_train
 
 TINY = ["--depth", "1", "--head-dim", "16", "--max-seq-len", "32", "--device-batch-size", "4",
         "--eval-every", "3", "--eval-tokens", "256", "--core-every", "-1", "--sample-every", "-1",
         "--device-type", "cpu"]
-
-
-@pytest.fixture
-def base_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
-    rng = random.Random(0)
-    words = "the of and to in is was for on that with as by at from his her an which were are".split()
-    docs = [" ".join(rng.choice(words) for _ in range(rng.randint(5, 80))) for _ in range(400)]
-    write_shards(docs, str(tmp_path / "base_data"), docs_per_shard=200, val_docs=40, row_group_size=16)
-    Tokenizer.train(iter(docs), vocab_size=300).save(str(tmp_path / "tokenizer"))
-    return tmp_path
 
 
 def train_records(base_dir, tag):
@@ -119,3 +105,50 @@ def test_non_finite_loss_stops_naming_step_and_checkpoint(base_dir):
         base_train.main(args + ["--num-iterations", "8", "--resume", "--matrix-lr", "1e38", "--save-every", "1"])
     from nanochat.checkpoint import list_steps
     assert list_steps(base_dir / "base_checkpoints" / "nan")[-1] == 3  # saved before the NaN showed; 2 kept
+
+
+def torchrun(args, nproc):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "scripts.base_train", *args]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=os.getcwd(),
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
+@pytest.mark.parametrize("before, after", [(1, 2), (2, 1)])
+def test_resume_with_another_world_size(base_dir, before, after):
+    # 256-token steps: 1 process × 2 micro-steps or 2 processes × 1 hold the same 2 data streams
+    args = TINY + ["--total-batch-size", "256"]
+    base_train.main(args + ["--num-iterations", "6", "--model-tag", "straight"])
+    run = lambda n, nproc, extra: (base_train.main(args + ["--num-iterations", n, "--model-tag", "moved", *extra])  # noqa: E731
+                                   if nproc == 1 else torchrun(args + ["--num-iterations", n, "--model-tag", "moved", *extra], nproc))
+    run("6", before, ["--save-every", "3"])
+    shutil.rmtree(base_dir / "base_checkpoints" / "moved" / "step_000006")  # keep the step-3 checkpoint only
+    run("6", after, ["--resume"])
+    a, b = weights(base_dir, "straight", 6), weights(base_dir, "moved", 6)
+    for k in a:  # fp32 on CPU; averaging two gradients is exact in either order
+        assert torch.allclose(a[k].float(), b[k].float(), rtol=1e-5, atol=1e-6), k
+
+
+def test_resume_with_other_data_streams_is_refused(base_dir):
+    base_train.main(TINY + ["--num-iterations", "2", "--total-batch-size", "256", "--model-tag", "s"])
+    with pytest.raises(ValueError, match="2 data streams.*--total-batch-size"):
+        base_train.main(TINY + ["--num-iterations", "4", "--total-batch-size", "128", "--model-tag", "s", "--resume"])
+
+
+def test_out_of_memory_names_the_flag_to_try(base_dir, monkeypatch):
+    from nanochat.gpt import GPT
+
+    def oom(self, *args, **kwargs):
+        if torch.is_grad_enabled():  # training steps only, not the evaluation at step 0
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(self, *args, **kwargs)
+    original = GPT.forward
+    monkeypatch.setattr(GPT, "forward", oom)
+    with pytest.raises(RuntimeError, match="--device-batch-size 4: try --device-batch-size 2"):
+        base_train.main(TINY + ["--num-iterations", "2", "--total-batch-size", "128"])
+
+
+def test_bad_device_batch_size_is_a_clear_error(base_dir):
+    with pytest.raises(ValueError, match="--device-batch-size lots"):
+        base_train.main(TINY + ["--num-iterations", "2", "--device-batch-size", "lots"])

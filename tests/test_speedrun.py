@@ -20,8 +20,9 @@ def test_speedrun_cpu_smoke(tmp_path):
            "NANOCHAT_TRAIN_ARGS": "--num-iterations 4 --eval-every 2 --eval-tokens 8192 --sample-every 4 "
                                   "--core-every 4 --core-max-per-task 2",
            "NANOCHAT_EVAL_ARGS": "--max-per-task 2 --bpb-tokens 8192"}
-    out = subprocess.run(["bash", os.path.join(REPO, "speedrun.sh")], env=env, capture_output=True, text=True,
-                         timeout=900)
+    speedrun = lambda: subprocess.run(["bash", os.path.join(REPO, "speedrun.sh")], env=env,  # noqa: E731
+                                      capture_output=True, text=True, timeout=900)
+    out = speedrun()
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     report = (tmp_path / "report.md").read_text()
     assert "val bpb" in report
@@ -31,3 +32,10 @@ def test_speedrun_cpu_smoke(tmp_path):
     for png in ["train_loss.png", "val_bpb.png", "core_tasks.png"]:
         path = tmp_path / "report" / png
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"report/{png}" in report
+
+    # run again, as after a preemption once everything finished: each stage sees its output and skips
+    again = speedrun()
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    for done in ["data: shards already in", "tokenizer: already trained", "training already complete",
+                 "eval: already done"]:
+        assert done in again.stdout

@@ -1,0 +1,271 @@
+"""
+Damaged inputs and wrong combinations end in one line that names the file (or flag) and the fix,
+and leave everything already on disk as it was. CPU only, no network.
+"""
+import dataclasses
+import errno
+import json
+import os
+import random
+import threading
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from nanochat import checkpoint, dataset
+from nanochat.dataloader import DataLoader
+from nanochat.gpt import GPTConfig, build_model
+from nanochat.tokenizer import Tokenizer
+from scripts import base_train
+
+WORDS = "the of and to in is was for on that with as by at from his her an which were are".split()
+
+
+def one_line(exc_info):
+    msg = str(exc_info.value)
+    assert "\n" not in msg, msg
+    return msg
+
+
+def snapshot(directory):
+    return {name: (directory / name).read_bytes() for name in sorted(os.listdir(directory))}
+
+
+@pytest.fixture(scope="module")
+def docs():
+    rng = random.Random(0)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 60))) for _ in range(400)]
+
+
+@pytest.fixture(scope="module")
+def tok(docs):
+    return Tokenizer.train(iter(docs), vocab_size=300)
+
+
+@pytest.fixture
+def shards(tmp_path, docs):
+    data_dir = tmp_path / "base_data"
+    dataset.write_shards(docs, str(data_dir), docs_per_shard=150, val_docs=40, row_group_size=16)
+    return data_dir  # shard_00000, shard_00001 (train), shard_00002 (val)
+
+
+# -----------------------------------------------------------------------------
+# 1. corrupt shards
+
+def garbage(path):
+    path.write_bytes(bytes(random.Random(1).getrandbits(8) for _ in range(3000)) + b"PAR1")
+
+
+def empty(path):
+    path.write_bytes(b"")
+
+
+def no_text_column(path):
+    pq.write_table(pa.table({"body": ["a", "b"]}), path)
+
+
+@pytest.mark.parametrize("damage", [garbage, empty, no_text_column])
+def test_corrupt_shard_is_a_one_line_error_and_nothing_is_touched(shards, tok, damage):
+    bad = shards / "shard_00001.parquet"
+    damage(bad)
+    before = snapshot(shards)
+    expected = r"no 'text' column \(columns: body\)" if damage is no_text_column else "not a readable parquet shard"
+    with pytest.raises(ValueError, match=expected) as exc:
+        DataLoader(tok, 2, 32, "train", data_dir=str(shards))
+    assert str(bad) in one_line(exc) and "python -m nanochat.dataset" in str(exc.value)
+    with pytest.raises(ValueError, match=expected) as exc:
+        list(dataset.iter_documents("train", str(shards)))
+    assert str(bad) in one_line(exc)
+    with pytest.raises(ValueError, match=expected):
+        dataset.read_row_group(str(bad), 0)
+    assert snapshot(shards) == before  # the bad shard and its neighbours, byte for byte
+
+
+def test_damaged_pages_surface_from_next_without_hanging(shards, tok):
+    dl = DataLoader(tok, 2, 32, "train", data_dir=str(shards), buffer_size=20)
+    bad = shards / "shard_00000.parquet"
+    data = bytearray(bad.read_bytes())
+    data[4:404] = bytes(range(200)) * 2  # the first page headers: the footer still parses
+    bad.write_bytes(bytes(data))
+    before = snapshot(shards)
+    result = {}
+
+    def first_batch():
+        try:
+            next(dl)
+        except Exception as e:  # noqa: BLE001 (handed to the test thread)
+            result["error"] = e
+
+    t = threading.Thread(target=first_batch, daemon=True)
+    t.start()
+    t.join(timeout=30)
+    assert not t.is_alive(), "next(loader) hung on a corrupt shard"
+    err = result.get("error")
+    assert isinstance(err, ValueError) and str(bad) in str(err) and "\n" not in str(err), err
+    assert "not a readable parquet shard" in str(err)
+    assert dl.stream is None  # the read-ahead threads were shut down
+    with pytest.raises(ValueError, match="not a readable parquet shard"):  # and a retry fails the same way
+        next(dl)
+    assert snapshot(shards) == before
+
+
+# -----------------------------------------------------------------------------
+# 2. damaged checkpoints (3. the vocab check uses the same fixture)
+
+CONFIG = GPTConfig(sequence_len=32, vocab_size=300, n_layer=1, n_head=1, n_embd=16)
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    """Two complete checkpoints (steps 1 and 2), written by hand: independent of the save path."""
+    run = tmp_path / "run"
+    for step in (1, 2):
+        d = run / f"step_{step:06d}"
+        d.mkdir(parents=True)
+        torch.manual_seed(step)
+        torch.save(build_model(CONFIG, "cpu").state_dict(), d / "model.pt")
+        torch.save(None, d / "optimizer.pt")
+        (d / "loaders.json").write_text("[]")
+        (d / "meta.json").write_text(json.dumps({"step": step, "model_config": dataclasses.asdict(CONFIG)}))
+    return run
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def garble(path):
+    path.write_bytes(b"\x00\xff" * 64)
+
+
+DAMAGE = {  # (file, damage, the loader that reads it, expected message)
+    "model.pt cut in half": ("model.pt", truncate, "model", "is truncated or corrupt"),
+    "model.pt missing": ("model.pt", os.remove, "model", "is missing"),
+    "meta.json garbled": ("meta.json", garble, "meta", "is truncated or corrupt"),
+    "meta.json missing": ("meta.json", os.remove, "meta", "is missing"),
+    "optimizer.pt garbled": ("optimizer.pt", garble, "training", "is truncated or corrupt"),
+    "optimizer.pt missing": ("optimizer.pt", os.remove, "training", "is missing"),
+    "loaders.json garbled": ("loaders.json", garble, "training", "is truncated or corrupt"),
+}
+
+
+@pytest.mark.parametrize("case", DAMAGE, ids=list(DAMAGE))
+def test_damaged_checkpoint_names_file_and_fallback(run_dir, case):
+    name, damage, which, expected = DAMAGE[case]
+    newest, previous = run_dir / "step_000002", run_dir / "step_000001"
+    damage(newest / name)
+    before = {d: snapshot(d) for d in (newest, previous)}
+    load = {"model": lambda: checkpoint.load_model(str(run_dir), "cpu"),
+            "meta": lambda: checkpoint.load_meta(str(run_dir)),
+            "training": lambda: checkpoint.load_training_state(str(run_dir), 2)}[which]
+    with pytest.raises((ValueError, FileNotFoundError), match=expected) as exc:
+        load()
+    msg = one_line(exc)
+    assert str(newest / name) in msg and f"delete {newest}" in msg
+    assert {d: snapshot(d) for d in (newest, previous)} == before  # nothing deleted or rewritten
+    model, meta = checkpoint.load_model(str(run_dir), "cpu", step=1)  # the fallback still loads
+    assert meta["step"] == 1 and checkpoint.load_training_state(str(run_dir), 1) == (None, [])
+
+
+# -----------------------------------------------------------------------------
+# 3. tokenizer / model mismatch, damaged tokenizer
+
+def test_vocab_mismatch_is_refused(run_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    model, _ = checkpoint.load_model(str(run_dir), "cpu", vocab_size=300)  # the matching tokenizer loads
+    assert model.wte.weight.shape[0] == 300
+    with pytest.raises(ValueError) as exc:
+        checkpoint.load_model(str(run_dir), "cpu", vocab_size=512)
+    assert one_line(exc) == (
+        f"checkpoint {run_dir / 'step_000002'} was trained with a vocab of 300 tokens but the tokenizer at "
+        f"{tmp_path / 'tokenizer' / 'tokenizer.json'} has 512: use the tokenizer the model was trained with")
+
+
+@pytest.mark.parametrize("content", [b"", b'{"tokens": ["AA', b'{"pattern": "x"}', b'\xff\xfe garbage',
+                                     b'{"pattern": "x", "special_tokens": [], "tokens": ["!!not base64!!"]}'])
+def test_garbled_tokenizer_names_file_and_fix(tok, tmp_path, content):
+    path = tok.save(str(tmp_path))
+    with open(path, "wb") as f:
+        f.write(content)
+    with pytest.raises(ValueError) as exc:
+        Tokenizer.load(str(tmp_path))
+    msg = one_line(exc)
+    assert path in msg and "python -m scripts.tok_train" in msg
+    assert open(path, "rb").read() == content
+
+
+# -----------------------------------------------------------------------------
+# 4. full disk during a download
+
+def test_full_disk_is_not_retried_and_keeps_the_partial(tmp_path, monkeypatch):
+    calls = []
+
+    def fetch(url, tmp, timeout):
+        calls.append(url)
+        with open(tmp, "ab") as f:
+            f.write(b"PAR1 half a shard")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(dataset, "_fetch", fetch)
+    path = str(tmp_path / "shard_00000.parquet")
+    with pytest.raises(RuntimeError) as exc:
+        dataset.download_file("http://127.0.0.1:9/shard_00000.parquet", path, dataset._is_parquet,
+                              retries=5, backoff=0.001)
+    assert one_line(exc) == (f"no space left on device while writing {path}.partial: free space in {tmp_path} "
+                             f"and run again (the partial download resumes)")
+    assert len(calls) == 1  # retrying cannot help
+    assert not os.path.exists(path)  # nothing under the final name
+    assert open(path + ".partial", "rb").read() == b"PAR1 half a shard"  # kept for the resume
+
+
+def test_other_os_errors_are_still_retried(tmp_path, monkeypatch):
+    calls = []
+
+    def fetch(url, tmp, timeout):
+        calls.append(url)
+        raise OSError(errno.ECONNRESET, "Connection reset by peer")
+
+    monkeypatch.setattr(dataset, "_fetch", fetch)
+    with pytest.raises(RuntimeError, match="after 3 attempts"):
+        dataset.download_file("http://127.0.0.1:9/x", str(tmp_path / "x"), dataset._is_parquet,
+                              retries=2, backoff=0.001)
+    assert len(calls) == 3
+
+
+# -----------------------------------------------------------------------------
+# 5. incompatible base_train flags (the checks that exist today)
+
+TINY = ["--depth", "1", "--head-dim", "16", "--max-seq-len", "32", "--device-batch-size", "4",
+        "--eval-every", "-1", "--core-every", "-1", "--sample-every", "-1", "--device-type", "cpu"]
+
+
+@pytest.fixture
+def base_dir(tmp_path, monkeypatch, docs, tok):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    dataset.write_shards(docs, str(tmp_path / "base_data"), docs_per_shard=200, val_docs=40, row_group_size=16)
+    tok.save(str(tmp_path / "tokenizer"))
+    return tmp_path
+
+
+def test_total_batch_size_not_a_multiple_names_the_flags(base_dir):
+    with pytest.raises(ValueError) as exc:
+        base_train.main(TINY + ["--num-iterations", "2", "--total-batch-size", "200"])
+    msg = one_line(exc)
+    assert "--total-batch-size 200" in msg and "128" in msg and "--device-batch-size" in msg
+    assert not os.path.exists(base_dir / "base_checkpoints")  # refused before anything was written
+
+
+def test_resume_of_a_different_model_names_the_flag_and_keeps_the_checkpoint(base_dir):
+    other = dataclasses.asdict(GPTConfig.from_depth(2, vocab_size=300, sequence_len=32, head_dim=16))
+    step = base_dir / "base_checkpoints" / "x" / "step_000005"
+    step.mkdir(parents=True)
+    (step / "meta.json").write_text(json.dumps({"step": 5, "model_config": other}))
+    (step / "model.pt").write_bytes(b"weights")
+    before = snapshot(step)
+    with pytest.raises(ValueError) as exc:
+        base_train.main(TINY + ["--num-iterations", "2", "--total-batch-size", "128", "--model-tag", "x", "--resume"])
+    msg = one_line(exc)
+    assert msg.startswith("--resume:") and "different model" in msg and "--depth" in msg
+    assert snapshot(step) == before

@@ -1,0 +1,76 @@
+import pytest
+import torch
+
+from nanochat.gpt import GPT, GPTConfig
+from scripts import plan
+
+D24 = ["--depth", "24", "--gpus", "8", "--gpu", "h100", "--target-param-data-ratio", "8"]
+
+
+@pytest.fixture(scope="module")
+def d24():
+    return plan.main(D24)
+
+
+def test_d24_speedrun_horizon(d24):
+    assert d24["num_iterations"] == 5568
+    assert d24["total_batch_size"] == 2 ** 20
+    assert round(d24["tokens"] / 1e9, 2) == 5.84
+    assert round(d24["flops_per_token"] / 1e9, 2) == 4.78
+    assert d24["total_flops"] == d24["tokens"] * d24["flops_per_token"]
+    assert d24["grad_accum_steps"] * d24["device_batch_size"] * 2048 * 8 == 2 ** 20
+
+
+def test_param_groups_match_model(d24):
+    with torch.device("meta"):
+        counts = GPT(GPTConfig.from_depth(24)).num_params()
+    assert d24["num_params"] == counts
+    assert d24["horizon_params"] == counts["transformer_matrices"] + counts["lm_head"]
+
+
+def test_d24_h100_device_batch_fits(d24):
+    b = d24["device_batch_size"]
+    assert b >= 8 and b & (b - 1) == 0
+    by_batch = d24["memory_by_batch"]
+    assert d24["memory"]["total"] == by_batch[b] <= 80e9 * 0.9
+    assert b == 64 or by_batch[2 * b] > 80e9 * 0.9
+    assert all(by_batch[2 * k] > by_batch[k] for k in (1, 2, 4, 8, 16, 32))
+
+
+def test_smaller_gpu_smaller_batch(d24):
+    l4 = plan.main(D24[:4] + ["--gpu", "l4", "--target-param-data-ratio", "8"])
+    assert l4["device_batch_size"] < d24["device_batch_size"]
+
+
+def test_explicit_device_batch_is_used():
+    out = plan.main(D24 + ["--device-batch-size", "4"])
+    assert out["device_batch_size"] == 4 and out["grad_accum_steps"] == 2 ** 20 // (4 * 2048 * 8)
+
+
+def test_time_scales_with_gpus_and_mfu(d24):
+    assert d24["mfu"] == 0.40 and d24["mfu_source"] == "assumed, not measured"
+    half_gpus = plan.main(["--depth", "24", "--gpus", "4", "--gpu", "h100", "--target-param-data-ratio", "8",
+                           "--device-batch-size", str(d24["device_batch_size"])])
+    assert half_gpus["total_flops"] == d24["total_flops"]
+    assert half_gpus["hours"] == pytest.approx(2 * d24["hours"])
+    faster = plan.main(D24 + ["--mfu", "0.8"])
+    assert faster["hours"] == pytest.approx(d24["hours"] / 2)
+    assert faster["cost"] == pytest.approx(faster["hours"] * 8 * 3.0)
+
+
+def test_mfu_read_from_perf_md(tmp_path, monkeypatch):
+    perf = tmp_path / "PERF.md"
+    perf.write_text("| date | device | MFU |\n|---|---|---|\n| 2026-12-01 | 8×H100 SXM | MFU 52.5% |\n")
+    monkeypatch.setattr(plan, "PERF_PATH", str(perf))
+    assert plan.recorded_mfu("H100") == pytest.approx(0.525)
+    assert plan.recorded_mfu("H200") is None
+    out = plan.main(D24)
+    assert out["mfu"] == pytest.approx(0.525) and "measured" in out["mfu_source"]
+
+
+def test_unknown_gpu_exits_1(capsys):
+    with pytest.raises(SystemExit) as e:
+        plan.main(["--depth", "12", "--gpu", "v100"])
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert "--gpu" in err and "h100" in err
