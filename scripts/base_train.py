@@ -74,6 +74,25 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def check_flags(args):
+    """Impossible or conflicting flag values: one clear line each, before anything is built."""
+    problems = [
+        (not args.window_pattern or set(args.window_pattern) - set("SL"),
+         f"--window-pattern {args.window_pattern!r}: use the letters S (short window) and L (long), e.g. SSSL"),
+        (args.head_dim < 2 or args.head_dim % 2, f"--head-dim {args.head_dim}: must be even (rotary rotates pairs)"),
+        (args.max_seq_len < 1, f"--max-seq-len {args.max_seq_len}: must be positive"),
+        (not 0 <= args.warmdown_ratio <= 1, f"--warmdown-ratio {args.warmdown_ratio}: must be in [0, 1]"),
+        (not 0 <= args.final_lr_frac <= 1, f"--final-lr-frac {args.final_lr_frac}: must be in [0, 1]"),
+        (args.num_iterations > 0 and args.target_flops > 0,
+         "--num-iterations and --target-flops are both set: give one training horizon"),
+        (args.model_tag is not None and ("/" in args.model_tag or args.model_tag.startswith(".")),
+         f"--model-tag {args.model_tag!r}: a plain directory name, not a path"),
+    ]
+    for bad, message in problems:
+        if bad:
+            raise ValueError(message)
+
+
 def matrix_and_head_params(config):
     with torch.device("meta"):
         counts = GPT(config).num_params()
@@ -160,6 +179,7 @@ def muon_momentum(step, steps, args):
 
 
 def train(args, stop_signal):
+    check_flags(args)
     is_ddp, rank, local_rank, world, device = compute_init(args.device_type)
     use_compile = device.type == "cuda" if args.compile is None else bool(args.compile)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

@@ -152,3 +152,17 @@ def test_out_of_memory_names_the_flag_to_try(base_dir, monkeypatch):
 def test_bad_device_batch_size_is_a_clear_error(base_dir):
     with pytest.raises(ValueError, match="--device-batch-size lots"):
         base_train.main(TINY + ["--num-iterations", "2", "--device-batch-size", "lots"])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--window-pattern", "SSXL"], "--window-pattern 'SSXL'"),
+    (["--head-dim", "15"], "--head-dim 15"),
+    (["--warmdown-ratio", "1.5"], "--warmdown-ratio 1.5"),
+    (["--target-flops", "1e12"], "--num-iterations and --target-flops"),
+    (["--model-tag", "../elsewhere"], "--model-tag '../elsewhere'"),
+])
+def test_incompatible_flags_are_one_line_errors(base_dir, flags, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")) as e:
+        base_train.main(TINY + ["--num-iterations", "2", *flags])
+    assert "\n" not in str(e.value)
+    assert not (base_dir / "base_checkpoints").exists()  # nothing was written
