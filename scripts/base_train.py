@@ -77,6 +77,8 @@ def parse_args(argv=None):
 def check_flags(args):
     """Impossible or conflicting flag values: one clear line each, before anything is built."""
     problems = [
+        (args.device_batch_size != "auto" and not (args.device_batch_size.isdigit() and int(args.device_batch_size) > 0),
+         f"--device-batch-size {args.device_batch_size}: expected a positive integer or 'auto'"),
         (not args.window_pattern or set(args.window_pattern) - set("SL"),
          f"--window-pattern {args.window_pattern!r}: use the letters S (short window) and L (long), e.g. SSSL"),
         (args.head_dim < 2 or args.head_dim % 2, f"--head-dim {args.head_dim}: must be even (rotary rotates pairs)"),
@@ -194,12 +196,8 @@ def train(args, stop_signal):
         convert_to_float8(model.blocks)  # the head stays bf16: its softcapped logits are precision-sensitive
     flops_per_token = model.estimate_flops()
     T = args.max_seq_len
-    if args.device_batch_size == "auto":
-        B_dev = probe_device_batch(model, T, device, world)
-    elif args.device_batch_size.isdigit() and int(args.device_batch_size) > 0:
-        B_dev = int(args.device_batch_size)
-    else:
-        raise ValueError(f"--device-batch-size {args.device_batch_size}: expected a positive integer or 'auto'")
+    B_dev = probe_device_batch(model, T, device, world) if args.device_batch_size == "auto" \
+        else int(args.device_batch_size)
     save_minutes = args.save_every_minutes if args.save_every_minutes >= 0 else (30 if device.type == "cuda" else 0)
     B, num_iterations, weight_decay, horizon_params = plan(args, config, flops_per_token, B_dev * T * world)
     accum = B // (B_dev * T * world)
@@ -247,6 +245,7 @@ def train(args, stop_signal):
         print0(f"resumed from {step_dir(run_dir, step)}")
         if step == num_iterations:
             print0(f"training already complete ({step} steps in {run_dir})")
+            compute_cleanup()
             return {"val_bpb": None, "steps": num_iterations}
     elif args.resume:
         print0(f"--resume: no checkpoint in {run_dir} yet, starting from scratch")

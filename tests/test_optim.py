@@ -2,18 +2,16 @@
 Tests for nanochat/optim.py: Polar Express, AdamW vs torch, Muon's pieces, and ZeRO-2 sharding
 (2 and 3 gloo processes must reproduce one process on the full batch).
 """
-import contextlib
-import functools
 import math
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch.nn.functional as F
 
 from nanochat import optim
 from nanochat.optim import MuonAdamW, normuon, polar_express
+from optim_toy import MUON, Toy, orthogonalize_in
 
 
 def random_matrix(m, n, cond, gen):
@@ -191,61 +189,11 @@ V, D, C, WIDE = 16411, 64, 33, 2 ** 19  # 16411 rows: not divisible by 2 or 3
 N_TOKENS, STEPS = 240, 5
 
 
-def init_params():
-    gen = torch.Generator().manual_seed(0)
-    r = lambda *shape, std: torch.randn(*shape, generator=gen) * std
-    P = {
-        "emb": r(V, D, std=0.5),  # 1.05M elements: sharded by rows, unevenly at W=2 and W=3
-        "wide": r(2, WIDE, std=0.5),  # 1.05M elements in 2 rows: at W=3 one rank owns no rows at all
-        "ve": r(50, D, std=0.5).bfloat16(),  # a bf16 table, small: all-reduced in bf16
-        "head": r(C, D, std=0.1),
-        "lam": torch.ones(2), "gain": torch.tensor(1.0),  # scalars
-    }
-    P.update({f"attn{i}": r(D, D, std=D ** -0.5) for i in range(4)})  # 4 matrices: a padded round at W=3
-    P.update({f"fc{i}": r(97, D, std=D ** -0.5) for i in range(3)})  # tall, 97 rows (prime)
-    P.update({f"proj{i}": r(D, 97, std=97 ** -0.5) for i in range(2)})  # wide
-    fixed = {"feat": r(V, D, std=1.0), "mix": r(2, D, std=1.0), "readout": r(97, C, std=0.1),
-             "ve_out": r(D, C, std=0.1)}
-    return {k: v.requires_grad_() for k, v in P.items()}, fixed
-
-
-def loss_fn(P, fixed, idx, tgt):
-    # Three independent parts, so that the fp32 AdamW parameters never see the bf16 noise of the
-    # Muon and bf16 parameters (that keeps the 1e-6 comparison meaningful).
-    # Part A: fp32 AdamW parameters only.
-    x = P["emb"][idx] + P["wide"][:, idx % WIDE].T @ fixed["mix"]
-    x = F.rms_norm(x, (D,)) * P["gain"]
-    loss_adamw = F.cross_entropy((P["lam"][0] * x + P["lam"][1] * x.tanh()) @ P["head"].T, tgt)
-    # Part B: the bf16 table.
-    loss_bf16 = F.cross_entropy(P["ve"][idx % 50].float() @ fixed["ve_out"], tgt)
-    # Part C: Muon matrices only, a small residual MLP on fixed features.
-    h = fixed["feat"][idx]
-    for i in range(2):
-        h = h + torch.tanh(h @ P[f"attn{2 * i}"].T) @ P[f"attn{2 * i + 1}"].T
-        h = h + F.relu(h @ P[f"fc{i}"].T).square() @ P[f"proj{i}"].T * 0.1
-    loss_muon = F.cross_entropy(F.relu(h @ P["fc2"].T) @ fixed["readout"], tgt)
-    return loss_adamw + loss_bf16 + loss_muon
-
-
-def make_optimizer(P):
-    return MuonAdamW([
-        dict(kind="adamw", params=[P["emb"], P["wide"], P["ve"]], lr=0.05),
-        dict(kind="adamw", params=[P["head"]], lr=0.01, weight_decay=0.1),
-        dict(kind="adamw", params=[P["lam"], P["gain"]], lr=0.02, betas=(0.9, 0.99)),
-        dict(kind="muon", params=[P[f"attn{i}"] for i in range(4)], lr=0.02, weight_decay=0.2),
-        dict(kind="muon", params=[P[f"fc{i}"] for i in range(3)], lr=0.02, weight_decay=0.2),
-        dict(kind="muon", params=[P[f"proj{i}"] for i in range(2)], lr=0.02, weight_decay=0.2),
-    ])
-
-
-@contextlib.contextmanager
-def orthogonalize_in(dtype):
-    orig = optim.polar_express
-    optim.polar_express = functools.partial(orig, dtype=dtype)
-    try:
-        yield
-    finally:
-        optim.polar_express = orig
+# emb: 16411 rows x 64 = 1.05M elements, sharded by rows, unevenly at W=2 and W=3; wide: 1.05M elements in
+# 2 rows, so at W=3 one rank owns no rows at all; ve: a small bf16 table, all-reduced in bf16;
+# 4 attn matrices: a padded round at W=3; fc: tall, 97 rows (prime); proj: wide.
+TOY = Toy(V=V, D=D, C=C, WIDE=WIDE, n_attn=4, hidden=97, ve_rows=50, ve_dim=D, ve_out_std=0.1)
+init_params, loss_fn, make_optimizer = TOY.init_params, TOY.loss_fn, TOY.make_optimizer
 
 
 def train(world, rank, scenario):
@@ -307,9 +255,6 @@ def runs(tmp_path_factory):
         mp.spawn(_worker, args=(world, str(d / "rdzv"), str(d), scenarios), nprocs=world)
         out[world] = [torch.load(d / f"rank{r}.pt") for r in range(world)]
     return out
-
-
-MUON = ("attn", "fc", "proj")
 
 
 def deviations(params, ref):

@@ -3,68 +3,24 @@ World-size-independent optimizer checkpoints: MuonAdamW.full_state_dict() / load
 Train K steps on A gloo processes, save, resume on B processes for K more steps: the result must match
 one process training 2K steps on the same global batches, for (A, B) in (2,1), (1,2), (2,3), (1,1).
 """
-import functools
-
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch.nn.functional as F
 
 from nanochat import optim
-from nanochat.optim import MuonAdamW
+from optim_toy import MUON, Toy, orthogonalize_in
 
 # Small on purpose (fast): SHARD_MIN_NUMEL is lowered so that "emb", "wide" and the bf16 "ve" are sharded.
 SHARD_MIN = 256
 V, D, C, WIDE = 101, 16, 7, 600  # 101 rows: not divisible by 2 or 3
 N_TOKENS, K = 60, 3  # 60 tokens split evenly over 1, 2 or 3 ranks; K steps before and after the checkpoint
-MUON = ("attn", "fc", "proj")
+# emb: sharded by rows, unevenly at W=2 and W=3; wide: sharded, 2 rows, so at W=3 one rank owns no rows at
+# all; ve: bf16, sharded, so its moments must stay fp32; 5 attn matrices: a padded round at W=2 and 3.
+TOY = Toy(V=V, D=D, C=C, WIDE=WIDE, n_attn=5, hidden=23, ve_rows=V, ve_dim=4, ve_out_std=0.5, wide_stride=5)
+init_params, loss_fn, make_optimizer = TOY.init_params, TOY.loss_fn, TOY.make_optimizer
 ORDER = ["emb", "wide", "ve", "head", "lam", "gain"] + [f"attn{i}" for i in range(5)] + \
         [f"fc{i}" for i in range(3)] + [f"proj{i}" for i in range(2)]  # as in make_optimizer's groups
-
-
-def init_params():
-    gen = torch.Generator().manual_seed(0)
-    r = lambda *shape, std: torch.randn(*shape, generator=gen) * std
-    P = {
-        "emb": r(V, D, std=0.5),  # sharded by rows, unevenly at W=2 and W=3
-        "wide": r(2, WIDE, std=0.5),  # sharded, 2 rows: at W=3 one rank owns no rows at all
-        "ve": r(V, 4, std=0.5).bfloat16(),  # bf16, sharded: its moments must stay fp32
-        "head": r(C, D, std=0.1),
-        "lam": torch.ones(2), "gain": torch.tensor(1.0),  # scalars
-    }
-    P.update({f"attn{i}": r(D, D, std=D ** -0.5) for i in range(5)})  # 5 matrices: a padded round at W=2 and 3
-    P.update({f"fc{i}": r(23, D, std=D ** -0.5) for i in range(3)})  # tall
-    P.update({f"proj{i}": r(D, 23, std=23 ** -0.5) for i in range(2)})  # wide
-    fixed = {"feat": r(V, D, std=1.0), "mix": r(2, D, std=1.0), "readout": r(23, C, std=0.1),
-             "ve_out": r(4, C, std=0.5)}
-    return {k: v.requires_grad_() for k, v in P.items()}, fixed
-
-
-def loss_fn(P, fixed, idx, tgt):
-    # Independent parts (as in test_optim), so the fp32 AdamW tensors never see bf16 noise.
-    x = P["emb"][idx] + P["wide"][:, idx * 5].T @ fixed["mix"]
-    x = F.rms_norm(x, (D,)) * P["gain"]
-    loss_adamw = F.cross_entropy((P["lam"][0] * x + P["lam"][1] * x.tanh()) @ P["head"].T, tgt)
-    loss_bf16 = F.cross_entropy(P["ve"][idx].float() @ fixed["ve_out"], tgt)
-    h = fixed["feat"][idx]
-    for i in range(2):
-        h = h + torch.tanh(h @ P[f"attn{2 * i}"].T) @ P[f"attn{2 * i + 1}"].T
-        h = h + F.relu(h @ P[f"fc{i}"].T).square() @ P[f"proj{i}"].T * 0.1
-    h = h + torch.tanh(h @ P["attn4"].T)
-    loss_muon = F.cross_entropy(F.relu(h @ P["fc2"].T) @ fixed["readout"], tgt)
-    return loss_adamw + loss_bf16 + loss_muon
-
-
-def make_optimizer(P):
-    return MuonAdamW([
-        dict(kind="adamw", params=[P["emb"], P["wide"], P["ve"]], lr=0.05),
-        dict(kind="adamw", params=[P["head"]], lr=0.01, weight_decay=0.1),
-        dict(kind="adamw", params=[P["lam"], P["gain"]], lr=0.02, betas=(0.9, 0.99)),
-        dict(kind="muon", params=[P[f"attn{i}"] for i in range(5)], lr=0.02, weight_decay=0.2),
-        dict(kind="muon", params=[P[f"fc{i}"] for i in range(3)], lr=0.02, weight_decay=0.2),
-        dict(kind="muon", params=[P[f"proj{i}"] for i in range(2)], lr=0.02, weight_decay=0.2),
-    ])
 
 
 def train(P, opt, world, rank, steps):
@@ -81,11 +37,8 @@ def train(P, opt, world, rank, steps):
             group["lr"] = group["initial_lr"] * (1.0 - 0.1 * step)
             if group["kind"] == "muon":
                 group["momentum"] = 0.85 + 0.02 * step
-        orig, optim.polar_express = optim.polar_express, functools.partial(optim.polar_express, dtype=torch.float32)
-        try:
+        with orthogonalize_in(torch.float32):
             opt.step()
-        finally:
-            optim.polar_express = orig
         opt.zero_grad(set_to_none=True)
 
 
