@@ -1,53 +1,128 @@
 """
 Training-step throughput of the model alone (random tokens, no dataloader): tokens/s, MFU
-against the device's bf16 peak, and peak memory.
+against the device's bf16 peak, step-time median and spread, peak memory.
 
-    python -m scripts.bench_model --depth 12                              # GPU: compiled, bf16
-    python -m scripts.bench_model --depth 24 --fp8
+    python -m scripts.bench_model --depth 12 --device-batch-size 32          # GPU: compiled, bf16
+    python -m scripts.bench_model --depth 24 --fp8 --attn flex --json out.json
     python -m scripts.bench_model --depth 4 --head-dim 64 --seq-len 256 --vocab-size 8192 --window-pattern L
+    python -m scripts.bench_model --breakdown ...   # + FLOPs and time per component (CPU or GPU)
+    python -m scripts.bench_model --matrix          # every depth/backend/fp8/compile combination, one table
+
+A full step is forward + backward + optimizer (--no-optimizer to leave the optimizer out).
 """
 import argparse
+import json
+import os
 import resource
+import subprocess
+import sys
 import time
 
 import torch
 
 from nanochat.common import autodetect_device_type, compute_dtype, compute_init, get_peak_flops, mfu
-from nanochat.gpt import GPTConfig, build_model
+from nanochat.gpt import GPTConfig, build_model, norm
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--depth", type=int, default=12)
-    parser.add_argument("--device-batch-size", type=int, default=16)
-    parser.add_argument("--seq-len", type=int, default=2048)
-    parser.add_argument("--vocab-size", type=int, default=32768)
-    parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--window-pattern", default="SSSL")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps (after --warmup)")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--optimizer", action="store_true", help="time the optimizer step too")
-    parser.add_argument("--compile", type=int, default=None, help="torch.compile (default: 1 on CUDA, 0 elsewhere)")
-    parser.add_argument("--fp8", action="store_true", help="fp8 matmuls for the large Linears (CUDA SM89+)")
-    parser.add_argument("--device-type", default=None, help="cuda|cpu|mps (default: autodetect)")
-    args = parser.parse_args(argv)
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--depth", type=int, default=12)
+    p.add_argument("--device-batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--vocab-size", type=int, default=32768)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--window-pattern", default="SSSL")
+    p.add_argument("--steps", type=int, default=10, help="timed steps (after --warmup)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--no-optimizer", action="store_true", help="forward + backward only")
+    p.add_argument("--compile", type=int, default=None, help="torch.compile (default: 1 on CUDA, 0 elsewhere)")
+    p.add_argument("--fp8", action="store_true", help="fp8 matmuls in the blocks, as base_train --fp8 (CUDA SM89+)")
+    p.add_argument("--attn", default=None, help="force an attention backend: fa3|fa4|flex|sdpa (NANOCHAT_ATTN)")
+    p.add_argument("--device-type", default=None, help="cuda|cpu|mps (default: autodetect)")
+    p.add_argument("--breakdown", action="store_true", help="also FLOPs and time per component")
+    p.add_argument("--json", default=None, help="write the results to this JSON file")
+    p.add_argument("--matrix", action="store_true", help="run the standard matrix of configurations")
+    return p.parse_args(argv)
 
-    device = args.device_type or autodetect_device_type()
-    compute_init(device)
-    use_compile = (device == "cuda") if args.compile is None else bool(args.compile)
+
+def make_timer(device):
+    """Seconds taken by fn(): CUDA events on a GPU (no host-side noise), a wall clock elsewhere."""
+    def timed(fn):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+    return timed
+
+
+def median(values):
+    return sorted(values)[len(values) // 2]
+
+
+def breakdown(model, x, y, optimizer, timed, steps):
+    """FLOPs per token (SPEC formula, split by component) and fwd+bwd time per step of each
+    component measured in isolation at the same shapes; 'rest' is the full step minus the parts
+    (embeddings, norms, residual scalars, head, loss). Attention scores count only the keys each
+    layer attends to, so short windows show up as fewer FLOPs."""
+    cfg, (B, T) = model.config, x.shape
+    C, H, D, L = cfg.n_embd, cfg.n_head, cfg.head_dim, cfg.n_layer
+    h = torch.randn(B, T, C, device=x.device, dtype=model.wte.weight.dtype, requires_grad=True)
+    cos, sin = model.cos[:, :T], model.sin[:, :T]
+
+    def fwd_bwd(fn):
+        return median([timed(lambda: fn().float().square().mean().backward()) for _ in range(steps)])
+
+    windows = cfg.window_sizes()
+    attn_time = 0.0
+    for w in sorted(set(windows)):  # one timing per distinct window, weighted by how many layers use it
+        i = windows.index(w)
+        block = model.blocks[i]
+        ve = model.value_embeds[str(i)](x) if str(i) in model.value_embeds else None
+        attn_time += windows.count(w) * fwd_bwd(lambda: block.attn(norm(h), ve, cos, sin))
+    mlp_time = L * fwd_bwd(lambda: model.blocks[0].mlp(norm(h)))
+    head_time = fwd_bwd(lambda: model.lm_head(norm(h)))
+    total = median([timed(lambda: model(x, y).backward()) for _ in range(steps)])
+    opt_time = median([timed(optimizer.step) for _ in range(steps)]) if optimizer else 0.0
+    model.zero_grad(set_to_none=True)
+    scores = sum(12 * H * D * min(w, T) for w in windows)
+    gates = 6 * 12 * H * len(model.value_embeds)  # value-embedding gates live in the attention modules
+    rows = [  # (component, FLOPs per token, seconds per step)
+        ("attention (projections + T x T scores)", 6 * 4 * C * C * L + gates + scores, attn_time),
+        ("MLP", 6 * 8 * C * C * L, mlp_time),
+        ("lm_head", 6 * C * cfg.vocab_size, head_time),
+        ("rest: embeddings, norms, smear, softcap, loss", 6 * 24, total - attn_time - mlp_time - head_time),
+        ("optimizer step", 0, opt_time),
+    ]
+    assert sum(f for _, f, _ in rows) == model.estimate_flops(), "breakdown does not add up to estimate_flops"
+    return rows, total + opt_time
+
+
+def run(args):
+    if args.attn:
+        os.environ["NANOCHAT_ATTN"] = args.attn
+    device_type = args.device_type or autodetect_device_type()
+    _, _, _, _, device = compute_init(device_type)
+    use_compile = (device.type == "cuda") if args.compile is None else bool(args.compile)
     config = GPTConfig.from_depth(args.depth, vocab_size=args.vocab_size, sequence_len=args.seq_len,
                                   head_dim=args.head_dim, window_pattern=args.window_pattern)
     model = build_model(config, device)
     if args.fp8:
         from nanochat.fp8 import convert_to_float8
-        convert_to_float8(model)
+        convert_to_float8(model.blocks)
+    from nanochat.attention import get_backend
     flops_per_token = model.estimate_flops()
-    optimizer = model.setup_optimizer() if args.optimizer else None
+    optimizer = None if args.no_optimizer else model.setup_optimizer()
     step_model = torch.compile(model) if use_compile else model
     B, T = args.device_batch_size, args.seq_len
     x = torch.randint(0, args.vocab_size, (B, T), device=device)
     y = torch.randint(0, args.vocab_size, (B, T), device=device)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    timed = make_timer(device)
 
     def step():
         step_model(x, y).backward()
@@ -57,40 +132,104 @@ def main(argv=None):
 
     for _ in range(args.warmup):  # compilation, allocator warm-up
         step()
-    if device == "cuda":
+    if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    sync()
-    times = []
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - t0)
-
-    median = sorted(times)[len(times) // 2]
-    tok_per_sec = B * T / median
+    times = [timed(step) for _ in range(args.steps)]
+    step_time = median(times)
+    tok_per_sec = B * T / step_time
     util = mfu(tok_per_sec, flops_per_token, get_peak_flops(device))
-    if device == "cuda":
-        memory = f"{torch.cuda.max_memory_allocated() / 2 ** 30:.2f} GiB (GPU, max allocated)"
+    if device.type == "cuda":
+        memory, memory_kind = torch.cuda.max_memory_allocated() / 2 ** 30, "GPU max allocated"
     else:
-        memory = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GiB (process peak RSS)"
-    name = torch.cuda.get_device_name() if device == "cuda" else device
+        memory, memory_kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, "process peak RSS"
+    result = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+        "dtype": str(compute_dtype(device.type)).replace("torch.", ""), "compile": use_compile, "fp8": args.fp8,
+        "attention": get_backend(), "depth": args.depth, "width": config.n_embd, "heads": config.n_head,
+        "head_dim": config.head_dim, "windows": args.window_pattern, "params": model.num_params()["total"],
+        "batch": [B, T], "optimizer": optimizer is not None, "flops_per_token": flops_per_token,
+        "step_ms_median": step_time * 1e3, "step_ms_min": min(times) * 1e3, "step_ms_max": max(times) * 1e3,
+        "spread_pct": 100 * (max(times) - step_time) / step_time, "tokens_per_sec": tok_per_sec, "mfu": util,
+        "peak_memory_gib": memory, "memory_kind": memory_kind, "steps": args.steps,
+        "date": time.strftime("%Y-%m-%d"), "command": " ".join(["python -m scripts.bench_model", *sys.argv[1:]]),
+    }
+    if args.breakdown:
+        rows, total = breakdown(model, x, y, optimizer, timed, max(3, args.steps // 2))
+        result["breakdown"] = [{"component": c, "flops_per_token": f, "seconds": s} for c, f, s in rows]
+        result["breakdown_total_seconds"] = total
+    return result
+
+
+def print_result(r):
     rows = [
-        ("device", f"{name}, {str(compute_dtype(device)).replace('torch.', '')}, "
-                   f"{'compiled' if use_compile else 'eager'}{', fp8' if args.fp8 else ''}"),
-        ("model", f"d{args.depth}: {config.n_embd} wide, {config.n_head} heads of {config.head_dim}, "
-                  f"{model.num_params()['total'] / 1e6:.1f}M params, windows {args.window_pattern}"),
-        ("step", f"{B} x {T} tokens, forward + backward{' + optimizer' if optimizer else ''}"),
-        ("FLOPs/token", f"{flops_per_token:.3e}"),
-        ("step time", f"median {median * 1e3:.1f} ms, min {min(times) * 1e3:.1f}, max {max(times) * 1e3:.1f} "
-                      f"({args.steps} steps)"),
-        ("tokens/s", f"{tok_per_sec:,.0f}"),
-        ("MFU", "n/a (no peak known for this device)" if util is None else f"{util:.1%}"),
-        ("peak memory", memory),
+        ("device", f"{r['device']}, {r['dtype']}, {'compiled' if r['compile'] else 'eager'}"
+                   f"{', fp8' if r['fp8'] else ''}, attention {r['attention']}"),
+        ("model", f"d{r['depth']}: {r['width']} wide, {r['heads']} heads of {r['head_dim']}, "
+                  f"{r['params'] / 1e6:.1f}M params, windows {r['windows']}"),
+        ("step", f"{r['batch'][0]} x {r['batch'][1]} tokens, forward + backward{' + optimizer' if r['optimizer'] else ''}"),
+        ("FLOPs/token", f"{r['flops_per_token']:.3e}"),
+        ("step time", f"median {r['step_ms_median']:.1f} ms, min {r['step_ms_min']:.1f}, max {r['step_ms_max']:.1f} "
+                      f"(+{r['spread_pct']:.1f}% worst vs median, {r['steps']} steps)"),
+        ("tokens/s", f"{r['tokens_per_sec']:,.0f}"),
+        ("MFU", "n/a (no peak known for this device)" if r["mfu"] is None else f"{r['mfu']:.1%}"),
+        ("peak memory", f"{r['peak_memory_gib']:.2f} GiB ({r['memory_kind']})"),
     ]
     for key, value in rows:
         print(f"{key:<12} {value}")
-    return {"tokens_per_sec": tok_per_sec, "mfu": util, "step_time": median}
+    if "breakdown" in r:
+        total_flops, total_s = r["flops_per_token"], r["breakdown_total_seconds"]
+        tokens = r["batch"][0] * r["batch"][1]
+        print(f"\n{'component':<46} {'FLOPs/token':>12} {'share':>6} {'ms/step':>9} {'share':>6} {'TFLOP/s':>8}")
+        for row in r["breakdown"]:
+            f, s = row["flops_per_token"], row["seconds"]
+            rate = f"{f * tokens / s / 1e12:8.3f}" if f and s > 0 else f"{'-':>8}"
+            print(f"{row['component']:<46} {f:>12.3e} {f / total_flops:>6.1%} {s * 1e3:>9.1f} {s / total_s:>6.1%} {rate}")
+
+
+# The standard matrix: what issue-level performance work compares. Each runs in its own process
+# (a fresh compile cache, a fresh backend choice, a clean allocator).
+GPU_MATRIX = [f"--depth {d} --device-batch-size {b} --attn {a}{fp8}"
+              for d, b in ((12, 32), (24, 16)) for a in ("fa3", "flex") for fp8 in ("", " --fp8")] + \
+             ["--depth 12 --device-batch-size 32 --attn sdpa", "--depth 12 --device-batch-size 32 --compile 0"]
+CPU_MATRIX = ["--depth 4 --head-dim 64 --seq-len 256 --vocab-size 8192 --window-pattern L",
+              "--depth 4 --head-dim 64 --seq-len 256 --vocab-size 8192 --window-pattern L --no-optimizer"]
+
+
+def run_matrix(device_type, timeout=600):
+    configs = GPU_MATRIX if device_type == "cuda" else CPU_MATRIX
+    results = []
+    for config in configs:
+        cmd = [sys.executable, "-m", "scripts.bench_model", *config.split(), "--json", "/dev/stdout"]
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+            line = next((ln for ln in out.stdout.splitlines() if ln.startswith("{")), None)
+            results.append(json.loads(line) if line else {"config": config, "error": (out.stderr.strip() or "?").splitlines()[-1]})
+        except subprocess.TimeoutExpired:
+            results.append({"config": config, "error": f"timed out after {timeout}s"})
+        results[-1]["config"] = config
+    print(f"{'config':<62} {'tok/s':>11} {'MFU':>6} {'median ms':>10} {'spread':>7} {'mem GiB':>8}")
+    for r in results:
+        if "error" in r:
+            print(f"{r['config']:<62} failed: {r['error'][:80]}")
+        else:
+            util = "-" if r["mfu"] is None else f"{r['mfu']:.1%}"
+            print(f"{r['config']:<62} {r['tokens_per_sec']:>11,.0f} {util:>6} {r['step_ms_median']:>10.1f} "
+                  f"{r['spread_pct']:>6.1f}% {r['peak_memory_gib']:>8.2f}")
+    return results
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.matrix:
+        results = run_matrix(args.device_type or autodetect_device_type())
+    else:
+        results = run(args)
+        if args.json != "/dev/stdout":
+            print_result(results)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(json.dumps(results) + "\n")
+    return results
 
 
 if __name__ == "__main__":
