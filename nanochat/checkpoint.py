@@ -29,6 +29,13 @@ def get_run_dir(model_tag):
     return os.path.join(get_base_dir(), "base_checkpoints", model_tag)
 
 
+def newest_model_tag(base_dir=None):
+    """The most recently modified run under base_checkpoints/, or None if there is none."""
+    root = os.path.join(base_dir or get_base_dir(), "base_checkpoints")
+    tags = [t for t in os.listdir(root) if os.path.isdir(os.path.join(root, t))] if os.path.isdir(root) else []
+    return max(tags, key=lambda t: os.path.getmtime(os.path.join(root, t)), default=None)
+
+
 def list_steps(run_dir):
     """Steps with a complete checkpoint, oldest first."""
     names = os.listdir(run_dir) if os.path.isdir(run_dir) else []

@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 
-from nanochat.common import print0
+from nanochat.common import get_base_dir, print0
 
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
 FEWSHOT_SEED = 1234
@@ -33,6 +33,10 @@ FEWSHOT_SEED = 1234
 
 # -----------------------------------------------------------------------------
 # The bundle
+
+def get_eval_bundle_dir(path=None):
+    return path or os.path.join(get_base_dir(), "eval_bundle")
+
 
 def load_tasks(bundle_dir):
     """The tasks of core.yaml, in order, each a dict with its data (a list of records),

@@ -102,3 +102,22 @@ class Engine:
                 if not finished[i]:
                     completions[i].append(t)
         return completions
+
+
+SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is",
+                  "If yesterday was Friday, then tomorrow will be", "The opposite of hot is",
+                  "The planets of the solar system are:", "My favorite color is"]
+
+
+def sample_texts(model, tokenizer, prompts=SAMPLE_PROMPTS, max_tokens=24, sampled=True):
+    """A greedy continuation of each prompt (and, with sampled, one at temperature 1, top-50):
+    what training and evaluation print so a person can see what the model has learned."""
+    engine = Engine(model, tokenizer)
+    modes = [("greedy", 0, None)] + ([("t=1.0 top-50", 1.0, 50)] if sampled else [])
+    out = []
+    for prompt in prompts:
+        tokens = tokenizer.encode(prompt, prepend=tokenizer.bos_token_id)
+        for name, temperature, top_k in modes:
+            ids = engine.generate_batch(tokens, max_tokens=max_tokens, temperature=temperature, top_k=top_k)[0]
+            out.append(f"[{name}] {prompt}{tokenizer.decode(ids)}")
+    return out

@@ -27,3 +27,14 @@ def evaluate_bpb(model, batches, steps, token_bytes):
         dist.all_reduce(nats)
         dist.all_reduce(nbytes)
     return nats.item() / (math.log(2) * max(1, nbytes.item()))
+
+
+def evaluate_split_bpb(model, tokenizer, split, tokens, B, T, device, rank=0, world_size=1):
+    """bpb over the first ~`tokens` tokens of a split (all ranks together), from a fresh loader."""
+    from nanochat.dataloader import DataLoader
+    loader = DataLoader(tokenizer, B, T, split, device, rank=rank, world_size=world_size)
+    try:
+        steps = max(1, tokens // (B * T * world_size))
+        return evaluate_bpb(model, loader, steps, tokenizer.token_bytes().to(device))
+    finally:
+        loader.close()

@@ -23,7 +23,6 @@ Training loop contract (the loop never all-reduces anything itself):
     optimizer.step()
     model.zero_grad(set_to_none=True)
 """
-import math
 
 import torch
 import torch.distributed as dist

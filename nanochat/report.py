@@ -21,7 +21,7 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from nanochat.checkpoint import get_run_dir
+from nanochat.checkpoint import get_run_dir, newest_model_tag
 from nanochat.common import atomic_write, get_base_dir
 
 # Aggregate CORE of the original GPT-2 models (all 22 tasks), the numbers a run is measured against.
@@ -52,13 +52,6 @@ def read_metrics(path):
             if isinstance(rec, dict):
                 groups.setdefault(rec.get("type"), []).append(rec)
     return groups
-
-
-def latest_tag(base_dir):
-    """The most recently modified run under base_checkpoints/, or None if there is none."""
-    root = os.path.join(base_dir, "base_checkpoints")
-    dirs = [d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))] if os.path.isdir(root) else []
-    return max(dirs, key=lambda d: os.path.getmtime(os.path.join(root, d)), default=None)
 
 
 def git(*args):
@@ -122,7 +115,7 @@ def write_report(base_dir=None, model_tag=None, start_time=None, gpu_hour_cost=3
     base_dir = base_dir or get_base_dir()
     plot_dir = os.path.join(base_dir, "report")
     os.makedirs(plot_dir, exist_ok=True)
-    tag = model_tag or latest_tag(base_dir)
+    tag = model_tag or newest_model_tag(base_dir)
     run_dir = None
     if tag:
         run_dir = get_run_dir(tag) if use_env else os.path.join(base_dir, "base_checkpoints", tag)

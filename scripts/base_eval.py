@@ -18,24 +18,17 @@ import time
 import zipfile
 import zlib
 
-import torch
 import torch.distributed as dist
 
-from nanochat.checkpoint import get_run_dir, list_steps, load_model, save_json
-from nanochat.common import compute_cleanup, compute_init, get_base_dir, print0
-from nanochat.core_eval import evaluate_core
+from nanochat.checkpoint import get_run_dir, load_model, newest_model_tag, save_json
+from nanochat.common import compute_cleanup, compute_init, print0
+from nanochat.core_eval import evaluate_core, get_eval_bundle_dir
 from nanochat.dataset import download_file
+from nanochat.engine import SAMPLE_PROMPTS, sample_texts
+from nanochat.loss_eval import evaluate_split_bpb
 from nanochat.tokenizer import get_tokenizer
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
-SAMPLE_PROMPTS = [
-    "The capital of France is",
-    "The chemical symbol of gold is",
-    "If yesterday was Friday, then tomorrow will be",
-    "The opposite of hot is",
-    "The planets of the solar system are:",
-    "My favorite color is",
-]
 
 
 # -----------------------------------------------------------------------------
@@ -85,37 +78,6 @@ def ensure_eval_bundle(path, rank=0):
 
 # -----------------------------------------------------------------------------
 
-def newest_model_tag():
-    root = os.path.join(get_base_dir(), "base_checkpoints")
-    tags = [t for t in os.listdir(root) if list_steps(os.path.join(root, t))] if os.path.isdir(root) else []
-    if not tags:
-        raise FileNotFoundError(f"no checkpoint under {root}: train one with python -m scripts.base_train")
-    return max(tags, key=lambda t: os.path.getmtime(os.path.join(root, t)))
-
-
-def sample(model, tokenizer, prompts, max_tokens=24):
-    """Greedy and sampled continuations of each prompt (rank 0 only: they are for reading)."""
-    out = []
-    for prompt in prompts:
-        tokens = tokenizer.encode(prompt, prepend=tokenizer.bos_token_id)
-        for name, temperature, top_k in [("greedy", 0, None), ("t=1.0 top-50", 1.0, 50)]:
-            ids = list(model.generate(tokens, max_tokens, temperature=temperature, top_k=top_k))
-            out.append(f"[{name}] {prompt}{tokenizer.decode(ids)}")
-    return out
-
-
-def evaluate_bpb_split(model, tokenizer, split, tokens, B, device, rank, world_size):
-    from nanochat.dataloader import DataLoader
-    from nanochat.loss_eval import evaluate_bpb
-    T = model.config.sequence_len
-    loader = DataLoader(tokenizer, B, T, split, device, rank, world_size)
-    try:
-        steps = max(1, tokens // (B * T * world_size))
-        return evaluate_bpb(model, loader, steps, tokenizer.token_bytes().to(device))
-    finally:
-        loader.close()
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-tag", default=None, help="run under base_checkpoints/ (default: the newest)")
@@ -133,19 +95,22 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.download_only:
         try:
-            return ensure_eval_bundle(args.eval_bundle or os.path.join(get_base_dir(), "eval_bundle"))
+            return ensure_eval_bundle(get_eval_bundle_dir(args.eval_bundle))
         except RuntimeError as e:
             raise SystemExit(f"error: {e}") from None
     if args.max_per_task is not None and args.max_per_task < 1:
         parser.error("--max-per-task must be >= 1")
 
     _, rank, _, world_size, device = compute_init(args.device_type)
-    run_dir = get_run_dir(args.model_tag or newest_model_tag())
-    model, meta = load_model(run_dir, device, args.step, vocab_size=get_tokenizer().vocab_size)
+    tag = args.model_tag or newest_model_tag()
+    if tag is None:
+        raise FileNotFoundError("no run under base_checkpoints/: train one with python -m scripts.base_train")
+    run_dir = get_run_dir(tag)
     tokenizer = get_tokenizer()
+    model, meta = load_model(run_dir, device, args.step, vocab_size=tokenizer.vocab_size)
     print0(f"evaluating {run_dir} at step {meta['step']} on {world_size} x {device.type}")
 
-    bundle = args.eval_bundle or os.path.join(get_base_dir(), "eval_bundle")
+    bundle = get_eval_bundle_dir(args.eval_bundle)
     try:
         ensure_eval_bundle(bundle, rank)
     except RuntimeError as e:
@@ -158,9 +123,9 @@ def main(argv=None):
     bpb = {}
     if args.bpb_tokens > 0:
         for split in ("train", "val"):
-            bpb[split] = evaluate_bpb_split(model, tokenizer, split, args.bpb_tokens, args.device_batch_size,
-                                            device, rank, world_size)
-    samples = sample(model, tokenizer, SAMPLE_PROMPTS[:args.samples]) if rank == 0 else []
+            bpb[split] = evaluate_split_bpb(model, tokenizer, split, args.bpb_tokens, args.device_batch_size,
+                                            model.config.sequence_len, device, rank, world_size)
+    samples = sample_texts(model, tokenizer, SAMPLE_PROMPTS[:args.samples]) if rank == 0 else []
 
     result = {"step": meta["step"], **core, "bpb": bpb, "samples": samples}
     if rank == 0:

@@ -24,15 +24,13 @@ import torch.distributed as dist
 
 from nanochat.checkpoint import (get_run_dir, list_steps, load_meta, load_training_state, load_weights,
                                  save_checkpoint, step_dir)
-from nanochat.common import atomic_write, compute_cleanup, compute_init, get_base_dir, get_peak_flops, mfu, print0
+from nanochat.common import atomic_write, compute_cleanup, compute_init, get_peak_flops, mfu, print0
 from nanochat.dataloader import DataLoader
 from nanochat.gpt import GPT, GPTConfig, build_model
-from nanochat.loss_eval import evaluate_bpb
+from nanochat.core_eval import evaluate_core, get_eval_bundle_dir
+from nanochat.engine import sample_texts
+from nanochat.loss_eval import evaluate_split_bpb
 from nanochat.tokenizer import get_tokenizer
-
-SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then tomorrow will be",
-                  "The opposite of hot is", "The planets of the solar system are:"]
-
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -187,7 +185,6 @@ def train(args, stop_signal):
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     tokenizer = get_tokenizer()
-    token_bytes = tokenizer.token_bytes().to(device)
     config = GPTConfig.from_depth(args.depth, vocab_size=tokenizer.vocab_size, sequence_len=args.max_seq_len,
                                   head_dim=args.head_dim, window_pattern=args.window_pattern)
     model = build_model(config, device)
@@ -290,7 +287,7 @@ def train(args, stop_signal):
             if wandb_run:
                 wandb_run.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
 
-    bundle = args.eval_bundle or os.path.join(get_base_dir(), "eval_bundle")
+    bundle = get_eval_bundle_dir(args.eval_bundle)
     val_bpb, train_loss = None, 0.0
     while True:
         # all ranks agree on stopping (a signal may reach them a step apart), divergence, and when
@@ -320,31 +317,23 @@ def train(args, stop_signal):
         if due(args.eval_every):
             model.eval()
             with eval_mode():
-                val_loader = DataLoader(tokenizer, B_dev, T, "val", device, rank=rank, world_size=world)
-                val_bpb = evaluate_bpb(step_model, val_loader, max(1, args.eval_tokens // (B_dev * T * world)),
-                                       token_bytes)
-                val_loader.close()
+                val_bpb = evaluate_split_bpb(step_model, tokenizer, "val", args.eval_tokens, B_dev, T, device,
+                                             rank, world)
             model.train()
             print0(f"step {step:05d} | val bpb {val_bpb:.4f}")
             log({"type": "val", "val_bpb": val_bpb})
         if due(args.core_every):
             if os.path.isdir(bundle):
-                from nanochat.core_eval import evaluate_core
-                model.eval()
                 with eval_mode():
                     core = evaluate_core(model, tokenizer, bundle, device, max_per_task=args.core_max_per_task)
-                model.train()
                 print0(f"step {step:05d} | {core['core_label']}: {core['core']:.4f}")
                 log({"type": "core", "core": core["core"], "core_label": core["core_label"],
                      "tasks": {k: v["centered"] for k, v in core["tasks"].items()}})
             else:
                 print0(f"step {step:05d} | CORE skipped: no eval bundle at {bundle} (python -m scripts.base_eval downloads it)")
         if due(args.sample_every) and rank == 0:
-            model.eval()
             with eval_mode():
-                samples = [p + tokenizer.decode(list(model.generate(tokenizer.encode(p, prepend=tokenizer.bos_token_id),
-                                                                    16, temperature=0))) for p in SAMPLE_PROMPTS]
-            model.train()
+                samples = sample_texts(model, tokenizer, max_tokens=16, sampled=False)
             print0("\n".join(f"  {s!r}" for s in samples))
             log({"type": "sample", "samples": samples})
         if (last or flags[2] or (args.save_every > 0 and step % args.save_every == 0)) and step != resume_step:
