@@ -115,6 +115,7 @@ def compute_init(device_type=None):
 
 def compute_cleanup():
     if dist.is_initialized():
+        dist.barrier()  # every rank done talking before the group goes away (gloo aborts otherwise)
         dist.destroy_process_group()
 
 

@@ -99,6 +99,7 @@ def _worker(rank, world, rdzv, out_dir, ckpt_path):
     if world == 2:
         out["ckpt"] = first_half(world, rank)
     torch.save(out, f"{out_dir}/rank{rank}.pt")
+    dist.barrier()  # no rank tears the group down while a peer still talks to it (gloo aborts then)
     dist.destroy_process_group()
 
 
