@@ -7,6 +7,7 @@ Imported by module name, so the workers that mp.spawn starts (which get pytest's
 import contextlib
 import dataclasses
 import functools
+import os
 
 import torch
 import torch.nn.functional as F
@@ -87,3 +88,19 @@ def orthogonalize_in(dtype):
         yield
     finally:
         optim.polar_express = orig
+
+
+def spawn_gloo(worker, world, out_dir, *args):
+    """Run worker(rank, world, rendezvous_file, out_dir, *args) in `world` fresh processes; each
+    saves its results to out_dir/rank{r}.pt; returns them in rank order. gloo can abort a process
+    after its work is done, while its threads are torn down at exit (a known torch issue: SIGABRT,
+    "terminate called without an active exception"); once every rank has saved its results the
+    run is complete, so that late abort is not a test failure. Anything earlier still is. Workers
+    must save before a final barrier, so that no rank reaches teardown before all have saved."""
+    import torch.multiprocessing as mp
+    try:
+        mp.spawn(worker, args=(world, f"{out_dir}/rdzv", str(out_dir), *args), nprocs=world)
+    except mp.ProcessExitedException:
+        if not all(os.path.exists(f"{out_dir}/rank{r}.pt") for r in range(world)):
+            raise
+    return [torch.load(f"{out_dir}/rank{r}.pt") for r in range(world)]

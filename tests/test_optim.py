@@ -7,11 +7,10 @@ import math
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from nanochat import optim
 from nanochat.optim import MuonAdamW, normuon, polar_express
-from optim_toy import MUON, Toy, orthogonalize_in
+from optim_toy import MUON, Toy, orthogonalize_in, spawn_gloo
 
 
 def random_matrix(m, n, cond, gen):
@@ -238,8 +237,8 @@ def _worker(rank, world, rdzv, out_dir, scenarios):
         results["double_error"] = ""
     except RuntimeError as e:
         results["double_error"] = str(e)
-    dist.barrier()
     torch.save(results, f"{out_dir}/rank{rank}.pt")
+    dist.barrier()  # every rank has saved before any tears down (see spawn_gloo)
     dist.destroy_process_group()
 
 
@@ -251,9 +250,7 @@ def runs(tmp_path_factory):
     out = {1: [{s: train(1, 0, s) for s in ["plain", "accum", "fp32"]}]}
     torch.set_num_threads(threads)
     for world, scenarios in [(2, ["plain", "accum", "nohooks", "fp32"]), (3, ["plain", "accum", "fp32"])]:
-        d = tmp_path_factory.mktemp(f"w{world}")
-        mp.spawn(_worker, args=(world, str(d / "rdzv"), str(d), scenarios), nprocs=world)
-        out[world] = [torch.load(d / f"rank{r}.pt") for r in range(world)]
+        out[world] = spawn_gloo(_worker, world, tmp_path_factory.mktemp(f"w{world}"), scenarios)
     return out
 
 

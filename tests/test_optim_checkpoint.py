@@ -3,13 +3,15 @@ World-size-independent optimizer checkpoints: MuonAdamW.full_state_dict() / load
 Train K steps on A gloo processes, save, resume on B processes for K more steps: the result must match
 one process training 2K steps on the same global batches, for (A, B) in (2,1), (1,2), (2,3), (1,1).
 """
+import os
+import time
+
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from nanochat import optim
-from optim_toy import MUON, Toy, orthogonalize_in
+from optim_toy import MUON, Toy, orthogonalize_in, spawn_gloo
 
 # Small on purpose (fast): SHARD_MIN_NUMEL is lowered so that "emb", "wide" and the bf16 "ve" are sharded.
 SHARD_MIN = 256
@@ -104,9 +106,7 @@ def _worker(rank, world, rdzv, out_dir, ckpt_path):
 
 
 def spawn(world, ckpt_path, tmp_path_factory):
-    d = tmp_path_factory.mktemp(f"w{world}")
-    mp.spawn(_worker, args=(world, str(d / "rdzv"), str(d), str(ckpt_path)), nprocs=world)
-    return [torch.load(d / f"rank{r}.pt") for r in range(world)]
+    return spawn_gloo(_worker, world, tmp_path_factory.mktemp(f"w{world}"), str(ckpt_path))
 
 
 @pytest.fixture(scope="module")
@@ -221,3 +221,18 @@ def test_load_takes_exactly_this_ranks_share(runs):
     proj = opt.state[P["proj0"]]["second_moment"]
     assert proj.shape == (1, 1, 23) and torch.equal(proj[0], full["state"][15]["second_moment"])
     assert P["attn1"] not in opt.state  # one state entry per group, under its first matrix
+
+
+def _abort_worker(rank, world, rdzv, out_dir, save_first):
+    if save_first:  # save, then wait for the others like the real workers' final barrier
+        torch.save(rank, f"{out_dir}/rank{rank}.pt")
+        while not all(os.path.exists(f"{out_dir}/rank{r}.pt") for r in range(world)):
+            time.sleep(0.01)
+    os.abort()  # what gloo's teardown does in the rare bad case: SIGABRT
+
+
+def test_spawn_gloo_tolerates_only_a_late_abort(tmp_path):
+    (tmp_path / "late").mkdir(); (tmp_path / "early").mkdir()
+    assert spawn_gloo(_abort_worker, 2, tmp_path / "late", True) == [0, 1]  # results all saved: complete
+    with pytest.raises(Exception, match="SIGABRT"):
+        spawn_gloo(_abort_worker, 2, tmp_path / "early", False)  # nothing saved: a real failure
