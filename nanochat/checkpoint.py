@@ -13,6 +13,7 @@ moment therefore leaves either a complete checkpoint or a .tmp directory that is
 and never damages an earlier checkpoint. Because nothing in it is per-rank, a run saved by 8
 processes resumes on 1 (or 3) and vice versa; see docs/RELIABILITY.md for what stays exact.
 """
+import dataclasses
 import json
 import os
 import re
@@ -132,6 +133,28 @@ def load_training_state(run_dir, step):
     d = step_dir(run_dir, step)
     optimizer_state = _torch_load(os.path.join(d, "optimizer.pt"), map_location="cpu", weights_only=False)
     return optimizer_state, _json_load(os.path.join(d, "loaders.json"))
+
+
+def load_checkpoint(run_dir, model, optimizer, loaders, rank=0, step=None):
+    """The inverse of save_checkpoint, called by every rank: the newest (or the given) checkpoint of
+    a run goes into the model, the optimizer (re-sharded for this world size) and this rank's data
+    streams. The optimizer keeps its own hyperparameters (the schedule sets them). Returns meta."""
+    meta = load_meta(run_dir, step)
+    d = step_dir(run_dir, meta["step"])
+    if meta["model_config"] != dataclasses.asdict(model.config):
+        raise ValueError(f"--resume: the checkpoint in {run_dir} is a different model ({meta['model_config']}); "
+                         f"use the same --depth and model flags or another --model-tag")
+    optimizer_state, streams = load_training_state(run_dir, meta["step"])
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if len(streams) != world * len(loaders):
+        raise ValueError(f"--resume: {d} has {len(streams)} data streams (processes × micro-steps) but this run "
+                         f"has {world} × {len(loaders)}: keep --total-batch-size and --device-batch-size, so that "
+                         f"processes × gradient accumulation stays {len(streams)}")
+    model.load_state_dict(load_weights(run_dir, meta["step"], next(model.parameters()).device))
+    optimizer.load_full_state_dict(optimizer_state)
+    for a, loader in enumerate(loaders):  # rank-major: this rank's streams are rank*A ... rank*A + A-1
+        loader.load_state_dict(streams[rank * len(loaders) + a])
+    return meta
 
 
 def save_json(path, data):

@@ -10,6 +10,7 @@ Relative to GPT-2 it keeps the shape (pre-norm blocks of attention + MLP) and ch
 - logits soft-capped at ±15
 `--depth` is the one dial: width, heads and every learning rate follow from it.
 """
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -164,13 +165,13 @@ class GPT(nn.Module):
             # zero output projections: every block starts as the identity
             nn.init.zeros_(block.attn.c_proj.weight)
             nn.init.zeros_(block.mlp.c_proj.weight)
-            if block.attn.ve_gate is not None:
-                nn.init.zeros_(block.attn.ve_gate.weight)
+            if block.attn.ve_gate is not None:  # gates start just above neutral: small and positive
+                nn.init.uniform_(block.attn.ve_gate.weight, 0, 0.02)
         for ve in self.value_embeds.values():
             nn.init.uniform_(ve.weight, -s, s)
         self.resid_lambdas.copy_(torch.linspace(1.15, 1.05, L))
         self.x0_lambdas.copy_(torch.linspace(0.20, 0.05, L))
-        nn.init.zeros_(self.smear_gate.weight)
+        nn.init.uniform_(self.smear_gate.weight, 0, 0.02)
         self.smear_lambda.zero_()
         self.backout_lambda.fill_(0.2)
         # embeddings are looked up, not multiplied: store them directly in the compute dtype
@@ -195,11 +196,11 @@ class GPT(nn.Module):
         x = x + gate * torch.cat([first, x[:, :-1]], dim=1)
         x0 = x
         for i, block in enumerate(self.blocks):
-            if i == L // 2:
-                x_mid = x  # remembered for the backout below
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
             x = block(x, ve, cos, sin, kv_cache)
+            if i == L // 2:
+                x_mid = x  # the stream right after the middle block, remembered for the backout below
         if kv_cache is not None:
             kv_cache.pos += T  # every layer has stored these T tokens: advance once, here
         # backout: subtract part of the mid-depth stream, whose low-level features the
@@ -241,29 +242,35 @@ class GPT(nn.Module):
 
     # --- optimizer ---
 
-    def setup_optimizer(self, total_batch_size=2 ** 19, weight_decay=0.0, matrix_lr=0.02):
-        """Muon for the matrices inside the blocks, AdamW for everything else, with learning
-        rates scaled by width (s) and by batch size (b) from values tuned at d12, 2^19 tokens."""
+    def param_groups(self):
+        """Every parameter, once, under the name the recipe's optimizer groups use."""
+        return {
+            "lm_head": list(self.lm_head.parameters()),
+            "wte": list(self.wte.parameters()),
+            "value_embeds": list(self.value_embeds.parameters()),
+            "resid_lambdas": [self.resid_lambdas],
+            "x0_lambdas": [self.x0_lambdas],
+            "smear_backout": [self.smear_gate.weight, self.smear_lambda, self.backout_lambda],
+            "matrices": list(self.blocks.parameters()),
+        }
+
+    def setup_optimizer(self, groups):
+        """MuonAdamW over the recipe's groups (nanochat.recipe: LRs, betas, decays and their reasons).
+        A Muon group is split by matrix shape: Muon orthogonalizes a stack of same-shape matrices at once."""
         from nanochat.optim import MuonAdamW
-        s = (self.config.n_embd / 768) ** -0.5
-        b = (total_batch_size / 2 ** 19) ** 0.5
-        adam = lambda params, lr, betas=(0.8, 0.95): dict(kind="adamw", params=list(params), lr=lr * b,
-                                                          betas=betas, eps=1e-10, weight_decay=0.0)
-        groups = [
-            adam(self.lm_head.parameters(), 0.008 * s),
-            adam(self.wte.parameters(), 0.3 * s),
-            adam(self.value_embeds.parameters(), 0.15 * s),
-            adam([self.x0_lambdas], 0.5, betas=(0.96, 0.95)),
-            adam([self.resid_lambdas], 0.005),
-            adam([self.smear_gate.weight, self.smear_lambda, self.backout_lambda], 0.2),
-        ]
-        by_shape = {}
-        for p in self.blocks.parameters():
-            by_shape.setdefault(p.shape, []).append(p)
-        groups += [dict(kind="muon", params=ps, lr=matrix_lr * b, momentum=0.95, beta2=0.9,
-                        weight_decay=weight_decay, ns_steps=5) for ps in by_shape.values()]
-        assert sum(len(g["params"]) for g in groups) == len(list(self.parameters()))
-        return MuonAdamW(groups)
+        params = self.param_groups()
+        out = []
+        for g in groups:
+            hyper = {k: v for k, v in dataclasses.asdict(g).items() if v is not None}
+            if g.kind == "adamw":
+                out.append(dict(hyper, params=params[g.name]))
+                continue
+            by_shape = {}
+            for p in params[g.name]:
+                by_shape.setdefault(p.shape, []).append(p)
+            out += [dict(hyper, params=ps) for ps in by_shape.values()]
+        assert sum(len(g["params"]) for g in out) == len(list(self.parameters())), "a parameter has no group"
+        return MuonAdamW(out)
 
     # --- sampling (plain: recomputes the whole sequence per token; engine.py has the KV cache) ---
 

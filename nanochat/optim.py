@@ -4,8 +4,9 @@ Muon + AdamW in one optimizer, for one process or many.
 Muon (for the 2-D matrices inside the blocks) replaces each update by the nearest semi-orthogonal
 matrix, so every direction in the matrix's input/output space moves by the same amount: the rare
 directions a raw gradient barely touches learn as fast as the dominant ones. Per step it does
-  Nesterov momentum -> Polar Express orthogonalization (bf16) -> NorMuon per-row step sizes
-  -> cautious weight decay -> p -= lr * sqrt(max(1, rows/cols)) * update.
+  Nesterov momentum -> MuonEq row equilibration -> Polar Express orthogonalization (both bf16)
+  -> Muon+ rescale -> NorMuon per-row step sizes -> cautious weight decay
+  -> p -= lr * sqrt(max(1, rows/cols)) * update.
 AdamW handles the rest (embeddings, lm_head, scalars), in fp32 even for bf16 parameters.
 
 Distributed (ZeRO-2, no DDP wrapper): the optimizer averages the gradients itself. Each rank
@@ -45,21 +46,38 @@ POLAR_EXPRESS_COEFFS = [
 ]
 
 
-def polar_express(G, steps=5, dtype=torch.bfloat16):
-    """Approximately U Vᵀ (G = U S Vᵀ) for every matrix of a stack G (..., m, n).
+# The dtype of Muon's orthogonalization (MuonEq + Polar Express): bf16 matmuls, since this is Muon's
+# main cost and the result needs little precision. Tests set fp32 to compare without bf16 noise.
+ORTHO_DTYPE = torch.bfloat16
+
+
+def muon_eq(X):
+    """MuonEq (row equilibration): rescale every row of X to the matrix's mean row norm, so no row
+    dominates the orthogonalization; a row with a tiny gradient then gets a full-size direction too."""
+    mean_row = X.norm(dim=(-2, -1), keepdim=True) / X.size(-2) ** 0.5
+    return X * (mean_row / X.norm(dim=-1, keepdim=True).clamp_min(1e-6))
+
+
+def polar_express(X, steps=5):
+    """Approximately U Vᵀ (X = U S Vᵀ) for every matrix of a stack X (..., m, n), in X's dtype.
     Output singular values land in about [0.86, 1.14], not exactly 1: Muon doesn't need more."""
     assert steps <= len(POLAR_EXPRESS_COEFFS)
-    X = G.to(dtype)  # bf16 matmuls: orthogonalization is Muon's main cost, and precision matters little
     tall = X.size(-2) > X.size(-1)
     if tall:  # work on the wide orientation, so the Gram matrix X Xᵀ is the small (min(m,n)²) one
         X = X.mT
-    # Frobenius norm >= spectral norm, so this puts all singular values in [0, 1]; the 2% margin
+    # Frobenius norm >= spectral norm, so this puts all singular values in [0, 1]; the 1% margin
     # keeps the largest one inside the range the coefficients were tuned for despite bf16 rounding.
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.01 + 1e-6)
     for a, b, c in POLAR_EXPRESS_COEFFS[:steps]:
         A = X @ X.mT
         X = a * X + (b * A + c * (A @ A)) @ X
     return X.mT if tall else X
+
+
+def muon_plus(X):
+    """Muon+: rescale to Frobenius norm √min(m, n), what an exactly orthogonal matrix has, so the
+    step size no longer depends on where Polar Express's singular values happened to land."""
+    return X * (min(X.size(-2), X.size(-1)) ** 0.5 / X.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-10))
 
 
 def normuon(U, second_moment, beta2):
@@ -79,14 +97,14 @@ def muon_update(p, grad, momentum_buffer, second_moment, lr, momentum, beta2, we
     # Nesterov momentum: the buffer averages gradients; step along the gradient pulled toward it
     momentum_buffer.lerp_(grad, 1 - momentum)
     U = grad.lerp(momentum_buffer, momentum)
-    U = polar_express(U, ns_steps).float()
-    U = normuon(U, second_moment, beta2)
+    U = polar_express(muon_eq(U.to(ORTHO_DTYPE)), ns_steps).float()
+    U = normuon(muon_plus(U), second_moment, beta2)
     # Under an orthogonal update, a tall (out > in) matrix maps inputs of RMS 1 to outputs of RMS
     # sqrt(in/out) < 1 only; sqrt(rows/cols) restores a full-size step there (e.g. the MLP's c_fc).
     lr = lr * max(1.0, p.size(-2) / p.size(-1)) ** 0.5
-    # Cautious weight decay: decay only entries the update already pushes toward zero (same sign
-    # as the weight), so the decay never fights the gradient.
-    mask = (U * p) > 0
+    # Cautious weight decay: decay only entries the update does not push away from zero (same sign
+    # as the weight, or zero), so the decay never fights the gradient.
+    mask = (U * p) >= 0
     p.sub_(lr * U + lr * weight_decay * p * mask)
 
 
@@ -303,14 +321,15 @@ class MuonAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def load_full_state_dict(self, state_dict):
         """Inverse of full_state_dict() under any world size; call on every rank (no communication).
-        Each rank keeps only what it owns now, laid out exactly as step() would have created it."""
+        Each rank keeps only what it owns now, laid out exactly as step() would have created it.
+        Only the state (moments, step counts) is loaded: the hyperparameters stay as this optimizer
+        was built (the recipe and the schedule set them; nothing to load only to overwrite)."""
         assert len(state_dict["param_groups"]) == len(self.param_groups)
         W, r, i = self.world, self.rank, 0
         self.state.clear()
         for group, saved_group in zip(self.param_groups, state_dict["param_groups"]):
             ps = group["params"]
             assert saved_group["kind"] == group["kind"] and len(saved_group["params"]) == len(ps)
-            group.update({k: v for k, v in saved_group.items() if k != "params"})  # hyperparameters
             saved = [state_dict["state"].get(i + j) for j in range(len(ps))]
             fp32 = lambda t: t.to(ps[0].device, torch.float32, copy=True)  # moments stay fp32
             if group["kind"] == "adamw":

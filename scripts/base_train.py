@@ -11,25 +11,25 @@ accumulates gradients up to the total batch. Metrics go to <run dir>/metrics.jso
 wandb with --run); checkpoints to <run dir>/step_NNNNNN; --resume continues exactly.
 """
 import argparse
-import dataclasses
 import json
 import math
 import os
 import signal
 import time
 from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.distributed as dist
 
-from nanochat.checkpoint import (get_run_dir, list_steps, load_meta, load_training_state, load_weights,
-                                 save_checkpoint, step_dir)
+from nanochat.checkpoint import get_run_dir, list_steps, load_checkpoint, save_checkpoint, step_dir
 from nanochat.common import atomic_write, compute_cleanup, compute_init, get_peak_flops, mfu, print0
-from nanochat.dataloader import DataLoader
-from nanochat.gpt import GPT, GPTConfig, build_model
 from nanochat.core_eval import evaluate_core, get_eval_bundle_dir
+from nanochat.dataloader import DataLoader
 from nanochat.engine import sample_texts
+from nanochat.gpt import build_model
 from nanochat.loss_eval import evaluate_split_bpb
+from nanochat.recipe import derive
 from nanochat.tokenizer import get_tokenizer
 
 def parse_args(argv=None):
@@ -49,7 +49,7 @@ def parse_args(argv=None):
                    help="sequences per rank per micro-step, or 'auto': the largest power of two that fits (CUDA)")
     p.add_argument("--total-batch-size", type=int, default=-1, help="tokens per optimizer step (-1: auto)")
     # optimization
-    p.add_argument("--matrix-lr", type=float, default=0.02, help="Muon LR (other LRs follow SPEC scalings)")
+    p.add_argument("--matrix-lr", type=float, default=0.02, help="Muon LR at 2^19 tokens per step (scaled by √batch like every LR)")
     p.add_argument("--weight-decay", type=float, default=-1, help="Muon weight decay (-1: auto from batch and horizon)")
     p.add_argument("--warmup-steps", type=int, default=40)
     p.add_argument("--warmdown-ratio", type=float, default=0.65)
@@ -93,36 +93,6 @@ def check_flags(args):
             raise ValueError(message)
 
 
-def matrix_and_head_params(config):
-    with torch.device("meta"):
-        counts = GPT(config).num_params()
-    return counts["transformer_matrices"] + counts["lm_head"]
-
-
-def plan(args, config, flops_per_token, tokens_per_micro_step):
-    """Training horizon and batch size, derived from the depth unless given explicitly."""
-    params = matrix_and_head_params(config)
-    # the reference horizon: d12 at ratio 12; batch and weight decay were tuned there
-    ref_tokens = 12 * matrix_and_head_params(GPTConfig.from_depth(12, vocab_size=config.vocab_size))
-    if args.num_iterations > 0 and args.total_batch_size > 0:
-        tokens = args.num_iterations * args.total_batch_size
-    elif args.target_flops > 0:
-        tokens = args.target_flops / flops_per_token
-    else:
-        tokens = args.target_param_data_ratio * params
-    # bigger horizons want bigger batches: B ∝ D^0.383, rounded to a power of two
-    B = args.total_batch_size if args.total_batch_size > 0 else \
-        2 ** round(math.log2(2 ** 19 * (tokens / ref_tokens) ** 0.383))
-    B = max(B, tokens_per_micro_step)
-    if B % tokens_per_micro_step:
-        raise ValueError(f"--total-batch-size {B} is not a multiple of device batch × seq len × processes = "
-                         f"{tokens_per_micro_step}: change --total-batch-size or --device-batch-size")
-    steps = args.num_iterations if args.num_iterations > 0 else max(1, round(tokens / B))
-    # weight decay ∝ sqrt(batch) and inversely ∝ horizon (the total decay applied stays similar)
-    wd = args.weight_decay if args.weight_decay >= 0 else 0.28 * (B / 2 ** 19) ** 0.5 * ref_tokens / (steps * B)
-    return B, steps, wd, params
-
-
 def probe_device_batch(model, seq_len, device, world):
     """The largest power-of-two device batch whose forward + backward, plus the optimizer state
     still to be allocated (~8 bytes per parameter, sharded), fits in 90% of the GPU's memory.
@@ -157,236 +127,274 @@ def probe_device_batch(model, seq_len, device, world):
     return best
 
 
-def lr_multiplier(step, steps, args):
-    """Linear warmup, constant, then linear warmdown over the last warmdown_ratio to final_lr_frac."""
-    warmdown_start = steps * (1 - args.warmdown_ratio)
-    if step < args.warmup_steps:
-        return (step + 1) / args.warmup_steps
-    if step < warmdown_start:
-        return 1.0
-    progress = (step - warmdown_start) / max(1, steps - warmdown_start)
-    return 1.0 - progress * (1.0 - args.final_lr_frac)
+def recipe_from_flags(args, vocab_size, world, device_batch_size):
+    """The run's recipe (nanochat/recipe.py) from the flags; -1 means "derive it"."""
+    given = lambda value, ok: value if ok else None  # noqa: E731
+    return derive(depth=args.depth, vocab_size=vocab_size, sequence_len=args.max_seq_len, head_dim=args.head_dim,
+                  window_pattern=args.window_pattern, processes=world, device_batch_size=device_batch_size,
+                  ratio=args.target_param_data_ratio,
+                  num_iterations=given(args.num_iterations, args.num_iterations > 0),
+                  target_flops=given(args.target_flops, args.target_flops > 0),
+                  total_batch_size=given(args.total_batch_size, args.total_batch_size > 0),
+                  matrix_lr=args.matrix_lr, weight_decay=given(args.weight_decay, args.weight_decay >= 0),
+                  warmup_steps=args.warmup_steps, warmdown_ratio=args.warmdown_ratio,
+                  final_lr_frac=args.final_lr_frac)
 
 
-def muon_momentum(step, steps, args):
-    """0.85 -> 0.97 over the first 400 steps (early gradients are noisy, later ones need memory),
-    then back down to 0.90 over the warmdown (a shorter memory anneals faster)."""
-    m = 0.85 + 0.12 * min(1.0, step / 400)
-    warmdown_start = steps * (1 - args.warmdown_ratio)
-    if step > warmdown_start:
-        m -= 0.07 * (step - warmdown_start) / max(1, steps - warmdown_start)
-    return m
+@dataclass
+class Run:
+    """Everything the training loop reads, and the loop state that a checkpoint keeps."""
+    args: argparse.Namespace
+    recipe: object
+    model: torch.nn.Module
+    step_model: torch.nn.Module  # compiled (CUDA) or the model itself
+    optimizer: object
+    loaders: list
+    tokenizer: object
+    device: torch.device
+    rank: int
+    world: int
+    run_dir: str
+    eval_mode: object = nullcontext  # evaluation runs in bf16 even in an fp8 run
+    wandb_run: object = None
+    step: int = 0
+    resume_step: int = 0
+    elapsed: float = 0.0  # seconds of training steps (compilation excluded)
+    smooth_loss: float = 0.0
+    val_bpb: float = None
+    last_save: float = field(default_factory=time.time)
+
+    @property
+    def metrics_path(self):
+        return os.path.join(self.run_dir, "metrics.jsonl")
 
 
-def train(args, stop_signal):
-    check_flags(args)
-    is_ddp, rank, local_rank, world, device = compute_init(args.device_type)
-    use_compile = device.type == "cuda" if args.compile is None else bool(args.compile)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
+def build(args, rank, world, device):
+    """recipe -> model -> optimizer -> data streams."""
     tokenizer = get_tokenizer()
-    config = GPTConfig.from_depth(args.depth, vocab_size=tokenizer.vocab_size, sequence_len=args.max_seq_len,
-                                  head_dim=args.head_dim, window_pattern=args.window_pattern)
-    model = build_model(config, device)
-    if args.fp8:
-        from nanochat.fp8 import convert_to_float8
-        convert_to_float8(model.blocks)  # the head stays bf16: its softcapped logits are precision-sensitive
-    flops_per_token = model.estimate_flops()
-    T = args.max_seq_len
-    B_dev = probe_device_batch(model, T, device, world) if args.device_batch_size == "auto" \
-        else int(args.device_batch_size)
-    save_minutes = args.save_every_minutes if args.save_every_minutes >= 0 else (30 if device.type == "cuda" else 0)
-    B, num_iterations, weight_decay, horizon_params = plan(args, config, flops_per_token, B_dev * T * world)
-    accum = B // (B_dev * T * world)
-    optimizer = model.setup_optimizer(total_batch_size=B, weight_decay=weight_decay, matrix_lr=args.matrix_lr)
-    step_model = torch.compile(model) if use_compile else model
-    peak = get_peak_flops(device)
+    device_batch = 1 if args.device_batch_size == "auto" else int(args.device_batch_size)
+    recipe = recipe_from_flags(args, tokenizer.vocab_size, world, device_batch)
+    model = build_model(recipe.config, device)
+    if args.device_batch_size == "auto":  # the batch depends on the model's memory: probe, then re-derive
+        recipe = recipe_from_flags(args, tokenizer.vocab_size, world, probe_device_batch(
+            model, args.max_seq_len, device, world))
     eval_mode = nullcontext
     if args.fp8:
-        from nanochat.fp8 import disable_fp8
-        eval_mode = lambda: disable_fp8(model)  # noqa: E731 (evaluation runs in bf16)
-
+        from nanochat.fp8 import convert_to_float8, disable_fp8
+        convert_to_float8(model.blocks)  # the head stays bf16: its softcapped logits are precision-sensitive
+        eval_mode = lambda: disable_fp8(model)  # noqa: E731
+    optimizer = model.setup_optimizer(recipe.param_groups)
+    use_compile = device.type == "cuda" if args.compile is None else bool(args.compile)
+    step_model = torch.compile(model) if use_compile else model
     # Data: each rank runs `accum` micro-streams, stream (rank, a) being loader rank*accum + a of
     # world*accum. The global batch is then the same for any split of world × accum: 8 GPUs with
     # accum 1 see exactly the batches of 1 GPU with accum 8.
-    loaders = [DataLoader(tokenizer, B_dev, T, "train", device, rank=rank * accum + a, world_size=world * accum)
-               for a in range(accum)]
+    accum = recipe.grad_accum_steps
+    loaders = [DataLoader(tokenizer, recipe.device_batch_size, args.max_seq_len, "train", device,
+                          rank=rank * accum + a, world_size=world * accum) for a in range(accum)]
+    return Run(args, recipe, model, step_model, optimizer, loaders, tokenizer, device, rank, world,
+               get_run_dir(args.model_tag or f"d{args.depth}"), eval_mode)
 
-    run_dir = get_run_dir(args.model_tag or f"d{args.depth}")
-    metrics_path = os.path.join(run_dir, "metrics.jsonl")
-    step, elapsed, smooth_loss = 0, 0.0, 0.0
-    if args.resume and list_steps(run_dir):
-        meta = load_meta(run_dir)
-        if meta["model_config"] != dataclasses.asdict(config):
-            raise ValueError(f"--resume: the checkpoint in {run_dir} is a different model "
-                             f"({meta['model_config']}); use the same --depth and model flags or another --model-tag")
-        step = meta["step"]
-        model.load_state_dict(load_weights(run_dir, step, device))
-        optimizer_state, streams = load_training_state(run_dir, step)
-        if len(streams) != world * accum:
-            raise ValueError(f"--resume: {step_dir(run_dir, step)} has {len(streams)} data streams (processes × "
-                             f"micro-steps) but this run has {world} × {accum}: keep --total-batch-size and "
-                             f"--device-batch-size, so that processes × gradient accumulation stays {len(streams)}")
-        flags_hyper = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-        optimizer.load_full_state_dict(optimizer_state)  # moments; hyperparameters come from this run's flags
-        for group, hyper in zip(optimizer.param_groups, flags_hyper):
-            group.update(hyper)
-        for a, loader in enumerate(loaders):
-            loader.load_state_dict(streams[rank * accum + a])
-        elapsed, smooth_loss = meta["loop"]["elapsed"], meta["loop"]["smooth_loss"]
-        if rank == 0 and os.path.exists(metrics_path):  # drop what the stopped run logged after this checkpoint
-            with open(metrics_path) as f:  # (a kill mid-write can leave a torn last line: dropped too)
-                keep = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= step]
-            with atomic_write(metrics_path) as tmp, open(tmp, "w") as f:
-                f.writelines(keep)
-        print0(f"resumed from {step_dir(run_dir, step)}")
-        if step == num_iterations:
-            print0(f"training already complete ({step} steps in {run_dir})")
-            compute_cleanup()
-            return {"val_bpb": None, "steps": num_iterations}
-    elif args.resume:
-        print0(f"--resume: no checkpoint in {run_dir} yet, starting from scratch")
-    resume_step = step
 
-    train_config = {
-        "args": vars(args), "model_config": dataclasses.asdict(config), "num_params": model.num_params(),
-        "flops_per_token": flops_per_token, "total_batch_size": B, "num_iterations": num_iterations,
-        "grad_accum_steps": accum, "weight_decay": weight_decay, "horizon_params": horizon_params,
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
-        "world_size": world, "dtype": str(model.wte.weight.dtype).replace("torch.", ""),
-    }
-    wandb_run = None
-    if rank == 0:
-        os.makedirs(run_dir, exist_ok=True)
-        with atomic_write(os.path.join(run_dir, "config.json")) as tmp, open(tmp, "w") as f:
+def resume(run):
+    """--resume: load the newest checkpoint (weights, optimizer, data streams, loop state) and drop
+    what the stopped run logged after it (a kill mid-write can leave a torn last line: dropped too)."""
+    if not list_steps(run.run_dir):
+        print0(f"--resume: no checkpoint in {run.run_dir} yet, starting from scratch")
+        return
+    meta = load_checkpoint(run.run_dir, run.model, run.optimizer, run.loaders, rank=run.rank)
+    run.step = run.resume_step = meta["step"]
+    run.elapsed, run.smooth_loss = meta["loop"]["elapsed"], meta["loop"]["smooth_loss"]
+    if run.rank == 0 and os.path.exists(run.metrics_path):
+        with open(run.metrics_path) as f:
+            keep = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= run.step]
+        with atomic_write(run.metrics_path) as tmp, open(tmp, "w") as f:
+            f.writelines(keep)
+    print0(f"resumed from {step_dir(run.run_dir, run.step)}")
+
+
+def start_logging(run):
+    """config.json (the derived recipe, the flags, the machine) and wandb; a summary for people."""
+    r, config = run.recipe, run.recipe.config
+    train_config = {**r.to_json(), "args": vars(run.args), "world_size": run.world,
+                    "device_name": torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else run.device.type,
+                    "dtype": str(run.model.wte.weight.dtype).replace("torch.", "")}
+    if run.rank == 0:
+        os.makedirs(run.run_dir, exist_ok=True)
+        with atomic_write(os.path.join(run.run_dir, "config.json")) as tmp, open(tmp, "w") as f:
             json.dump(train_config, f, indent=2)
-        if args.run:
+        if run.args.run:
             import wandb
-            wandb_run = wandb.init(project="nanochat", name=args.run, config=train_config, dir=run_dir)
-    print0(f"model d{args.depth}: {config.n_embd} wide, {config.n_head} heads, {model.num_params()['total']:,} params, "
-           f"{flops_per_token:.3e} FLOPs/token")
-    print0(f"horizon: {num_iterations:,} steps × {B:,} tokens = {num_iterations * B:,} tokens "
-           f"({num_iterations * B / horizon_params:.1f} per matrix+head param), {num_iterations * B * flops_per_token:.3e} FLOPs; "
-           f"{world} process(es) × {accum} micro-steps of {B_dev}×{T}")
+            run.wandb_run = wandb.init(project="nanochat", name=run.args.run, config=train_config, dir=run.run_dir)
+    print0(f"model d{config.n_layer}: {config.n_embd} wide, {config.n_head} heads, {r.num_params['total']:,} params, "
+           f"{r.flops_per_token:.3e} FLOPs/token")
+    print0(f"horizon: {r.num_iterations:,} steps × {r.total_batch_size:,} tokens = {r.tokens:,} tokens "
+           f"({r.tokens / r.horizon_params:.1f} per matrix+head param), {r.tokens * r.flops_per_token:.3e} FLOPs; "
+           f"{run.world} process(es) × {r.grad_accum_steps} micro-steps of {r.device_batch_size}×{config.sequence_len}; "
+           f"Muon weight decay {r.muon_weight_decay:.4g}")
 
-    last_save = time.time()
 
-    def save():
-        nonlocal last_save
-        meta = {"model_config": dataclasses.asdict(config), "args": vars(args), "total_batch_size": B,
-                "num_iterations": num_iterations, "world_size": world,
-                "loop": {"elapsed": elapsed, "smooth_loss": smooth_loss}}
-        save_checkpoint(run_dir, step, model, optimizer, meta, [loader.state_dict() for loader in loaders], rank=rank)
-        last_save = time.time()
+def save(run):
+    meta = {"model_config": asdict(run.recipe.config), "args": vars(run.args),
+            "total_batch_size": run.recipe.total_batch_size, "num_iterations": run.recipe.num_iterations,
+            "world_size": run.world, "loop": {"elapsed": run.elapsed, "smooth_loss": run.smooth_loss}}
+    save_checkpoint(run.run_dir, run.step, run.model, run.optimizer, meta,
+                    [loader.state_dict() for loader in run.loaders], rank=run.rank)
+    run.last_save = time.time()
 
-    def log(record):
-        record = {"step": step, "elapsed": elapsed, "tokens": step * B, "flops": step * B * flops_per_token, **record}
-        if rank == 0:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            if wandb_run:
-                wandb_run.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
 
-    bundle = get_eval_bundle_dir(args.eval_bundle)
-    val_bpb, train_loss = None, 0.0
+def log(run, record):
+    B, fpt = run.recipe.total_batch_size, run.recipe.flops_per_token
+    record = {"step": run.step, "elapsed": run.elapsed, "tokens": run.step * B, "flops": run.step * B * fpt, **record}
+    if run.rank == 0:
+        with open(run.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if run.wandb_run:
+            run.wandb_run.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=run.step)
+
+
+def evaluate(run, last):
+    """Val bpb, CORE and samples, each every N steps and at the end (not again at the step a run
+    resumed from: they ran before it stopped)."""
+    args, model, step = run.args, run.model, run.step
+    due = lambda every: every > 0 and (last or step % every == 0) and (step != run.resume_step or step == 0)  # noqa: E731
+    if due(args.eval_every):
+        model.eval()
+        with run.eval_mode():
+            run.val_bpb = evaluate_split_bpb(run.step_model, run.tokenizer, "val", args.eval_tokens,
+                                             run.recipe.device_batch_size, args.max_seq_len, run.device,
+                                             run.rank, run.world)
+        model.train()
+        print0(f"step {step:05d} | val bpb {run.val_bpb:.4f}")
+        log(run, {"type": "val", "val_bpb": run.val_bpb})
+    if due(args.core_every):
+        bundle = get_eval_bundle_dir(args.eval_bundle)
+        if os.path.isdir(bundle):
+            with run.eval_mode():
+                core = evaluate_core(model, run.tokenizer, bundle, run.device, max_per_task=args.core_max_per_task)
+            print0(f"step {step:05d} | {core['core_label']}: {core['core']:.4f}")
+            log(run, {"type": "core", "core": core["core"], "core_label": core["core_label"],
+                      "tasks": {k: v["centered"] for k, v in core["tasks"].items()}})
+        else:
+            print0(f"step {step:05d} | CORE skipped: no eval bundle at {bundle} (python -m scripts.base_eval downloads it)")
+    if due(args.sample_every) and run.rank == 0:
+        with run.eval_mode():
+            samples = sample_texts(model, run.tokenizer, max_tokens=16, sampled=False)
+        print0("\n".join(f"  {s!r}" for s in samples))
+        log(run, {"type": "sample", "samples": samples})
+
+
+def train_step(run):
+    """One optimizer step (step -> step + 1): accum micro-steps of forward + backward, then the
+    update with this step's schedule. Returns (loss of the last micro-step, LR multiplier)."""
+    accum, optimizer = run.recipe.grad_accum_steps, run.optimizer
+    try:
+        for a, loader in enumerate(run.loaders):
+            x, y = next(loader)
+            optimizer.sync_grads = a == accum - 1  # gradients cross ranks only after the last micro-step
+            loss = run.step_model(x, y)
+            (loss / accum).backward()
+    except torch.cuda.OutOfMemoryError:
+        b = run.recipe.device_batch_size
+        raise RuntimeError(f"CUDA out of memory at --device-batch-size {b}: try --device-batch-size "
+                           f"{max(1, b // 2)} (gradient accumulation keeps the total batch) or "
+                           f"--device-batch-size auto") from None
+    sched = run.recipe.schedule(run.step)
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * sched.lr_multiplier  # AdamW's decoupled decay lr·wd follows
+        if group["kind"] == "muon":
+            group["momentum"], group["weight_decay"] = sched.momentum, sched.muon_weight_decay
+    optimizer.step()
+    run.model.zero_grad(set_to_none=True)
+    return loss.item(), sched.lr_multiplier  # .item() syncs: fine once per step
+
+
+def train_loop(run, stop_signal):
+    r = run.recipe
+    sync = torch.cuda.synchronize if run.device.type == "cuda" else (lambda: None)
+    save_minutes = run.args.save_every_minutes if run.args.save_every_minutes >= 0 else \
+        (30 if run.device.type == "cuda" else 0)
+    peak, train_loss = get_peak_flops(run.device), 0.0
     while True:
-        # all ranks agree on stopping (a signal may reach them a step apart), divergence, and when
-        # a timed checkpoint is due (their clocks differ)
-        timed_save = save_minutes > 0 and time.time() - last_save > 60 * save_minutes
+        # Agree before acting: a signal may reach the ranks a step apart and their clocks differ, so
+        # stop / diverged / timed-save are all-reduced (one tiny collective per step buys lockstep).
+        timed_save = save_minutes > 0 and time.time() - run.last_save > 60 * save_minutes
         flags = torch.tensor([float(bool(stop_signal)), float(not math.isfinite(train_loss)), float(timed_save)],
-                             device=device)
-        if is_ddp:
+                             device=run.device)
+        if dist.is_initialized():
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        if flags[1]:  # the weights of step - 1 gave a non-finite loss: any checkpoint before them is good
-            good = [s for s in list_steps(run_dir) if s < step - 1]
-            raise RuntimeError(f"loss is not finite at step {step} (last loss {train_loss}): stopped. Last good "
-                               f"checkpoint: {step_dir(run_dir, good[-1]) if good else 'none'}; resume from it "
+        # Divergence: stop at once rather than burn GPU hours on NaNs; the weights of step - 1 gave
+        # the bad loss, so any checkpoint before them is good.
+        if flags[1]:
+            good = [s for s in list_steps(run.run_dir) if s < run.step - 1]
+            raise RuntimeError(f"loss is not finite at step {run.step} (last loss {train_loss}): stopped. Last good "
+                               f"checkpoint: {step_dir(run.run_dir, good[-1]) if good else 'none'}; resume from it "
                                f"with --resume, perhaps with a lower --matrix-lr")
+        # Stop signal: checkpoint this step (the step in flight is finished) and exit cleanly.
         if flags[0]:
-            if step != resume_step:
-                save()
-            print0(f"stopped by signal at step {step}; checkpoint in {step_dir(run_dir, step)}; "
+            if run.step != run.resume_step:
+                save(run)
+            print0(f"stopped by signal at step {run.step}; checkpoint in {step_dir(run.run_dir, run.step)}; "
                    f"continue with --resume")
-            for loader in loaders:
-                loader.close()
-            compute_cleanup()
-            return {"val_bpb": val_bpb, "steps": step}
-        last = step == num_iterations
-        fresh = step != resume_step or step == 0  # evals at the resume step already ran before the stop
-        due = lambda every: every > 0 and (last or step % every == 0) and fresh  # noqa: E731
-        if due(args.eval_every):
-            model.eval()
-            with eval_mode():
-                val_bpb = evaluate_split_bpb(step_model, tokenizer, "val", args.eval_tokens, B_dev, T, device,
-                                             rank, world)
-            model.train()
-            print0(f"step {step:05d} | val bpb {val_bpb:.4f}")
-            log({"type": "val", "val_bpb": val_bpb})
-        if due(args.core_every):
-            if os.path.isdir(bundle):
-                with eval_mode():
-                    core = evaluate_core(model, tokenizer, bundle, device, max_per_task=args.core_max_per_task)
-                print0(f"step {step:05d} | {core['core_label']}: {core['core']:.4f}")
-                log({"type": "core", "core": core["core"], "core_label": core["core_label"],
-                     "tasks": {k: v["centered"] for k, v in core["tasks"].items()}})
-            else:
-                print0(f"step {step:05d} | CORE skipped: no eval bundle at {bundle} (python -m scripts.base_eval downloads it)")
-        if due(args.sample_every) and rank == 0:
-            with eval_mode():
-                samples = sample_texts(model, tokenizer, max_tokens=16, sampled=False)
-            print0("\n".join(f"  {s!r}" for s in samples))
-            log({"type": "sample", "samples": samples})
-        if (last or flags[2] or (args.save_every > 0 and step % args.save_every == 0)) and step != resume_step:
-            save()
+            return
+        # Evaluate: costs steps, so only every N steps and at the end.
+        last = run.step == r.num_iterations
+        evaluate(run, last)
+        # Checkpoint: at the end, every --save-every steps, every --save-every-minutes (a crash
+        # then costs at most that much); each save is a full gather of the optimizer state.
+        if (last or flags[2] or (run.args.save_every > 0 and run.step % run.args.save_every == 0)) \
+                and run.step != run.resume_step:
+            save(run)
         if last:
             break
-
-        # one optimizer step (step -> step + 1): accum micro-steps of forward + backward, then the update
+        # Train: one optimizer step, timed between syncs (asynchronous CUDA would otherwise lie).
         sync()
         t0 = time.perf_counter()
-        try:
-            for a, loader in enumerate(loaders):
-                x, y = next(loader)
-                optimizer.sync_grads = a == accum - 1  # gradients cross ranks only after the last micro-step
-                loss = step_model(x, y)
-                (loss / accum).backward()
-        except torch.cuda.OutOfMemoryError:
-            raise RuntimeError(f"CUDA out of memory at --device-batch-size {B_dev}: try --device-batch-size "
-                               f"{max(1, B_dev // 2)} (gradient accumulation keeps the total batch) or "
-                               f"--device-batch-size auto") from None
-        lrm = lr_multiplier(step, num_iterations, args)
-        for group in optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * lrm
-            if group["kind"] == "muon":
-                group["momentum"] = muon_momentum(step, num_iterations, args)
-                group["weight_decay"] = weight_decay * 0.5 * (1 + math.cos(math.pi * step / num_iterations))
-        optimizer.step()
-        model.zero_grad(set_to_none=True)
-        train_loss = loss.item()  # the last micro-step's loss, this rank (a sync point: fine once per step)
+        train_loss, lrm = train_step(run)
         sync()
         dt = time.perf_counter() - t0
-        if step >= 10 or resume_step > 0:  # the first steps include compilation
-            elapsed += dt
-        smooth_loss = 0.9 * smooth_loss + 0.1 * train_loss
-        debiased = smooth_loss / (1 - 0.9 ** (step + 1))
-        tok_per_sec = B / dt
-        util = mfu(tok_per_sec / world, flops_per_token, peak)
-        step += 1
-        eta = (num_iterations - step) * dt
-        print0(f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:.1f}%) | loss {debiased:.4f} | "
-               f"lrm {lrm:.2f} | dt {dt * 1e3:.0f}ms | tok/s {tok_per_sec:,.0f} | "
-               f"mfu {'-' if util is None else f'{util:.1%}'} | elapsed {elapsed / 60:.1f}m | eta {eta / 60:.1f}m")
-        log({"type": "train", "loss": debiased, "raw_loss": train_loss, "lr_mult": lrm, "dt": dt,
-             "tok_per_sec": tok_per_sec, "mfu": util})
+        # Report: the first 10 steps include compilation, so they do not count as training time; the
+        # loss shown is an EMA (one micro-batch is noisy), debiased for its zero start.
+        if run.step >= 10 or run.resume_step > 0:
+            run.elapsed += dt
+        run.smooth_loss = 0.9 * run.smooth_loss + 0.1 * train_loss
+        debiased = run.smooth_loss / (1 - 0.9 ** (run.step + 1))
+        tok_per_sec = r.total_batch_size / dt
+        util = mfu(tok_per_sec / run.world, r.flops_per_token, peak)
+        run.step += 1
+        print0(f"step {run.step:05d}/{r.num_iterations:05d} ({100 * run.step / r.num_iterations:.1f}%) | "
+               f"loss {debiased:.4f} | lrm {lrm:.2f} | dt {dt * 1e3:.0f}ms | tok/s {tok_per_sec:,.0f} | "
+               f"mfu {'-' if util is None else f'{util:.1%}'} | elapsed {run.elapsed / 60:.1f}m | "
+               f"eta {(r.num_iterations - run.step) * dt / 60:.1f}m")
+        log(run, {"type": "train", "loss": debiased, "raw_loss": train_loss, "lr_mult": lrm, "dt": dt,
+                  "tok_per_sec": tok_per_sec, "mfu": util})
+    print0(f"done: {r.num_iterations} steps, {run.elapsed / 60:.1f} min of training, final val bpb {run.val_bpb}")
+    log(run, {"type": "final", "val_bpb": run.val_bpb, "total_tokens": run.step * r.total_batch_size,
+              "total_flops": run.step * r.total_batch_size * r.flops_per_token})
 
-    print0(f"done: {num_iterations} steps, {elapsed / 60:.1f} min of training, final val bpb {val_bpb}")
-    log({"type": "final", "val_bpb": val_bpb, "total_tokens": step * B, "total_flops": step * B * flops_per_token})
-    for loader in loaders:
-        loader.close()
-    if wandb_run:
-        wandb_run.finish()
-    compute_cleanup()
-    return {"val_bpb": val_bpb, "steps": num_iterations}
+
+def train(args, stop_signal):
+    """recipe -> model -> resume -> loop; one exit path, which always cleans up."""
+    check_flags(args)
+    _, rank, _, world, device = compute_init(args.device_type)
+    run = None
+    try:
+        run = build(args, rank, world, device)
+        if args.resume:
+            resume(run)
+        if run.step == run.recipe.num_iterations and run.step == run.resume_step > 0:
+            print0(f"training already complete ({run.step} steps in {run.run_dir})")
+            return {"val_bpb": None, "steps": run.step}
+        start_logging(run)
+        train_loop(run, stop_signal)
+        return {"val_bpb": run.val_bpb, "steps": run.step}
+    finally:
+        if run is not None:
+            for loader in run.loaders:
+                loader.close()
+            if run.wandb_run:
+                run.wandb_run.finish()
+        compute_cleanup()
 
 
 def main(argv=None):

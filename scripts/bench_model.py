@@ -21,7 +21,8 @@ import time
 import torch
 
 from nanochat.common import autodetect_device_type, compute_dtype, compute_init, get_peak_flops, mfu
-from nanochat.gpt import GPTConfig, build_model, norm
+from nanochat.gpt import build_model, norm
+from nanochat.recipe import derive
 
 
 def parse_args(argv=None):
@@ -109,15 +110,18 @@ def run(args):
     device_type = args.device_type or autodetect_device_type()
     _, _, _, _, device = compute_init(device_type)
     use_compile = (device.type == "cuda") if args.compile is None else bool(args.compile)
-    config = GPTConfig.from_depth(args.depth, vocab_size=args.vocab_size, sequence_len=args.seq_len,
-                                  head_dim=args.head_dim, window_pattern=args.window_pattern)
+    # the training recipe for one micro-step per step (what is timed here): model and optimizer groups
+    recipe = derive(depth=args.depth, vocab_size=args.vocab_size, sequence_len=args.seq_len, head_dim=args.head_dim,
+                    window_pattern=args.window_pattern, device_batch_size=args.device_batch_size,
+                    total_batch_size=args.device_batch_size * args.seq_len, num_iterations=1)
+    config = recipe.config
     model = build_model(config, device)
     if args.fp8:
         from nanochat.fp8 import convert_to_float8
         convert_to_float8(model.blocks)
     from nanochat.attention import get_backend
     flops_per_token = model.estimate_flops()
-    optimizer = None if args.no_optimizer else model.setup_optimizer()
+    optimizer = None if args.no_optimizer else model.setup_optimizer(recipe.param_groups)
     step_model = torch.compile(model) if use_compile else model
     B, T = args.device_batch_size, args.seq_len
     x = torch.randint(0, args.vocab_size, (B, T), device=device)

@@ -3,14 +3,18 @@ Plan a pretraining run before renting GPUs: parameters, horizon, batch, memory, 
 
     python -m scripts.plan --depth 24 --gpus 8 --gpu h100 --target-param-data-ratio 8 --fp8
 
-Nothing is allocated: the model is built on the meta device. The horizon, total batch and steps
-come from scripts/base_train.py's own `plan` (same flags, same defaults). Memory per GPU and the
+    python -m scripts.plan --depth 24 --target-param-data-ratio 8 --json     # the derived recipe as JSON
+
+Nothing is allocated: the model is built on the meta device. The horizon, batch, steps, learning
+rates, weight decays and schedule come from nanochat/recipe.py, as base_train derives them (same
+defaults). Memory per GPU and the
 device batch that fits are ESTIMATES (a count of weights, grads, optimizer state and the main
 saved activations; allocator overhead, fragmentation and temporaries are covered only by the 10%
 margin). The time is total FLOPs / (gpus × bf16 peak × MFU); the MFU is --mfu, else one recorded
 for this GPU in docs/PERF.md, else 0.40 (assumed, not measured).
 """
 import argparse
+import json
 import math
 import os
 import re
@@ -21,9 +25,9 @@ import torch
 import torch.nn as nn
 
 from nanochat.common import PEAK_BF16_FLOPS
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt import GPT
 from nanochat.optim import SHARD_MIN_NUMEL
-from scripts import base_train
+from nanochat.recipe import derive
 
 # --gpu name -> (key in nanochat.common.PEAK_BF16_FLOPS, memory in GB = 1e9 bytes)
 GPUS = {
@@ -54,30 +58,23 @@ LOGIT_BYTES_PER_VOCAB = 2 + 2 * 4
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--depth", type=int, default=None, help="model depth (default: base_train's)")
+    p.add_argument("--depth", type=int, default=20, help="model depth")
     p.add_argument("--gpus", type=int, default=8, help="number of GPUs (data-parallel processes)")
     p.add_argument("--gpu", default="h100", help="GPU kind: " + ", ".join(GPUS))
-    p.add_argument("--target-param-data-ratio", type=float, default=None, help="(default: base_train's)")
-    p.add_argument("--fp8", action="store_true", help="passed to base_train; FLOPs and memory are counted in bf16")
+    p.add_argument("--target-param-data-ratio", type=float, default=12, help="tokens per (matrix + lm_head) param")
+    p.add_argument("--fp8", action="store_true", help="as base_train --fp8; FLOPs and memory are counted in bf16")
     p.add_argument("--device-batch-size", default="auto", help="auto (largest power of two that fits) or N")
-    p.add_argument("--max-seq-len", type=int, default=None, help="(default: base_train's)")
+    p.add_argument("--max-seq-len", type=int, default=2048)
     p.add_argument("--vocab-size", type=int, default=32768)
     p.add_argument("--mfu", type=float, default=None, help="model FLOPs utilization (default: docs/PERF.md or 0.40)")
     p.add_argument("--gpu-hour-cost", type=float, default=3.0, help="$ per GPU-hour")
+    p.add_argument("--json", action="store_true", help="print the derived recipe as JSON instead of the table")
     return p.parse_args(argv)
 
 
-def train_args(args, device_batch_size):
-    """base_train's Namespace for these flags: only the flags given here are passed, so every
-    default stays in base_train.parse_args."""
-    argv = ["--device-batch-size", str(device_batch_size)]
-    for flag, value in [("--depth", args.depth), ("--target-param-data-ratio", args.target_param_data_ratio),
-                        ("--max-seq-len", args.max_seq_len)]:
-        if value is not None:
-            argv += [flag, str(value)]
-    if args.fp8:
-        argv.append("--fp8")
-    return base_train.parse_args(argv)
+def plan_recipe(args, device_batch_size):
+    return derive(depth=args.depth, vocab_size=args.vocab_size, sequence_len=args.max_seq_len,
+                  processes=args.gpus, device_batch_size=device_batch_size, ratio=args.target_param_data_ratio)
 
 
 def memory_estimate(model, device_batch_size, gpus):
@@ -133,13 +130,10 @@ def main(argv=None):
     peak = PEAK_BF16_FLOPS[peak_key]
     budget = mem_gb * 1e9 * SAFETY
 
-    base = train_args(args, 1)  # the defaults (depth, seq len, head dim, windows) from base_train
-    config = GPTConfig.from_depth(base.depth, vocab_size=args.vocab_size, sequence_len=base.max_seq_len,
-                                  head_dim=base.head_dim, window_pattern=base.window_pattern)
+    # the model comes from the recipe (at any device batch: the model does not depend on it)
+    config = plan_recipe(args, 1).config
     with torch.device("meta"):
         model = GPT(config)
-    counts = model.num_params()
-    flops_per_token = model.estimate_flops()  # the same with or without fp8 (SPEC §2)
     T = config.sequence_len
 
     memory = {b: memory_estimate(model, b, args.gpus) for b in BATCH_CANDIDATES}
@@ -151,11 +145,12 @@ def main(argv=None):
         device_batch = int(args.device_batch_size)
     mem = memory[device_batch] if device_batch in memory else memory_estimate(model, device_batch, args.gpus)
 
-    targs = train_args(args, device_batch)
-    B, steps, weight_decay, horizon_params = base_train.plan(targs, config, flops_per_token, device_batch * T * args.gpus)
-    accum = B // (device_batch * T * args.gpus)
-    tokens = steps * B
+    recipe = plan_recipe(args, device_batch)
+    counts, flops_per_token, horizon_params = recipe.num_params, recipe.flops_per_token, recipe.horizon_params
+    B, steps, accum, tokens = recipe.total_batch_size, recipe.num_iterations, recipe.grad_accum_steps, recipe.tokens
     total_flops = tokens * flops_per_token
+    if args.json:
+        print(json.dumps(recipe.to_json(), indent=2))
 
     if args.mfu is not None:
         mfu, mfu_source = args.mfu, "given (--mfu)"
@@ -178,6 +173,7 @@ def main(argv=None):
         ("steps", f"{steps:,}"),
         ("device batch", f"{device_batch} × {T}" + (" (auto)" if args.device_batch_size == "auto" else "")),
         ("grad accumulation", f"{accum} micro-steps × {args.gpus} GPUs"),
+        ("Muon weight decay", f"{recipe.muon_weight_decay:.5f} (cosine-decayed to 0)"),
         ("FLOPs per token", f"{flops_per_token:.3e}"),
         ("total FLOPs", f"{total_flops:.3e}"),
         ("-- memory per GPU", f"ESTIMATE at device batch {device_batch}, {args.gpu} {mem_gb} GB, "
@@ -194,13 +190,17 @@ def main(argv=None):
         ("  training time", f"{hours:.2f} h ({seconds / 60:.0f} min)"),
         ("  cost", f"${cost:,.2f} at ${args.gpu_hour_cost:.2f}/GPU-hour"),
     ]
+    rows += [("-- optimizer groups", "LR at multiplier 1 (Muon: before × √max(1, rows/cols))")]
+    rows += [(f"  {g.name}", f"{g.kind} lr {g.lr:.4g}" + (f" betas {g.betas}" if g.betas else "") +
+              f" wd {g.weight_decay:.4g}") for g in recipe.param_groups]
     width = max(len(k) for k, _ in rows)
-    for k, v in rows:
+    for k, v in rows if not args.json else []:
         print(f"{k:<{width}}  {v}")
 
     return {
         "config": config, "num_params": counts, "horizon_params": horizon_params, "tokens": tokens,
-        "total_batch_size": B, "num_iterations": steps, "grad_accum_steps": accum, "weight_decay": weight_decay,
+        "total_batch_size": B, "num_iterations": steps, "grad_accum_steps": accum, "recipe": recipe,
+        "muon_weight_decay": recipe.muon_weight_decay,
         "device_batch_size": device_batch, "max_fitting_device_batch_size": best_fit,
         "flops_per_token": flops_per_token, "total_flops": total_flops,
         "memory": mem, "memory_by_batch": {b: m["total"] for b, m in memory.items()},

@@ -6,7 +6,6 @@ Imported by module name, so the workers that mp.spawn starts (which get pytest's
 """
 import contextlib
 import dataclasses
-import functools
 import os
 
 import torch
@@ -81,13 +80,13 @@ class Toy:
 
 @contextlib.contextmanager
 def orthogonalize_in(dtype):
-    """Run MuonAdamW's Polar Express in `dtype` (fp32: compare Muon without the bf16 noise floor)."""
-    orig = optim.polar_express
-    optim.polar_express = functools.partial(orig, dtype=dtype)
+    """Run MuonAdamW's MuonEq + Polar Express in `dtype` (fp32: compare Muon without the bf16 noise floor)."""
+    orig = optim.ORTHO_DTYPE
+    optim.ORTHO_DTYPE = dtype
     try:
         yield
     finally:
-        optim.polar_express = orig
+        optim.ORTHO_DTYPE = orig
 
 
 def spawn_gloo(worker, world, out_dir, *args):

@@ -104,25 +104,61 @@ def test_softcap_bounds_logits():
     assert model(torch.randint(0, 64, (1, 32))).abs().max() <= 15
 
 
+def recipe_groups(depth=4, total_batch_size=2 ** 19):
+    from nanochat.recipe import derive
+    return derive(depth=depth, vocab_size=64, sequence_len=32, head_dim=16, device_batch_size=4,
+                  total_batch_size=total_batch_size, num_iterations=10).param_groups
+
+
 def test_optimizer_groups_cover_every_param_once():
     model = build_model(tiny_config(depth=4), "cpu")
-    opt = model.setup_optimizer(total_batch_size=2 ** 19)
+    opt = model.setup_optimizer(recipe_groups())
     seen = [p for g in opt.param_groups for p in g["params"]]
     assert len(seen) == len(set(map(id, seen))) == len(list(model.parameters()))
     muon = [p for g in opt.param_groups if g["kind"] == "muon" for p in g["params"]]
     assert all(p.ndim == 2 for p in muon) and len(muon) == 4 * 6 + 2  # q,k,v,o,fc,proj ×4 + 2 gates
+    assert all(len({p.shape for p in g["params"]}) == 1 for g in opt.param_groups if g["kind"] == "muon")
     s = (model.config.n_embd / 768) ** -0.5
     lm_head_group = next(g for g in opt.param_groups if model.lm_head.weight in g["params"])
-    assert lm_head_group["lr"] == pytest.approx(0.008 * s)
-    lr4x = next(g for g in model.setup_optimizer(total_batch_size=2 ** 21).param_groups
+    assert lm_head_group["lr"] == pytest.approx(0.008 * s) and lm_head_group["betas"] == (0.8, 0.96)
+    lr4x = next(g for g in model.setup_optimizer(recipe_groups(total_batch_size=2 ** 21)).param_groups
                 if g["kind"] == "adamw")["lr"]
     assert lr4x == pytest.approx(2 * 0.008 * s)  # × sqrt(B / 2^19)
+
+
+def test_backout_subtracts_the_stream_after_the_middle_block():
+    torch.manual_seed(0)
+    model = build_model(tiny_config(depth=4), "cpu")
+    for p in model.parameters():  # nonzero everywhere, so every block changes the stream
+        p.data.add_(torch.randn_like(p) * 0.05)
+    outputs = []
+    hooks = [b.register_forward_hook(lambda m, i, o: outputs.append(o)) for b in model.blocks]
+    captured = {}
+    hooks.append(model.lm_head.register_forward_pre_hook(lambda m, args: captured.update(x=args[0])))
+    idx = torch.randint(0, 64, (2, 32))
+    model(idx)
+    for h in hooks:
+        h.remove()
+    from nanochat.gpt import norm
+    expected = norm(outputs[-1] - model.backout_lambda * outputs[2])  # block index 4 // 2 = 2, its OUTPUT
+    torch.testing.assert_close(captured["x"], expected)
+    wrong = norm(outputs[-1] - model.backout_lambda * outputs[1])  # one block early
+    assert (captured["x"] - wrong).abs().max() > 1e-3
+
+
+def test_gates_start_small_and_positive():
+    torch.manual_seed(0)
+    model = build_model(tiny_config(depth=4), "cpu")
+    gates = [model.smear_gate.weight] + [b.attn.ve_gate.weight for b in model.blocks if b.attn.ve_gate is not None]
+    assert len(gates) == 3
+    for w in gates:  # U(0, 0.02)
+        assert w.min() >= 0 and w.max() <= 0.02 and w.std() > 0.002
 
 
 def test_tiny_model_overfits_one_batch():
     torch.manual_seed(0)
     model = build_model(tiny_config(depth=2), "cpu")
-    opt = model.setup_optimizer(total_batch_size=2 ** 19)
+    opt = model.setup_optimizer(recipe_groups(depth=2))
     idx = torch.randint(0, 64, (4, 33))
     x, y = idx[:, :-1], idx[:, 1:]
     for step in range(150):

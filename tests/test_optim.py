@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat import optim
-from nanochat.optim import MuonAdamW, normuon, polar_express
+from nanochat.optim import MuonAdamW, muon_eq, muon_plus, normuon, polar_express
 from optim_toy import MUON, Toy, orthogonalize_in, spawn_gloo
 
 
@@ -35,7 +35,7 @@ def test_polar_express_orthogonalizes():
     for m, n in [(96, 96), (48, 160), (160, 48)]:
         for cond in [1, 10, 100]:
             G = random_matrix(m, n, cond, gen) * 37.0  # the scale must not matter
-            X = polar_express(G)
+            X = polar_express(G.bfloat16())  # works in its input's dtype (Muon passes bf16)
             assert X.dtype == torch.bfloat16 and X.shape == G.shape
             s = torch.linalg.svdvals(X.float())
             lo, hi = min(lo, s.min().item()), max(hi, s.max().item())
@@ -49,9 +49,9 @@ def test_polar_express_orthogonalizes():
 def test_polar_express_batched_matches_single():
     gen = torch.Generator().manual_seed(1)
     G = torch.stack([random_matrix(40, 24, 10, gen) for _ in range(3)])
-    X = polar_express(G)
+    X = polar_express(G.bfloat16())
     for i in range(3):  # each matrix is normalized on its own, so batching changes nothing
-        torch.testing.assert_close(X[i], polar_express(G[i]), rtol=0, atol=0)
+        torch.testing.assert_close(X[i], polar_express(G[i].bfloat16()), rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,27 +115,6 @@ def muon_step_delta(p0, grad, **group):
     return p0 - p.detach()
 
 
-def test_muon_nesterov_momentum_and_group_order(monkeypatch):
-    # With orthogonalization and NorMuon switched off, a step is lr * (Nesterov-averaged gradient);
-    # three matrices of one group must each get their own gradient's update.
-    monkeypatch.setattr(optim, "polar_express", lambda G, steps: G)
-    monkeypatch.setattr(optim, "normuon", lambda U, v, beta2: U)
-    gen = torch.Generator().manual_seed(0)
-    ps = [torch.zeros(6, 4, requires_grad=True) for _ in range(3)]
-    opt = MuonAdamW([dict(kind="muon", params=ps, lr=0.1, momentum=0.9)])
-    bufs = [torch.zeros(6, 4) for _ in ps]
-    for _ in range(3):
-        grads = [torch.randn(6, 4, generator=gen) for _ in ps]
-        before = [p.detach().clone() for p in ps]
-        for p, g in zip(ps, grads):
-            p.grad = g
-        opt.step()
-        for p, g, buf, b in zip(ps, grads, bufs, before):
-            buf.mul_(0.9).add_(0.1 * g)
-            expected = 0.1 * math.sqrt(6 / 4) * (0.1 * g + 0.9 * buf)  # tall: lr multiplier sqrt(6/4)
-            torch.testing.assert_close(b - p.detach(), expected, rtol=1e-5, atol=1e-7)
-
-
 def test_muon_cautious_weight_decay():
     gen = torch.Generator().manual_seed(0)
     p0 = torch.randn(16, 16, generator=gen)
@@ -150,22 +129,10 @@ def test_muon_cautious_weight_decay():
     assert torch.all(decay[~agree].abs() < 1e-7)
 
 
-def test_muon_lr_multiplier_for_tall_matrices():
-    # A tall matrix is processed as its transpose (same orthogonalization, NorMuon over the same
-    # axis), so the only difference must be the LR multiplier sqrt(rows/cols) = 2.
-    gen = torch.Generator().manual_seed(0)
-    p0, grad = torch.randn(32, 128, generator=gen), torch.randn(32, 128, generator=gen)
-    wide = muon_step_delta(p0, grad, lr=0.02)
-    tall = muon_step_delta(p0.T.contiguous(), grad.T.contiguous(), lr=0.02)
-    # (atol: deltas are ~1e-3 differences of O(1) weights, so they carry ~1e-7 of fp32 rounding)
-    torch.testing.assert_close(tall, 2.0 * wide.T, rtol=1e-3, atol=1e-6)
-    assert wide.abs().max() > 1e-3
-
-
 @pytest.mark.parametrize("shape", [(64, 16), (16, 64), (32, 32)])
 def test_normuon_equalizes_rows_and_keeps_norm(shape):
     gen = torch.Generator().manual_seed(0)
-    U = polar_express(torch.randn(2, *shape, generator=gen)).float()
+    U = polar_express(torch.randn(2, *shape, generator=gen))
     dim = -1 if shape[0] >= shape[1] else -2  # rows of tall/square matrices, columns of wide ones
     if dim == -1:  # make the rows (columns) unequal
         U = U * torch.linspace(0.2, 3.0, shape[0])[:, None]
@@ -179,6 +146,163 @@ def test_normuon_equalizes_rows_and_keeps_norm(shape):
     before = U.square().mean(dim).sqrt()
     assert (before.std(-1) / before.mean(-1)).min() > 0.3
     assert second_moment.abs().sum() > 0  # the EMA state was updated in place
+
+
+# ---------------------------------------------------------------------------------------------
+# Muon against an independent float64 implementation of the rule, written out here step by step
+
+
+PE = [(8.156554524902461, -22.48329292557795, 15.878769915207462),
+      (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+      (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+      (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+      (2.3465413258596377, -1.7097828382687081, 0.42323551169305323)]
+
+
+def fro(M):
+    return math.sqrt(sum(float(x) ** 2 for x in M.flatten()))
+
+
+def ref_muon_eq(U):
+    rows = U.shape[0]
+    target = fro(U) / math.sqrt(rows)
+    return torch.stack([U[i] * target / max(math.sqrt(float(U[i] @ U[i])), 1e-6) for i in range(rows)])
+
+
+def ref_polar_express(U):
+    X = U / (fro(U) * 1.01 + 1e-6)
+    tall = X.shape[0] > X.shape[1]
+    X = X.T if tall else X
+    for a, b, c in PE:
+        A = X @ X.T
+        X = a * X + b * (A @ X) + c * (A @ (A @ X))
+    return X.T if tall else X
+
+
+def ref_muon_plus(X):
+    return X * math.sqrt(min(X.shape)) / fro(X)
+
+
+def ref_normuon(X, v, beta2=0.9):
+    m, n = X.shape
+    per_row = m >= n
+    mean_sq = (X ** 2).mean(dim=1) if per_row else (X ** 2).mean(dim=0)
+    v = beta2 * v + (1 - beta2) * mean_sq
+    scale = v.clamp_min(1e-10) ** -0.5
+    Y = X * (scale[:, None] if per_row else scale[None, :])
+    return Y * (fro(X) / fro(Y)), v
+
+
+def ref_muon_step(p, g, state, lr, mu, wd):
+    """One Muon step on one float64 matrix; state = dict(buf, v)."""
+    m, n = p.shape
+    state["buf"] = mu * state["buf"] + (1 - mu) * g
+    u = (1 - mu) * g + mu * state["buf"]  # Nesterov
+    X = ref_muon_plus(ref_polar_express(ref_muon_eq(u)))
+    Y, state["v"] = ref_normuon(X, state["v"])
+    eff_lr = lr * math.sqrt(max(1.0, m / n))
+    mask = (Y * p >= 0).double()
+    return p - eff_lr * Y - eff_lr * wd * p * mask
+
+
+SHAPES = [(24, 24), (48, 16), (16, 40)]  # square, tall, wide
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_muon_pieces_match_float64(shape):
+    gen = torch.Generator().manual_seed(0)
+    U = torch.randn(*shape, generator=gen, dtype=torch.float64) * torch.linspace(0.1, 3, shape[0])[:, None].double()
+    torch.testing.assert_close(muon_eq(U), ref_muon_eq(U), rtol=1e-12, atol=1e-14)
+    rows = muon_eq(U).norm(dim=1)
+    assert (rows.max() - rows.min()) / rows.mean() < 1e-12  # every row at the mean row norm
+    torch.testing.assert_close(polar_express(U), ref_polar_express(U), rtol=1e-10, atol=1e-12)
+    X = polar_express(U)
+    torch.testing.assert_close(muon_plus(X), ref_muon_plus(X), rtol=1e-12, atol=1e-14)
+    assert muon_plus(X).norm().item() == pytest.approx(math.sqrt(min(shape)), rel=1e-12)
+    v = torch.zeros(shape[0] if shape[0] >= shape[1] else shape[1], dtype=torch.float64)
+    v_ours = torch.zeros(shape[0], 1, dtype=torch.float64) if shape[0] >= shape[1] else torch.zeros(1, shape[1], dtype=torch.float64)
+    for _ in range(2):  # twice: the EMA state carries over
+        Y, v = ref_normuon(X, v)
+        torch.testing.assert_close(normuon(X, v_ours, beta2=0.9), Y, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(v_ours.flatten(), v, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_muon_steps_match_float64(shape):
+    # three matrices of one group, three steps: momentum, MuonEq, normalization, Polar Express, Muon+,
+    # NorMuon, cautious decay and the LR scale, each matrix with its own gradient and state
+    gen = torch.Generator().manual_seed(1)
+    ps = [(torch.randn(*shape, generator=gen) * 0.1).requires_grad_() for _ in range(3)]
+    refs = [p.detach().double() for p in ps]
+    states = [dict(buf=torch.zeros(shape, dtype=torch.float64), v=torch.zeros(max(shape) if shape[0] < shape[1]
+                   else shape[0], dtype=torch.float64)) for _ in ps]
+    opt = MuonAdamW([dict(kind="muon", params=ps, lr=0.05, momentum=0.9, weight_decay=0.3)])
+    for step in range(3):
+        grads = [torch.randn(*shape, generator=gen) for _ in ps]
+        for p, g in zip(ps, grads):
+            p.grad = g
+        with orthogonalize_in(torch.float32):
+            opt.step()
+        refs = [ref_muon_step(r, g.double(), st, 0.05, 0.9, 0.3) for r, g, st in zip(refs, grads, states)]
+    for p, r in zip(ps, refs):
+        torch.testing.assert_close(p.detach().double(), r, rtol=1e-4, atol=1e-6)
+    # and in bf16 (what runs on a GPU): the same update direction, to bf16 precision
+    p = ps[0].detach().clone().requires_grad_()
+    p.grad = torch.randn(*shape, generator=gen)
+    before = p.detach().double()
+    MuonAdamW([dict(kind="muon", params=[p], lr=0.05, momentum=0.9, weight_decay=0.0)]).step()
+    fresh = {k: torch.zeros_like(v) for k, v in states[0].items()}
+    expected = before - ref_muon_step(before, p.grad.double(), fresh, 0.05, 0.9, 0.0)
+    got = before - p.detach().double()
+    assert torch.nn.functional.cosine_similarity(got.flatten(), expected.flatten(), dim=0) > 0.99
+
+
+def test_muon_cautious_mask_includes_zero_products():
+    # where the update and the weight have the same sign, or either is 0, the weight decays
+    p0 = torch.tensor([[1.0, -1.0], [2.0, 0.0]])
+    grad = torch.tensor([[1.0, 1.0], [-1.0, 1.0]])
+    kw = dict(lr=0.1, momentum=0.0)
+    decay = muon_step_delta(p0, grad, weight_decay=0.5, **kw) - muon_step_delta(p0, grad, weight_decay=0.0, **kw)
+    U = muon_step_delta(p0, grad, weight_decay=0.0, **kw)
+    mask = (U * p0) >= 0
+    torch.testing.assert_close(decay, 0.1 * math.sqrt(1) * 0.5 * p0 * mask, rtol=1e-4, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------
+# AdamW per group, as the recipe sets them up, against torch.optim.AdamW
+
+
+def test_adamw_recipe_groups_match_torch():
+    from nanochat.gpt import build_model
+    from nanochat.recipe import derive
+    recipe = derive(depth=2, vocab_size=64, sequence_len=32, head_dim=16, device_batch_size=4, num_iterations=10,
+                    total_batch_size=2 ** 20)
+    torch.manual_seed(0)
+    model = build_model(recipe.config, "cpu")
+    opt = model.setup_optimizer(recipe.param_groups)
+    named = model.param_groups()
+    adam_groups = [g for g in recipe.param_groups if g.kind == "adamw"]
+    ref = {g.name: [p.detach().clone().requires_grad_() for p in named[g.name]] for g in adam_groups}
+    topt = torch.optim.AdamW([dict(params=ref[g.name], lr=g.lr, betas=g.betas, eps=g.eps, weight_decay=g.weight_decay)
+                              for g in adam_groups])
+    gen = torch.Generator().manual_seed(0)
+    for step in range(5):
+        lrm = recipe.schedule(step).lr_multiplier
+        for g in adam_groups:
+            for p, r in zip(named[g.name], ref[g.name]):
+                p.grad = torch.randn(p.shape, generator=gen)
+                r.grad = p.grad.clone()
+        for p in named["matrices"]:
+            p.grad = torch.zeros_like(p)
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * lrm
+        for group in topt.param_groups:
+            group["lr"] = group.setdefault("base_lr", group["lr"]) * lrm
+        opt.step()
+        topt.step()
+    for g in adam_groups:
+        for p, r in zip(named[g.name], ref[g.name]):
+            torch.testing.assert_close(p.detach(), r.detach(), rtol=1e-6, atol=1e-7, msg=g.name)
 
 
 # ---------------------------------------------------------------------------------------------

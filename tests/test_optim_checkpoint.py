@@ -163,8 +163,8 @@ def test_resume_on_another_world_size_matches_uninterrupted(runs, a, b):
     for params, hyper in results:
         for k, v in params.items():  # every rank ends with the same parameters
             assert torch.equal(v, results[0][0][k]), k
-        for h, s in zip(hyper, saved_groups):  # the hyperparameters came back (lr as scheduled at step K-1)
-            assert h == {k: v for k, v in s.items() if k != "params"}
+        for h, s in zip(hyper, saved_groups):  # state only: the hyperparameters stay the new optimizer's own
+            assert h["kind"] == s["kind"] and h["lr"] == h["initial_lr"] != s["lr"]  # s: scheduled at step K-1
     for k, v in results[0][0].items():
         assert (ref[k].float() - init[k].detach().float()).abs().max() > 1e-3, k  # it trained
         t = kind(k, v)
