@@ -400,7 +400,10 @@ def deviations(params, ref):
 #   the bf16 rounding of a few entries, the 5 polynomials amplify it, and it compounds over steps.
 #   One process fed the same batch as 2 accumulated halves deviates from one full-batch process by the
 #   same 2-3%: this is the noise floor, not sharding. (Wrong sharding gives ~100%.)
-TOL = {"adamw": 1e-6, "bf16": 0.1, "muon": 0.1, "muon_fp32": 1e-5}
+# - Muon, fp32 orthogonalization, since MuonEq: measured up to 6e-4 of the movement at W=3 (attn2, proj1;
+#   the rest <= 8e-6; 2 ranks: 0). Not fully explained: rescaling rows to equal norms appears
+#   to amplify summation-order rounding. A sharding bug moves a matrix by O(1), far above 1e-3.
+TOL = {"adamw": 1e-6, "bf16": 0.1, "muon": 0.1, "muon_fp32": 1e-3}
 
 
 def check(params, ref, fp32_ortho=False):
