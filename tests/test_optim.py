@@ -395,7 +395,6 @@ def deviations(params, ref):
 # - fp32 AdamW tensors: <= 2e-7. Same gradients up to summation order, and Adam's step is smooth in them.
 # - the bf16 table: <= 3% of its movement. Its gradient is summed in bf16 (8 bits), so summing in
 #   another order changes it by ~1%, and Adam passes relative gradient errors straight into the step.
-# - Muon, fp32 orthogonalization: <= 2e-6 of the movement (fp32 rounding, amplified by the polynomials).
 # - Muon, bf16 orthogonalization: <= 4% of the movement. An input change in the last fp32 bit flips
 #   the bf16 rounding of a few entries, the 5 polynomials amplify it, and it compounds over steps.
 #   One process fed the same batch as 2 accumulated halves deviates from one full-batch process by the
