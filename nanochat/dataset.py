@@ -469,8 +469,9 @@ def already_built(out_dir, source):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m nanochat.dataset", description="Download pretraining shards, or build them from "
-                                                 "local files, a Hugging Face dataset or the built-in demo corpus.")
+    parser = argparse.ArgumentParser(prog="python -m nanochat.dataset",
+                                     description="Download pretraining shards, or build them from local files, "
+                                                 "a Hugging Face dataset or the built-in demo corpus.")
     parser.add_argument("-n", "--num-shards", type=int, default=8, help="train shards to download, plus val (-1: all)")
     parser.add_argument("-w", "--workers", type=int, default=8, help="parallel downloads")
     source = parser.add_mutually_exclusive_group()
@@ -497,7 +498,8 @@ def main(argv=None):
                 print(f"data: shards already in {out_dir} (built from {name})")
                 return 0
         if args.local or args.demo:
-            build_local([DEMO_CORPUS] if args.demo else args.local, out_dir, seed=args.seed, source=name, **shard_kwargs)
+            paths = [DEMO_CORPUS] if args.demo else args.local
+            build_local(paths, out_dir, seed=args.seed, source=name, **shard_kwargs)
         elif args.hf:
             build_hf(args.hf, out_dir, config=args.hf_config, split=args.hf_split, text_column=args.text_column,
                      max_docs=args.max_docs, seed=args.seed, **shard_kwargs)
