@@ -1,18 +1,22 @@
 #!/usr/bin/env bash
 # The nanochat speedrun: blank machine -> data, tokenizer, pretrained model, evaluation, report.
 #
-#   bash speedrun.sh                                     # real data: ClimbMix shards from Hugging Face
-#   NANOCHAT_DATA_SOURCE=path/to/texts bash speedrun.sh  # offline: .jsonl/.txt/.parquet files or dirs
+#   bash speedrun.sh                                     # GPU: ClimbMix; no GPU: the built-in demo data
+#   NANOCHAT_DATA_SOURCE=path/to/texts bash speedrun.sh  # .jsonl/.txt/.parquet (or .gz) files or dirs
 #   NANOCHAT_DATA_SOURCE=hf:org/name bash speedrun.sh    # any Hugging Face dataset with a text column
+#   NANOCHAT_DATA_SOURCE=climbmix bash speedrun.sh       # download ClimbMix, on any machine
+#   NANOCHAT_DATA_SOURCE=demo bash speedrun.sh           # the demo corpus in nanochat/demo_data, offline
 #
 # It picks a configuration from the hardware: 8 H100/H200-class GPUs run the reference recipe
-# (d24, 8 tokens per parameter, fp8, device batch 16, ~1.7 h); fewer or smaller GPUs run the
-# same model with gradient accumulation; no GPU runs a small demo of every stage (~10 min on
-# 2 cores). Environment overrides:
+# (d24, 8 tokens per parameter, fp8, device batch 16, ~1.7 h) on ClimbMix and the full CORE eval
+# bundle, both downloaded; fewer or smaller GPUs run the same model with gradient accumulation; no
+# GPU runs a small demo of every stage, fully offline, on the data shipped in nanochat/demo_data
+# (a small web + Shakespeare corpus and 50 items of each CORE task). Environment overrides:
 #   NANOCHAT_BASE_DIR      outputs (default ~/.cache/nanochat)
-#   NANOCHAT_DATA_SOURCE   local path or hf:NAME instead of downloading ClimbMix
+#   NANOCHAT_DATA_SOURCE   climbmix | demo | hf:NAME | a local path (default: climbmix with a GPU, else demo)
 #   NANOCHAT_NUM_SHARDS    ClimbMix train shards to download (default 170)
-#   NANOCHAT_EVAL_BUNDLE   local CORE eval bundle dir instead of downloading it
+#   NANOCHAT_DATA_URL      a ClimbMix mirror (NANOCHAT_EVAL_BUNDLE_URL: an eval bundle mirror)
+#   NANOCHAT_EVAL_BUNDLE   CORE eval bundle dir (default: downloaded with a GPU, else nanochat/demo_data/eval_bundle)
 #   NANOCHAT_TRAIN_ARGS    extra base_train flags, appended (last wins), e.g. "--num-iterations 5"
 #   NANOCHAT_EVAL_ARGS     extra base_eval flags, e.g. "--max-per-task 2"
 set -euo pipefail
@@ -52,30 +56,29 @@ else
     TRAIN_ARGS="--depth 4 --head-dim 64 --max-seq-len 256 --window-pattern L --device-batch-size 16
                 --total-batch-size 4096 --num-iterations 200 --eval-every 50 --eval-tokens 65536
                 --core-every -1 --sample-every 100"
+    # the demo bundle holds exactly these 50 items per task; the flag also puts "50 items" in the CORE label
     EVAL_ARGS="--max-per-task 50 --bpb-tokens 262144 --device-batch-size 16"
     LAUNCH=($PY -m)
     echo "speedrun: no GPU, running the CPU demo"
 fi
 echo "speedrun: outputs in $NANOCHAT_BASE_DIR"
 
-# --- data ---
-SOURCE="${NANOCHAT_DATA_SOURCE:-}"
+# --- data (each source leaves a manifest in base_data/: a re-run reuses its shards, other data is refused) ---
+if [ "$NUM_GPUS" -gt 0 ]; then DEFAULT_SOURCE=climbmix; else DEFAULT_SOURCE=demo; fi
+SOURCE="${NANOCHAT_DATA_SOURCE:-$DEFAULT_SOURCE}"
+echo "data: source $SOURCE"
 DOWNLOAD_PID=""
-if [ -n "$SOURCE" ] && [ -n "$(ls "$NANOCHAT_BASE_DIR"/base_data/shard_*.parquet 2>/dev/null)" ]; then
-    # already built: check every shard opens (a damaged one stops here, named, with the fix)
-    $PY -c "from nanochat.dataset import list_shards, open_shard
-[open_shard(p) for split in ('train', 'val') for p in list_shards(split)]"
-    echo "data: shards already in $NANOCHAT_BASE_DIR/base_data"
-elif [[ "$SOURCE" == hf:* ]]; then
-    $PY -m nanochat.dataset --hf "${SOURCE#hf:}"
-elif [ -n "$SOURCE" ]; then
-    $PY -m nanochat.dataset --local "$SOURCE"
-else
-    # the tokenizer trains on the first ~2B characters (8 shards); the rest downloads meanwhile
-    $PY -m nanochat.dataset -n 8
-    $PY -m nanochat.dataset -n "${NANOCHAT_NUM_SHARDS:-170}" > "$NANOCHAT_BASE_DIR/download.log" 2>&1 &
-    DOWNLOAD_PID=$!
-fi
+case "$SOURCE" in
+    climbmix)
+        # the tokenizer trains on the first ~2B characters (8 shards); the rest downloads meanwhile.
+        # A data host that cannot be reached stops this first step within seconds, saying what to do.
+        $PY -m nanochat.dataset -n 8
+        $PY -m nanochat.dataset -n "${NANOCHAT_NUM_SHARDS:-170}" > "$NANOCHAT_BASE_DIR/download.log" 2>&1 &
+        DOWNLOAD_PID=$! ;;
+    demo) $PY -m nanochat.dataset --demo ;;
+    hf:*) $PY -m nanochat.dataset --hf "${SOURCE#hf:}" ;;
+    *)    $PY -m nanochat.dataset --local "$SOURCE" ;;
+esac
 
 # --- tokenizer ---
 if $PY -c "import sys; from nanochat.tokenizer import get_tokenizer
@@ -91,8 +94,10 @@ if [ -n "$DOWNLOAD_PID" ]; then
     wait "$DOWNLOAD_PID" || { tail -n 5 "$NANOCHAT_BASE_DIR/download.log"; exit 1; }
 fi
 
-# --- CORE eval bundle (used during training and by base_eval) ---
-BUNDLE="${NANOCHAT_EVAL_BUNDLE:-$NANOCHAT_BASE_DIR/eval_bundle}"
+# --- CORE eval bundle (used during training and by base_eval): downloaded on a GPU node; the CPU
+# demo evaluates 50 items per task, which is what the bundle shipped in nanochat/demo_data holds ---
+if [ "$NUM_GPUS" -gt 0 ]; then DEFAULT_BUNDLE="$NANOCHAT_BASE_DIR/eval_bundle"; else DEFAULT_BUNDLE="$PWD/nanochat/demo_data/eval_bundle"; fi
+BUNDLE="${NANOCHAT_EVAL_BUNDLE:-$DEFAULT_BUNDLE}"
 [ -f "$BUNDLE/core.yaml" ] || $PY -m scripts.base_eval --download-only --eval-bundle "$BUNDLE"
 
 # --- pre-flight plan (GPU): sizes, memory, time and cost before any money is spent ---

@@ -1,26 +1,34 @@
 """
 The pretraining data: a directory of parquet shards, each with one `text` column stored in
-row groups of 1,024 documents. The shard with the highest name is the validation split;
-all the others are train.
+row groups of 1,024 documents, and a manifest.json that records where the shards came from
+and which of them are the train and the val split. The split is written down when the
+shards are made, never guessed from file names later: a lost val shard must be an error,
+not a train shard silently promoted to val (the model would be scored on its training data).
 
     python -m nanochat.dataset -n 170                 # download 170 ClimbMix train shards + val
+    python -m nanochat.dataset --demo                 # the small corpus shipped in nanochat/demo_data
     python -m nanochat.dataset --local corpus/ notes.txt --out /tmp/shards
     python -m nanochat.dataset --hf HuggingFaceFW/fineweb-edu --hf-config sample-10BT --max-docs 1000000
 
 Downloads resume: a finished shard is skipped, a partial one continues where it stopped,
 and nothing appears under a shard's real name until it has been checked to be whole.
+A host that cannot be reached at all (no DNS, connection refused) fails at once, with the
+offline options; a flaky one (timeouts, 5xx, dropped connections) is retried with backoff.
 """
 import argparse
 import errno
+import gzip
 import http.client
 import itertools
 import json
 import os
 import random
 import re
+import socket
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
@@ -33,6 +41,15 @@ BASE_URL = "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resol
 MAX_SHARD = 6542  # shards 0..6542 exist upstream; the last one is the validation split
 CHUNK_SIZE = 1 << 20
 SHARD_RE = re.compile(r"shard_\d+\.parquet")  # full match, so .partial / .tmp files never count
+MANIFEST = "manifest.json"
+CLIMBMIX = "climbmix"  # the source name of downloaded shards, in manifests and NANOCHAT_DATA_SOURCE
+# shipped inside the package (see demo_data/NOTICE), so the CPU demo needs no network
+DEMO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_data")
+DEMO_CORPUS = os.path.join(DEMO_DIR, "corpus")
+DEMO_EVAL_BUNDLE = os.path.join(DEMO_DIR, "eval_bundle")
+OFFLINE_HINT = ("offline, run with NANOCHAT_DATA_SOURCE=demo (the built-in demo data) or NANOCHAT_DATA_SOURCE="
+                "path/to/texts, and NANOCHAT_EVAL_BUNDLE=path/to/eval_bundle; or point NANOCHAT_DATA_URL "
+                "(NANOCHAT_EVAL_BUNDLE_URL for the eval bundle) at a mirror")
 
 
 def get_data_dir():
@@ -55,17 +72,66 @@ def _shard_paths(data_dir):
     return sorted(os.path.join(data_dir, n) for n in names if SHARD_RE.fullmatch(n))
 
 
-def list_shards(split, data_dir=None):
-    """The shard paths of one split: the last shard by name is "val", all the others "train"."""
-    if split not in ("train", "val"):
-        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    data_dir = data_dir or get_data_dir()
+def read_manifest(data_dir):
+    """The manifest of data_dir ({"source", "train", "val", "docs"}), or None if there is none."""
+    path = os.path.join(data_dir, MANIFEST)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+        if isinstance(manifest["source"], str) and manifest["train"] and manifest["val"]:
+            return manifest
+    except (ValueError, KeyError, TypeError):
+        pass
+    raise ValueError(f"{path}: not a valid shard manifest; delete {data_dir} and build the shards "
+                     f"again (python -m nanochat.dataset --local PATH, or -n 8 to download)")
+
+
+def write_manifest(data_dir, source, train, val):
+    """Record which shards (file names in data_dir) are train and which val, and their source."""
+    docs = {name: pq.read_metadata(os.path.join(data_dir, name)).num_rows for name in train + val}
+    manifest = {"source": source, "train": train, "val": val, "docs": docs}
+    with atomic_write(os.path.join(data_dir, MANIFEST)) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=1)
+    return manifest
+
+
+def _legacy_splits(data_dir):
+    """Shards without a manifest: only a ClimbMix download (from before manifests existed) can be
+    split safely, because its val shard has a known index. Anything else is an error."""
     paths = _shard_paths(data_dir)
+    val = os.path.join(data_dir, f"shard_{MAX_SHARD:05d}.parquet")
+    if len(paths) >= 2 and val in paths:
+        return {"train": [p for p in paths if p != val], "val": [val]}
     if len(paths) < 2:
         raise FileNotFoundError(
             f"found {len(paths)} shard(s) in {data_dir}, need at least 2 (train + val): run "
             f"`python -m nanochat.dataset -n 8` or `python -m nanochat.dataset --local PATH`")
-    return paths[:-1] if split == "train" else paths[-1:]
+    raise FileNotFoundError(
+        f"{data_dir} holds {len(paths)} shards but no {MANIFEST} saying which is the val split (and no "
+        f"ClimbMix val shard shard_{MAX_SHARD:05d}.parquet): delete {data_dir} and build it again with "
+        f"`python -m nanochat.dataset --local PATH` (or `-n 8` to download ClimbMix)")
+
+
+def list_shards(split, data_dir=None):
+    """The shard paths of one split, as the manifest records them. Every shard the manifest
+    names must exist: a missing one is an error naming the file and how to get it back."""
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    data_dir = data_dir or get_data_dir()
+    manifest = read_manifest(data_dir)
+    if manifest is None:
+        return _legacy_splits(data_dir)[split]
+    for which in ("val", "train"):
+        for name in manifest[which]:
+            if not os.path.exists(os.path.join(data_dir, name)):
+                fix = ("run `python -m nanochat.dataset -n 8` to download it again" if manifest["source"] == CLIMBMIX
+                       else f"delete {data_dir} and build it again from {manifest['source']}")
+                raise FileNotFoundError(f"{os.path.join(data_dir, name)}: this {which} shard (listed in "
+                                        f"{MANIFEST}) is missing; {fix}")
+    return [os.path.join(data_dir, name) for name in manifest[split]]
 
 
 def _unreadable(path, e):
@@ -136,10 +202,27 @@ def _is_parquet(path):
         return False
 
 
+class HostUnreachable(RuntimeError):
+    """The host of a URL cannot be reached at all: retrying in a few seconds will not help."""
+
+
+def _unreachable(url, e):
+    """A HostUnreachable for a failed name lookup or a refused / unroutable connection, else None.
+    These come from a machine without network (or a wrong URL), not from a flaky link."""
+    reason = getattr(e, "reason", e)  # urllib wraps the socket error in a URLError
+    if not (isinstance(reason, socket.gaierror)
+            or getattr(reason, "errno", None) in (errno.ECONNREFUSED, errno.ENETUNREACH, errno.EHOSTUNREACH)):
+        return None
+    host = urllib.parse.urlsplit(url).netloc
+    return HostUnreachable(f"could not download {url}: cannot reach {host} "
+                           f"({getattr(reason, 'strerror', None) or reason}); {OFFLINE_HINT}")
+
+
 def download_file(url, path, verify, retries=5, backoff=2.0, timeout=30):
     """Download url to path, which appears only once `verify(temp_path)` accepts the bytes.
     Transient failures (network errors, timeouts, 5xx, bytes that fail verification) are
-    retried with exponential backoff; a 4xx is not. Raises RuntimeError naming the URL."""
+    retried with exponential backoff; a 4xx is not, nor a host that cannot be reached at all
+    (HostUnreachable). Raises RuntimeError naming the URL."""
     if os.path.exists(path):
         return path  # only verified files are ever renamed into place, so this one is whole
     tmp = path + ".partial"  # a fixed temp name lets a re-run resume it
@@ -156,6 +239,8 @@ def download_file(url, path, verify, retries=5, backoff=2.0, timeout=30):
             error = e
             continue
         except (OSError, http.client.HTTPException) as e:  # refused, reset, dropped, timed out
+            if unreachable := _unreachable(url, e):
+                raise unreachable from None
             if getattr(e, "errno", None) == errno.ENOSPC:  # retrying cannot help until space is freed
                 raise RuntimeError(f"no space left on device while writing {tmp}: free space in "
                                    f"{os.path.dirname(tmp)} and run again (the partial download resumes)") from None
@@ -175,10 +260,21 @@ def download_shard(index, data_dir=None, retries=5, backoff=2.0, timeout=30):
     return download_file(shard_url(index), path, _is_parquet, retries, backoff, timeout)
 
 
+def _check_download_source(data_dir):
+    """Downloaded shards may only join other ClimbMix shards: mixed in with shards built from other
+    data they would silently change the training data (and old names would pass for ClimbMix)."""
+    manifest = read_manifest(data_dir)
+    if manifest is not None and manifest["source"] != CLIMBMIX:
+        raise ValueError(f"{data_dir} holds shards built from {manifest['source']}, not {CLIMBMIX}: set "
+                         f"NANOCHAT_BASE_DIR to another dir (or --out), or delete {data_dir} to download")
+
+
 def download(num_train_shards=8, data_dir=None, workers=8, retries=5, backoff=2.0):
     """Download train shards 0..n-1 (n = -1: all of them) plus the validation shard, several
-    at a time. Shards already present are skipped, so re-running resumes an interrupted download."""
+    at a time. Shards already present are skipped, so re-running resumes an interrupted download.
+    Once all are in, the manifest lists every ClimbMix shard present: the val one, and train the rest."""
     data_dir = data_dir or get_data_dir()
+    _check_download_source(data_dir)
     n = MAX_SHARD if num_train_shards < 0 else min(num_train_shards, MAX_SHARD)
     indices = list(range(n)) + [MAX_SHARD]
     print(f"downloading {n} train shards + 1 val shard to {data_dir}", flush=True)
@@ -190,12 +286,19 @@ def download(num_train_shards=8, data_dir=None, workers=8, retries=5, backoff=2.
                 path = future.result()
                 print(f"[{done}/{len(indices)}] {os.path.basename(path)} "
                       f"({os.path.getsize(path) / 1e6:.1f} MB)", flush=True)
+            except HostUnreachable:  # every other shard would fail the same way: stop now
+                for f in futures:
+                    f.cancel()
+                raise
             except RuntimeError as e:
                 errors[futures[future]] = e
                 print(f"[{done}/{len(indices)}] failed: {e}", flush=True)
     if errors:
         first = errors[min(errors)]
         raise RuntimeError(f"{first} ({len(errors)} of {len(indices)} shards failed; run again to resume)")
+    val = f"shard_{MAX_SHARD:05d}.parquet"
+    train = [os.path.basename(p) for p in _shard_paths(data_dir) if os.path.basename(p) != val]
+    write_manifest(data_dir, CLIMBMIX, train, [val])
 
 
 # -----------------------------------------------------------------------------
@@ -208,16 +311,24 @@ def _write_shard(path, texts, row_group_size):
     return path
 
 
-def _refuse_existing(out_dir):
-    # new shards mixed into old ones would silently change which shard is the val split
-    if _shard_paths(out_dir):
-        raise ValueError(f"{out_dir} already holds shards: pass another --out dir or delete the old shards")
+def _refuse_existing(out_dir, source):
+    # new shards mixed into old ones would silently change the data and which shard is the val split
+    if not _shard_paths(out_dir) and not os.path.exists(os.path.join(out_dir, MANIFEST)):
+        return
+    old = (read_manifest(out_dir) or {}).get("source")
+    if old == source:
+        raise ValueError(f"{out_dir} already holds shards built from {source}: use them as they are, "
+                         f"or delete {out_dir} to build them again")
+    raise ValueError(f"{out_dir} already holds shards from {old or 'another source (no ' + MANIFEST + ')'}, "
+                     f"not from {source}: set NANOCHAT_BASE_DIR to another dir (or pass --out), "
+                     f"or delete {out_dir}")
 
 
-def write_shards(texts, out_dir, docs_per_shard=50_000, val_docs=10_000, row_group_size=1024):
+def write_shards(texts, out_dir, docs_per_shard=50_000, val_docs=10_000, row_group_size=1024, source="write_shards"):
     """Write an iterable of documents as shards in out_dir: the first `val_docs` documents
-    become the last shard (the val split), the rest shard_00000, shard_00001, ... Returns the paths."""
-    _refuse_existing(out_dir)
+    become the last shard (the val split), the rest shard_00000, shard_00001, ...; then the
+    manifest, which records the split and `source`. Returns the paths."""
+    _refuse_existing(out_dir, source)
     if val_docs < 1 or docs_per_shard < 1:
         raise ValueError(f"val_docs and docs_per_shard must be >= 1, got {val_docs} and {docs_per_shard}")
     os.makedirs(out_dir, exist_ok=True)
@@ -232,16 +343,23 @@ def write_shards(texts, out_dir, docs_per_shard=50_000, val_docs=10_000, row_gro
             raise ValueError(f"only {len(val)} documents: need more than val_docs={val_docs} to leave some for training")
         paths.append(_write_shard(os.path.join(out_dir, f"shard_{len(paths):05d}.parquet"), val, row_group_size))
         print(f"wrote {os.path.basename(paths[-1])}: {len(val):,} val docs", flush=True)
+        names = [os.path.basename(p) for p in paths]
+        write_manifest(out_dir, source, names[:-1], names[-1:])  # last: shards without it are never used
     except BaseException:
-        # without its val shard the last train shard would pass for val: leave nothing behind
+        # leave nothing half-built behind: a re-run starts clean
         for path in paths:
             os.remove(path)
         raise
     return paths
 
 
+def _open_text(path):
+    # .gz files are read as they are: the demo corpus ships compressed
+    return gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")
+
+
 def _read_jsonl(path):
-    with open(path, encoding="utf-8") as f:
+    with _open_text(path) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -256,7 +374,7 @@ def _read_jsonl(path):
 
 def _read_txt(path):
     # plain text has no document markers; blank lines (paragraphs, speeches) are the natural ones
-    with open(path, encoding="utf-8") as f:
+    with _open_text(path) as f:
         yield from (doc.strip() for doc in re.split(r"\n\s*\n", f.read()) if doc.strip())
 
 
@@ -268,7 +386,14 @@ def _read_parquet(path):
         yield from read_row_group(path, rg)
 
 
-READERS = {".jsonl": _read_jsonl, ".txt": _read_txt, ".parquet": _read_parquet}
+READERS = {".jsonl": _read_jsonl, ".txt": _read_txt, ".parquet": _read_parquet,
+           ".jsonl.gz": _read_jsonl, ".txt.gz": _read_txt}
+
+
+def _file_type(path):
+    """The READERS key of a path ('.txt.gz' for notes.txt.gz), or None."""
+    name = os.path.basename(path)
+    return next((ext for ext in sorted(READERS, key=len, reverse=True) if name.endswith(ext)), None)
 
 
 def read_local_documents(paths):
@@ -276,23 +401,33 @@ def read_local_documents(paths):
     for path in paths:
         if os.path.isdir(path):
             files = [os.path.join(root, name) for root, _, names in os.walk(path) for name in names]
-            yield from read_local_documents(sorted(f for f in files if os.path.splitext(f)[1] in READERS))
+            yield from read_local_documents(sorted(f for f in files if _file_type(f)))
             continue
-        reader = READERS.get(os.path.splitext(path)[1])
+        reader = READERS.get(_file_type(path))
         if reader is None:
             raise ValueError(f"{path}: unknown file type, expected {', '.join(READERS)} or a directory")
         yield from reader(path)
 
 
-def build_local(paths, out_dir=None, seed=42, val_docs=10_000, **shard_kwargs):
+def local_source(paths):
+    """How a manifest names local files: their absolute paths."""
+    return ", ".join(os.path.abspath(p) for p in paths)
+
+
+def build_local(paths, out_dir=None, seed=42, val_docs=10_000, source=None, **shard_kwargs):
     """Shards from local files. Documents are shuffled first so that train and val are drawn
     from the same mix, not from different files."""
     out_dir = out_dir or get_data_dir()
-    _refuse_existing(out_dir)  # before reading everything, not after
+    source = source or local_source(paths)
+    _refuse_existing(out_dir, source)  # before reading everything, not after
     docs = list(read_local_documents(paths))
     random.Random(seed).shuffle(docs)
     val_docs = min(val_docs, max(1, len(docs) // 10))  # a small corpus keeps ~90% for training
-    return write_shards(docs, out_dir, val_docs=val_docs, **shard_kwargs)
+    return write_shards(docs, out_dir, val_docs=val_docs, source=source, **shard_kwargs)
+
+
+def hf_source(name, config=None):
+    return f"hf:{name}" + (f" ({config})" if config else "")
 
 
 def build_hf(name, out_dir=None, config=None, split="train", text_column="text", max_docs=None, seed=42,
@@ -304,7 +439,8 @@ def build_hf(name, out_dir=None, config=None, split="train", text_column="text",
     except ImportError:
         raise RuntimeError("--hf needs the `datasets` package: pip install datasets") from None
     out_dir = out_dir or get_data_dir()
-    _refuse_existing(out_dir)
+    source = hf_source(name, config)
+    _refuse_existing(out_dir, source)
     ds = load_dataset(name, config, split=split, streaming=True).shuffle(seed=seed, buffer_size=10_000)
     if max_docs is not None:
         ds = ds.take(max_docs)
@@ -315,19 +451,34 @@ def build_hf(name, out_dir=None, config=None, split="train", text_column="text",
                 raise ValueError(f"{name} has no column {text_column!r} (columns: {', '.join(row)}): "
                                  f"pick one with --text-column")
             yield row[text_column]
-    return write_shards(texts(), out_dir, **shard_kwargs)
+    return write_shards(texts(), out_dir, source=source, **shard_kwargs)
 
 
 # -----------------------------------------------------------------------------
 
+def already_built(out_dir, source):
+    """True if out_dir holds a whole set of shards built from `source` (each one is opened, so a
+    damaged shard stops here, named, with the fix). Shards from another source raise, with the fix."""
+    manifest = read_manifest(out_dir)
+    if manifest is None or manifest["source"] != source:
+        return False
+    for split in ("train", "val"):
+        for path in list_shards(split, out_dir):
+            open_shard(path)
+    return True
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m nanochat.dataset", description="Download pretraining shards, or build them from "
-                                                 "local files or a Hugging Face dataset.")
+    parser = argparse.ArgumentParser(prog="python -m nanochat.dataset",
+                                     description="Download pretraining shards, or build them from local files, "
+                                                 "a Hugging Face dataset or the built-in demo corpus.")
     parser.add_argument("-n", "--num-shards", type=int, default=8, help="train shards to download, plus val (-1: all)")
     parser.add_argument("-w", "--workers", type=int, default=8, help="parallel downloads")
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--local", nargs="+", metavar="PATH", help=".jsonl / .txt / .parquet files or directories")
+    source.add_argument("--local", nargs="+", metavar="PATH",
+                        help=".jsonl / .txt / .parquet files (or .jsonl.gz / .txt.gz) or directories")
     source.add_argument("--hf", metavar="NAME", help="Hugging Face dataset name or local path")
+    source.add_argument("--demo", action="store_true", help=f"the small corpus shipped in {DEMO_CORPUS} (offline)")
     parser.add_argument("--hf-config", default=None, help="dataset config (subset) name")
     parser.add_argument("--hf-split", default="train")
     parser.add_argument("--text-column", default="text")
@@ -341,8 +492,14 @@ def main(argv=None):
     out_dir = args.out or get_data_dir()
     shard_kwargs = dict(docs_per_shard=args.docs_per_shard, val_docs=args.val_docs, row_group_size=args.row_group_size)
     try:
-        if args.local:
-            build_local(args.local, out_dir, seed=args.seed, **shard_kwargs)
+        if args.local or args.demo or args.hf:
+            name = "demo" if args.demo else hf_source(args.hf, args.hf_config) if args.hf else local_source(args.local)
+            if already_built(out_dir, name):  # a re-run (speedrun.sh after a preemption) keeps them
+                print(f"data: shards already in {out_dir} (built from {name})")
+                return 0
+        if args.local or args.demo:
+            paths = [DEMO_CORPUS] if args.demo else args.local
+            build_local(paths, out_dir, seed=args.seed, source=name, **shard_kwargs)
         elif args.hf:
             build_hf(args.hf, out_dir, config=args.hf_config, split=args.hf_split, text_column=args.text_column,
                      max_docs=args.max_docs, seed=args.seed, **shard_kwargs)

@@ -2,12 +2,17 @@
 Shard download, listing and building. Downloads are served by a local HTTP server that
 can misbehave on request (drop the connection, send a truncated file, 404), so no network.
 """
+import errno
+import glob
+import gzip
 import json
 import os
 import socket
 import subprocess
 import sys
 import threading
+import time
+import urllib.error
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -18,6 +23,7 @@ import pytest
 from nanochat import dataset
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(os.path.dirname(REPO_ROOT), "shared")
 FAST = dict(retries=3, backoff=0.001)
 
 
@@ -138,9 +144,66 @@ def test_unreachable_host(monkeypatch, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     monkeypatch.setenv("NANOCHAT_DATA_URL", f"http://127.0.0.1:{port}")
-    with pytest.raises(RuntimeError, match=f"could not download http://127.0.0.1:{port}/shard_00000.parquet"):
-        dataset.download_shard(0, data_dir=str(tmp_path), **FAST)
+    t0 = time.monotonic()
+    with pytest.raises(dataset.HostUnreachable) as exc:  # refused: no retry (the default backoff waits 62 s)
+        dataset.download_shard(0, data_dir=str(tmp_path))
+    assert time.monotonic() - t0 < 5
+    assert str(exc.value).startswith(f"could not download http://127.0.0.1:{port}/shard_00000.parquet: "
+                                     f"cannot reach 127.0.0.1:{port} (Connection refused); offline, run with")
     assert os.listdir(tmp_path) == []
+
+
+def test_unresolvable_host_fails_fast_with_one_line(monkeypatch, tmp_path, capsys):
+    # what a machine without network sees: the name of the data host does not resolve
+    monkeypatch.setenv("NANOCHAT_DATA_URL", "http://nanochat-data.invalid/data")
+    t0 = time.monotonic()
+    assert dataset.main(["-n", "8", "--out", str(tmp_path / "d")]) == 1  # default retries and backoff
+    assert time.monotonic() - t0 < 10  # was 9 shards x 6 attempts, ~3 minutes
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("error: could not download http://nanochat-data.invalid/data/shard_")
+    for part in ["cannot reach nanochat-data.invalid (", "NANOCHAT_DATA_SOURCE=demo", "NANOCHAT_DATA_SOURCE=path/to/texts",
+                 "NANOCHAT_EVAL_BUNDLE=path/to/eval_bundle", "NANOCHAT_DATA_URL"]:
+        assert part in err[0]
+    assert not dataset._shard_paths(str(tmp_path / "d"))
+
+
+def test_unresolvable_eval_bundle_host_fails_fast(monkeypatch, tmp_path):
+    from scripts.base_eval import download_eval_bundle
+    monkeypatch.setenv("NANOCHAT_EVAL_BUNDLE_URL", "http://nanochat-data.invalid/eval_bundle.zip")
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError) as exc:
+        download_eval_bundle(str(tmp_path / "eval_bundle"))  # default retries and backoff
+    assert time.monotonic() - t0 < 10
+    msg = str(exc.value)
+    assert "\n" not in msg and "cannot reach nanochat-data.invalid" in msg and "NANOCHAT_EVAL_BUNDLE_URL" in msg
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("error, transient", [
+    (urllib.error.URLError(socket.timeout("timed out")), True),
+    (TimeoutError("The read operation timed out"), True),
+    (urllib.error.HTTPError("http://x", 503, "Service Unavailable", None, None), True),
+    (ConnectionResetError(errno.ECONNRESET, "Connection reset by peer"), True),
+    (urllib.error.URLError(socket.gaierror(-2, "Name or service not known")), False),
+    (urllib.error.URLError(ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused")), False),
+    (urllib.error.URLError(OSError(errno.ENETUNREACH, "Network is unreachable")), False),
+])
+def test_transient_errors_retry_unreachable_hosts_do_not(monkeypatch, tmp_path, error, transient):
+    calls = []
+
+    def fetch(url, tmp, timeout):
+        calls.append(url)
+        raise error
+
+    monkeypatch.setattr(dataset, "_fetch", fetch)
+    with pytest.raises(RuntimeError) as exc:
+        dataset.download_file("http://mirror.example:8080/x", str(tmp_path / "x"), dataset._is_parquet,
+                              retries=2, backoff=0.001)
+    assert len(calls) == (3 if transient else 1)
+    assert isinstance(exc.value, dataset.HostUnreachable) != transient
+    if not transient:
+        assert "cannot reach mirror.example:8080 (" in str(exc.value)
 
 
 def test_download_then_rerun_is_a_no_op(server, tmp_path, capsys):
@@ -150,6 +213,10 @@ def test_download_then_rerun_is_a_no_op(server, tmp_path, capsys):
     assert len(server.requests) == 3
     assert [os.path.basename(p) for p in dataset.list_shards("train")] == ["shard_00000.parquet", "shard_00001.parquet"]
     assert [os.path.basename(p) for p in dataset.list_shards("val")] == ["shard_06542.parquet"]
+    assert dataset.read_manifest(dataset.get_data_dir()) == {
+        "source": "climbmix", "train": ["shard_00000.parquet", "shard_00001.parquet"],
+        "val": ["shard_06542.parquet"],
+        "docs": {"shard_00000.parquet": 300, "shard_00001.parquet": 300, "shard_06542.parquet": 300}}
     assert len(capsys.readouterr().out.strip().splitlines()) == 1 + 3  # header + one line per shard
     dataset.download(2, **FAST)
     assert len(server.requests) == 3
@@ -175,7 +242,49 @@ def test_list_shards_errors(tmp_path):
     dataset.write_shards(["a", "b"], str(tmp_path), docs_per_shard=5, val_docs=1)
     os.remove(tmp_path / "shard_00000.parquet")  # only the val shard left: no train split
     (tmp_path / "shard_00007.parquet.partial").write_bytes(b"junk")  # temp files never count
+    with pytest.raises(FileNotFoundError) as exc:
+        dataset.list_shards("val", str(tmp_path))  # any missing shard, whichever split is asked for
+    assert str(exc.value) == (f"{tmp_path / 'shard_00000.parquet'}: this train shard (listed in manifest.json) "
+                              f"is missing; delete {tmp_path} and build it again from write_shards")
+    os.remove(tmp_path / "manifest.json")
     with pytest.raises(FileNotFoundError, match="found 1 shard"):
+        dataset.list_shards("val", str(tmp_path))
+
+
+def test_missing_val_shard_is_an_error_not_a_train_shard_promoted(tmp_path):
+    dataset.write_shards([f"doc {i}" for i in range(30)], str(tmp_path), docs_per_shard=10, val_docs=5)
+    assert dataset.read_manifest(str(tmp_path)) == {
+        "source": "write_shards", "train": [f"shard_{i:05d}.parquet" for i in range(3)],
+        "val": ["shard_00003.parquet"], "docs": {"shard_00000.parquet": 10, "shard_00001.parquet": 10,
+                                                 "shard_00002.parquet": 5, "shard_00003.parquet": 5}}
+    os.remove(tmp_path / "shard_00003.parquet")
+    for split in ("val", "train"):  # before manifests, val silently became shard_00002, a train shard
+        with pytest.raises(FileNotFoundError) as exc:
+            dataset.list_shards(split, str(tmp_path))
+        assert str(exc.value).startswith(f"{tmp_path / 'shard_00003.parquet'}: this val shard (listed in "
+                                         f"manifest.json) is missing; delete {tmp_path} and build it again")
+    # the same for downloaded shards, whose fix is to download the missing one again
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "source": "climbmix"}))
+    with pytest.raises(FileNotFoundError, match=r"this val shard .* is missing; run `python -m nanochat.dataset -n 8`"):
+        dataset.list_shards("train", str(tmp_path))
+
+
+def test_shards_without_manifest(tmp_path):
+    # built by hand or by an older version: nothing says which shard is val, so nothing is guessed
+    for name in ("shard_00000.parquet", "shard_00001.parquet"):
+        pq.write_table(pa.table({"text": ["x"]}), tmp_path / name)
+    with pytest.raises(FileNotFoundError) as exc:
+        dataset.list_shards("val", str(tmp_path))
+    assert str(exc.value).startswith(f"{tmp_path} holds 2 shards but no manifest.json saying which is the val split")
+    assert "python -m nanochat.dataset --local PATH" in str(exc.value)
+    # a ClimbMix download from before manifests: its val shard is known by its index
+    pq.write_table(pa.table({"text": ["v"]}), tmp_path / "shard_06542.parquet")
+    assert [os.path.basename(p) for p in dataset.list_shards("train", str(tmp_path))] == [
+        "shard_00000.parquet", "shard_00001.parquet"]
+    assert [os.path.basename(p) for p in dataset.list_shards("val", str(tmp_path))] == ["shard_06542.parquet"]
+    (tmp_path / "manifest.json").write_text('{"source": "x"}')
+    with pytest.raises(ValueError, match="manifest.json: not a valid shard manifest; delete"):
         dataset.list_shards("val", str(tmp_path))
 
 
@@ -221,6 +330,41 @@ def test_build_local(local_corpus, tmp_path):
         dataset.build_local([str(src)], out)
 
 
+def test_gzipped_files_are_read_as_they_are(local_corpus, tmp_path):
+    src, docs = local_corpus
+    for name in ("a.jsonl", "b.txt"):
+        with open(src / name, "rb") as f, gzip.open(tmp_path / (name + ".gz"), "wb") as g:
+            g.write(f.read())
+    assert list(dataset.read_local_documents([str(tmp_path / "a.jsonl.gz"), str(tmp_path / "b.txt.gz")])) == docs[:50]
+
+
+def test_other_source_on_built_shards_is_refused_in_one_line(local_corpus, tmp_path, capsys):
+    src, _ = local_corpus
+    out = tmp_path / "o"
+    assert dataset.main(["--local", str(src / "a.jsonl"), str(src / "b.txt"), "--out", str(out)]) == 0
+    first = f"{src / 'a.jsonl'}, {src / 'b.txt'}"
+    assert dataset.read_manifest(str(out))["source"] == first
+    capsys.readouterr()
+    # the same source again (speedrun.sh re-run): kept as it is, each shard opened to check it
+    before = {n: os.path.getmtime(out / n) for n in os.listdir(out)}
+    assert dataset.main(["--local", str(src / "a.jsonl"), str(src / "b.txt"), "--out", str(out)]) == 0
+    assert capsys.readouterr().out == f"data: shards already in {out} (built from {first})\n"
+    assert {n: os.path.getmtime(out / n) for n in os.listdir(out)} == before
+    # other data on the same dir: said in one line with the fix, nothing touched
+    for argv, new in [(["--local", str(src / "sub")], str(src / "sub")), (["--demo"], "demo")]:
+        assert dataset.main(argv + ["--out", str(out)]) == 1
+        assert capsys.readouterr().err.splitlines() == [
+            f"error: {out} already holds shards from {first}, not from {new}: set NANOCHAT_BASE_DIR to another "
+            f"dir (or pass --out), or delete {out}"]
+    with pytest.raises(ValueError, match=f"{out} holds shards built from {src}.*not climbmix: set NANOCHAT_BASE_DIR"):
+        dataset.download(2, str(out))
+    assert {n: os.path.getmtime(out / n) for n in os.listdir(out)} == before
+    # shards with no manifest (an older version) are not taken for any source either
+    os.remove(out / "manifest.json")
+    assert dataset.main(["--local", str(src / "a.jsonl"), str(src / "b.txt"), "--out", str(out)]) == 1
+    assert "already holds shards from another source (no manifest.json)" in capsys.readouterr().err
+
+
 def test_iter_documents_ranks_partition_the_data(local_corpus, tmp_path):
     src, _ = local_corpus
     out = str(tmp_path / "out")
@@ -260,7 +404,7 @@ def test_cli_unknown_extension(tmp_path):
     result = subprocess.run([sys.executable, "-m", "nanochat.dataset", "--local", str(csv), "--out", str(tmp_path / "o")],
                             cwd=REPO_ROOT, capture_output=True, text=True)
     assert result.returncode == 1
-    assert result.stderr.splitlines() == [f"error: {csv}: unknown file type, expected .jsonl, .txt, .parquet or a directory"]
+    assert result.stderr.splitlines() == [f"error: {csv}: unknown file type, expected .jsonl, .txt, .parquet, .jsonl.gz, .txt.gz or a directory"]
 
 
 def test_cli_local_build(local_corpus, tmp_path, capsys):
@@ -302,3 +446,69 @@ def test_build_hf_missing_column(hf_dir, tmp_path):
     with pytest.raises(ValueError, match=r"no column 'body' \(columns: text\)"):
         dataset.build_hf(str(src), str(tmp_path / "out"), text_column="body")
     assert not os.path.exists(tmp_path / "out") or os.listdir(tmp_path / "out") == []
+
+
+# -----------------------------------------------------------------------------
+# the demo data shipped in the package
+
+DEMO_TASKS = 18  # hellaswag (used by 2 tasks), squad and coqa are not in the bundle: 18 of 22 tasks
+
+
+def test_demo_build(tmp_path, capsys):
+    out = tmp_path / "base_data"
+    assert dataset.main(["--demo", "--out", str(out)]) == 0
+    manifest = dataset.read_manifest(str(out))
+    assert manifest["source"] == "demo"
+    assert (manifest["train"], manifest["val"]) == (["shard_00000.parquet"], ["shard_00001.parquet"])
+    # 780 web pages + 7,222 blank-line-separated Shakespeare passages; 10% of them are val
+    assert manifest["docs"] == {"shard_00000.parquet": 7202, "shard_00001.parquet": 800}
+    found = list(dataset.iter_documents("train", str(out))) + list(dataset.iter_documents("val", str(out)))
+    assert Counter(found) == Counter(dataset.read_local_documents([dataset.DEMO_CORPUS]))
+    assert capsys.readouterr().out.splitlines()[-1] == f"done: 1 train shard(s) + 1 val shard in {out}"
+
+
+def test_demo_eval_bundle():
+    from nanochat.core_eval import load_tasks
+    tasks = load_tasks(dataset.DEMO_EVAL_BUNDLE)
+    assert len(tasks) == 22
+    present = {t["label"]: len(t["data"]) for t in tasks if t["data"] is not None}
+    assert len(present) == DEMO_TASKS
+    assert present.pop("bigbench_repeat_copy_logic") == 32  # the whole task file is 32 items
+    assert set(present.values()) == {50}
+    notice = open(os.path.join(dataset.DEMO_DIR, "NOTICE")).read()
+    for source in ["MIT License", "public domain", "Apache License 2.0", "web_dclm.jsonl.gz", "tinyshakespeare.txt.gz"]:
+        assert source in notice
+    for t in tasks:
+        if t["data"] is not None:
+            assert os.path.basename(t["path"])[:-len(".jsonl")] in notice
+
+
+def test_demo_data_is_small_and_has_no_share_alike_corpus():
+    files = [os.path.join(root, n) for root, _, names in os.walk(dataset.DEMO_DIR) for n in names]
+    assert sum(os.path.getsize(f) for f in files) < 3_000_000
+    corpus = sorted(os.listdir(dataset.DEMO_CORPUS))
+    assert corpus == ["tinyshakespeare.txt.gz", "web_dclm.jsonl.gz"]  # not the WikiText file: CC BY-SA
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED, "eval_bundle")), reason="../shared not present")
+def test_demo_data_is_reproducible_from_shared(tmp_path):
+    from nanochat.make_demo_data import make_demo_data
+    make_demo_data(SHARED, str(tmp_path))
+    shipped = dataset.DEMO_DIR
+    rebuilt = sorted(os.path.relpath(os.path.join(r, n), tmp_path) for r, _, names in os.walk(tmp_path) for n in names)
+    assert rebuilt == sorted(os.path.relpath(os.path.join(r, n), shipped)
+                             for r, _, names in os.walk(shipped) for n in names if n != "NOTICE")
+    for rel in rebuilt:
+        read = gzip.open if rel.endswith(".gz") else open  # compare contents: zlib versions may differ in bytes
+        with read(os.path.join(tmp_path, rel), "rb") as a, read(os.path.join(shipped, rel), "rb") as b:
+            assert a.read() == b.read(), rel
+
+
+def test_demo_data_ships_with_the_package():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    with open(os.path.join(REPO_ROOT, "pyproject.toml"), "rb") as f:
+        patterns = tomllib.load(f)["tool"]["setuptools"]["package-data"]["nanochat"]
+    package = os.path.join(REPO_ROOT, "nanochat")
+    shipped = {p for pattern in patterns for p in glob.glob(os.path.join(package, pattern))}
+    files = {os.path.join(r, n) for r, _, names in os.walk(dataset.DEMO_DIR) for n in names if "__pycache__" not in r}
+    assert files and files == shipped
