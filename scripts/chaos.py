@@ -1,8 +1,8 @@
 """
 Chaos test for preemption safety: kill training with SIGKILL at random moments of its
-checkpoint cycle, resume with --resume, repeat; then check that the final checkpoint equals that of an uninterrupted run:
-weights, optimizer state and the data streams' state (bit for bit on CPU, where every step is
-deterministic). Exits non-zero if anything differs or if it made fewer kills than asked.
+checkpoint cycle, resume with --resume, repeat; then check that the final checkpoint equals
+that of an uninterrupted run: weights, optimizer state and the data streams' state (bit for
+bit on CPU, where every step is deterministic). Exits non-zero if anything differs or if it made fewer kills than asked.
 
     python -m scripts.chaos --kills 5                       # a tiny CPU model on the base dir's data
     python -m scripts.chaos --kills 3 -- --depth 4 --num-iterations 100 --save-every 5

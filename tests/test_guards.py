@@ -274,7 +274,7 @@ def test_resume_of_a_different_model_names_the_flag_and_keeps_the_checkpoint(bas
 
 
 # -----------------------------------------------------------------------------
-# 6. full disk during a checkpoint save; fsync before the rename
+# 6. full disk during a checkpoint save; fsync before the rename (checkpoints and atomic_write)
 
 class Tiny(torch.nn.Module):
     def __init__(self, value):
@@ -336,8 +336,9 @@ def test_every_file_and_the_directory_are_fsynced_before_the_rename(tmp_path, mo
     monkeypatch.setattr(os, "fsync", fsync)
     save(tmp_path / "run", 1)
     tmp = os.path.join("run", "step_000001.tmp")
-    assert synced == [(os.path.join(tmp, name), False) for name in ("model.pt", "optimizer.pt", "loaders.json", "meta.json")] \
-        + [(tmp, False), ("run", True)]  # the files, their directory, then (after the rename) its parent
+    files = [os.path.join(tmp, name) for name in ("model.pt", "optimizer.pt", "loaders.json", "meta.json")]
+    # the files, their directory, then (after the rename) its parent
+    assert synced == [(f, False) for f in files] + [(tmp, False), ("run", True)]
 
 
 # -----------------------------------------------------------------------------
@@ -392,3 +393,17 @@ def test_base_eval_refuses_a_retrained_tokenizer(base_dir, other_tok, tok):
         base_eval.main(["--device-type", "cpu", "--bpb-tokens", "0", "--samples", "0"])
     assert str(d) in one_line(exc) and str(base_dir / "tokenizer" / "tokenizer.json") in str(exc.value)
     assert not (run / "base_eval.json").exists()
+
+
+def test_atomic_write_fsyncs_the_file_before_the_rename_and_the_directory_after(tmp_path, monkeypatch):
+    from nanochat import common
+    synced, real_fsync = [], os.fsync
+
+    def fsync(fd):
+        synced.append((os.path.basename(os.readlink(f"/proc/self/fd/{fd}")), (tmp_path / "f.json").exists()))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with common.atomic_write(str(tmp_path / "f.json")) as tmp, open(tmp, "w") as f:
+        f.write("{}")
+    assert synced == [(os.path.basename(tmp), False), (tmp_path.name, True)]
