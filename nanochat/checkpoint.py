@@ -14,15 +14,17 @@ and never damages an earlier checkpoint. Because nothing in it is per-rank, a ru
 processes resumes on 1 (or 3) and vice versa; see docs/RELIABILITY.md for what stays exact.
 """
 import dataclasses
+import errno
 import json
 import os
 import re
 import shutil
+import warnings
 
 import torch
 import torch.distributed as dist
 
-from nanochat.common import atomic_write, get_base_dir
+from nanochat.common import atomic_write, fsync_path, get_base_dir
 from nanochat.gpt import GPTConfig, build_model
 
 
@@ -49,7 +51,9 @@ def step_dir(run_dir, step):
 
 def save_checkpoint(run_dir, step, model, optimizer, meta, loader_states, rank=0, keep=2):
     """Called by every rank: the optimizer shards and the ranks' data-stream states (a list per
-    rank, rank-major = stream order) are gathered, then rank 0 writes. Keeps the newest `keep`."""
+    rank, rank-major = stream order) are gathered, then rank 0 writes. Keeps the newest `keep`.
+    meta: anything JSON, stored in meta.json; base_train puts the model config, the flags, the
+    loop state and the tokenizer's fingerprint there (meta["tokenizer"] = tokenizer.fingerprint())."""
     optimizer_state = optimizer.full_state_dict() if optimizer is not None else None
     streams = loader_states
     if dist.is_initialized():
@@ -57,23 +61,89 @@ def save_checkpoint(run_dir, step, model, optimizer, meta, loader_states, rank=0
         dist.all_gather_object(per_rank, loader_states)
         streams = [state for states in per_rank for state in states]
     final = step_dir(run_dir, step)
+    error = None
     if rank == 0:
-        tmp = final + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crash during an earlier save
+        files = {"model.pt": model.state_dict(), "optimizer.pt": optimizer_state,
+                 "loaders.json": streams, "meta.json": {"step": step, **meta}}
+        try:
+            _write_checkpoint(final, files)
+            for old in list_steps(run_dir)[:-keep] if keep else []:
+                shutil.rmtree(step_dir(run_dir, old), ignore_errors=True)
+        except Exception as e:  # noqa: BLE001 (the other ranks must hear of it, not wait forever)
+            error = e
+    if dist.is_initialized():  # nobody goes on (or reads it) before it is complete, or failed
+        box = [None if error is None else str(error)]
+        dist.broadcast_object_list(box, src=0)
+        if rank != 0 and box[0] is not None:
+            raise RuntimeError(f"rank 0 could not save {final}: {box[0]}")
+    if error is not None:
+        raise error
+    return final
+
+
+def _write_checkpoint(final, files):
+    """Write `files` (name -> tensors or JSON data) into final.tmp/, then rename it to `final`.
+    On any failure the .tmp directory is removed (a full disk stays full otherwise) and earlier
+    checkpoints are untouched. Every file and the directory are fsynced before the rename, so
+    after a power cut a checkpoint under its final name is complete."""
+    run_dir = os.path.dirname(final)
+    tmp = final + ".tmp"
+    os.makedirs(run_dir, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crash during an earlier save
+    need = sum(_nbytes(data) for data in files.values()) * 1.02 + (16 << 20)  # + pickle/zip/JSON overhead
+    if shutil.disk_usage(run_dir).free < need:
+        raise _no_space(final, need)
+    try:
         os.makedirs(tmp)
-        torch.save(model.state_dict(), os.path.join(tmp, "model.pt"))
-        torch.save(optimizer_state, os.path.join(tmp, "optimizer.pt"))
-        for name, data in (("loaders.json", streams), ("meta.json", {"step": step, **meta})):
-            with open(os.path.join(tmp, name), "w") as f:
-                json.dump(data, f)
+        for name, data in files.items():
+            with open(os.path.join(tmp, name), "wb") as f:  # a file object: torch then reports ENOSPC as OSError
+                if name.endswith(".json"):
+                    f.write(json.dumps(data).encode())
+                else:
+                    torch.save(data, f)
+                f.flush()
+                os.fsync(f.fileno())
+        fsync_path(tmp)
         if os.path.exists(final):  # re-saving a step (e.g. the final step after a resume)
             shutil.rmtree(final)
         os.replace(tmp, final)
-        for old in list_steps(run_dir)[:-keep] if keep else []:
-            shutil.rmtree(step_dir(run_dir, old), ignore_errors=True)
-    if dist.is_initialized():
-        dist.barrier()  # nobody goes on (or reads it) before it is complete
-    return final
+        fsync_path(run_dir)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise _no_space(final, need) from None  # the estimate was short, or the disk filled meanwhile
+        raise
+
+
+def _nbytes(obj):
+    """Bytes torch.save writes for the tensors in obj: each storage once (it saves a storage, not
+    a view, and tensors sharing one once); the rest (JSON, scalars) is estimated by its repr."""
+    storages, rest = {}, 0
+
+    def walk(x):
+        nonlocal rest
+        if isinstance(x, torch.Tensor):
+            storages[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
+        elif isinstance(x, dict):
+            for k, v in x.items():
+                rest += len(repr(k))
+                walk(v)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                walk(v)
+        else:
+            rest += len(repr(x))
+    walk(obj)
+    return sum(storages.values()) + rest
+
+
+def _no_space(final, need):
+    mount = os.path.realpath(os.path.dirname(final))
+    while not os.path.ismount(mount):
+        mount = os.path.dirname(mount)
+    have = shutil.disk_usage(os.path.dirname(final)).free
+    return RuntimeError(f"no space left on {mount} ({final}): need {need / 1e9:.2f} GB, have {have / 1e9:.2f} GB; "
+                        f"free space or point NANOCHAT_BASE_DIR elsewhere")
 
 
 def _damaged(path, e):
@@ -113,19 +183,62 @@ def load_weights(run_dir, step, device):
     return _torch_load(os.path.join(step_dir(run_dir, step), "model.pt"), map_location=device, weights_only=True)
 
 
-def load_model(run_dir, device, step=None, vocab_size=None):
-    """(model, meta) from the newest (or the given) checkpoint of a run. vocab_size: the tokenizer's,
-    checked against the model's (a different tokenizer would silently give garbage)."""
+def load_model(run_dir, device, step=None, vocab_size=None, tokenizer=None):
+    """(model, meta) from the newest (or the given) checkpoint of a run. tokenizer (or just its
+    vocab_size): the one the caller will use, checked against the model's (a different tokenizer
+    would silently give garbage)."""
     meta = load_meta(run_dir, step)
+    vocab_size = tokenizer.vocab_size if tokenizer is not None else vocab_size
     trained = meta["model_config"]["vocab_size"]
     if vocab_size is not None and vocab_size != trained:
-        from nanochat.tokenizer import get_tokenizer_dir
         raise ValueError(f"checkpoint {step_dir(run_dir, meta['step'])} was trained with a vocab of {trained} tokens "
-                         f"but the tokenizer at {os.path.join(get_tokenizer_dir(), 'tokenizer.json')} has "
-                         f"{vocab_size}: use the tokenizer the model was trained with")
+                         f"but the tokenizer at {_tokenizer_path(tokenizer)} has {vocab_size}: "
+                         f"use the tokenizer the model was trained with")
+    if tokenizer is not None:
+        check_tokenizer(run_dir, tokenizer, meta)
     model = build_model(GPTConfig(**meta["model_config"]), device)
     model.load_state_dict(load_weights(run_dir, meta["step"], device))
     return model, meta
+
+
+def _tokenizer_path(tokenizer=None):
+    if tokenizer is not None and tokenizer.path:
+        return tokenizer.path
+    from nanochat.tokenizer import get_tokenizer_dir
+    return os.path.join(get_tokenizer_dir(), "tokenizer.json")
+
+
+def check_tokenizer(run_dir, tokenizer, meta=None):
+    """Refuse a tokenizer other than the one the checkpoint was trained with (meta: that
+    checkpoint's meta.json; default the run's newest). A retrained tokenizer of the same vocab
+    size maps text to other ids: evaluation and training would go on, producing garbage.
+    Checkpoints from before fingerprints were stored get a warning, once."""
+    meta = load_meta(run_dir) if meta is None else meta
+    saved = meta.get("tokenizer")
+    if saved is None:
+        warnings.warn(f"checkpoint {step_dir(run_dir, meta['step'])} does not record its tokenizer: cannot "
+                      f"check that {_tokenizer_path(tokenizer)} is the one it was trained with", stacklevel=2)
+    elif saved != tokenizer.fingerprint():
+        raise ValueError(f"checkpoint {step_dir(run_dir, meta['step'])} was trained with tokenizer {saved} but "
+                         f"{_tokenizer_path(tokenizer)} is tokenizer {tokenizer.fingerprint()}: put back the "
+                         f"tokenizer.json the model was trained with, or use another NANOCHAT_BASE_DIR")
+
+
+def checkpoints_using(tokenizer, base_dir=None):
+    """The newest checkpoint of every run under base_checkpoints/ trained with this tokenizer
+    (runs from before fingerprints were stored: those with its vocab size)."""
+    root = os.path.join(base_dir or get_base_dir(), "base_checkpoints")
+    found = []
+    for tag in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        steps = list_steps(os.path.join(root, tag))
+        try:
+            meta = load_meta(os.path.join(root, tag)) if steps else None
+        except (ValueError, FileNotFoundError):  # a damaged meta.json: cannot tell
+            continue
+        if meta and meta.get("tokenizer", tokenizer.fingerprint()) == tokenizer.fingerprint() \
+                and meta["model_config"]["vocab_size"] == tokenizer.vocab_size:
+            found.append(step_dir(os.path.join(root, tag), meta["step"]))
+    return found
 
 
 def load_training_state(run_dir, step):

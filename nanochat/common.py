@@ -17,14 +17,28 @@ def get_base_dir():
     return base
 
 
+def fsync_path(path):
+    """Force a file's (or a directory's entries') data to the disk. Without it a rename can reach
+    the disk before the data it points to, and a power cut leaves a complete-looking name over a
+    truncated file."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def atomic_write(path):
     """Yield a temp path next to `path`; rename it over `path` only if the block succeeds.
-    A crash or an exception therefore never leaves a half-written file under the real name."""
+    A crash, a power cut or an exception therefore never leaves a half-written file under the
+    real name: the data is on disk (fsync) before the rename, and the rename before we return."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         yield tmp
+        fsync_path(tmp)
         os.replace(tmp, path)
+        fsync_path(os.path.dirname(os.path.abspath(path)))
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -34,8 +34,9 @@ from nanochat.dataset import list_shards, open_shard, read_row_group
 
 class DataLoader:
     def __init__(self, tokenizer, B, T, split, device="cpu", rank=0, world_size=1,
-                 data_dir=None, buffer_size=1000, prefetch=8, threads=1):
+                 data_dir=None, buffer_size=1000, prefetch=8, threads=1, one_pass=False):
         self.tokenizer, self.B, self.T, self.split = tokenizer, B, T, split
+        self.one_pass = one_pass  # evaluation: stop after the split's documents, never repeat them
         self.device = torch.device(device)
         self.rank, self.world_size = rank, world_size
         self.buffer_size, self.prefetch = buffer_size, prefetch
@@ -63,9 +64,10 @@ class DataLoader:
     # --- the document stream (read and tokenized in background threads) ---
 
     def _row_groups(self, start):
-        """Row groups of this rank from `start` on, forever (epoch after epoch)."""
+        """Row groups of this rank from `start` on, forever (epoch after epoch), or to the end of
+        the first epoch if one_pass."""
         epoch, shard, rg, doc = start
-        for epoch in itertools.count(epoch):
+        for epoch in range(epoch, 1) if self.one_pass else itertools.count(epoch):
             for s in range(shard, len(self.paths)):
                 for g in range(rg if s == shard else self.rank, self.num_row_groups[s], self.world_size):
                     yield (epoch, s, g, doc)
@@ -79,14 +81,16 @@ class DataLoader:
         return [(i, encode(texts[i], disallowed_special=())) for i in (only or range(first, len(texts)))]
 
     def _next_doc(self):
+        """The next (docid, tokens) of the stream; None when a one-pass stream has ended."""
         while not self.pending:
             if self.stream is None:  # (re)start reading ahead from the cursor
                 self.pool = ThreadPoolExecutor(self.threads)
                 self.stream = self._row_groups(self.cursor)
                 self.inflight = deque()
-            while len(self.inflight) < self.prefetch:  # keep `prefetch` row groups tokenizing
-                epoch, s, g, doc = next(self.stream)
+            for epoch, s, g, doc in itertools.islice(self.stream, self.prefetch - len(self.inflight)):
                 self.inflight.append(((epoch, s, g), self.pool.submit(self._tokenize, s, g, doc)))
+            if not self.inflight:
+                return None
             rg, future = self.inflight.popleft()
             try:
                 docs = future.result()  # a bad shard's error surfaces here, in the training loop
@@ -112,8 +116,10 @@ class DataLoader:
     def _fill_row(self, row):
         pos, n = 0, len(row)
         while pos < n:
-            while len(self.buffer) < self.buffer_size:
-                self._add(*self._next_doc())
+            while len(self.buffer) < self.buffer_size and (doc := self._next_doc()):
+                self._add(*doc)
+            if not self.buffer:
+                raise StopIteration  # one_pass: every document is packed (a last partial batch is dropped)
             room = n - pos
             i = bisect.bisect_right(self.buffer, (room, float("inf"))) - 1
             length, _, _, tokens = self.buffer.pop(i if i >= 0 else 0)  # largest that fits, else shortest

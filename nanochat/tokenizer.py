@@ -4,6 +4,7 @@ Saved as one plain JSON file (the split regex, the merge ranks in base64, the sp
 never a pickle, so a tokenizer is inspectable and safe to load from anywhere.
 """
 import base64
+import hashlib
 import json
 import os
 
@@ -29,6 +30,18 @@ class Tokenizer:
         specials = {tok: len(ranks) + i for i, tok in enumerate(special_tokens)}
         self.enc = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
         self.bos_token_id = specials.get("<|bos|>")
+        self.path = None  # the tokenizer.json it was loaded from or saved to, for messages
+
+    def fingerprint(self):
+        """A short hash of everything that maps text to ids: the split pattern, every merge rank
+        and the special tokens with their ids. Stored in each checkpoint: a retrained tokenizer of
+        the same vocab size gives other ids for the same text, which a model cannot notice."""
+        h = hashlib.sha256(self.enc._pat_str.encode())
+        for b, rank in sorted(self.enc._mergeable_ranks.items(), key=lambda kv: kv[1]):
+            h.update(rank.to_bytes(4, "little") + len(b).to_bytes(4, "little") + b)
+        for tok, i in sorted(self.enc._special_tokens.items(), key=lambda kv: kv[1]):
+            h.update(f"\0{i}:{tok}".encode())
+        return h.hexdigest()[:16]
 
     # --- training, saving, loading ---
 
@@ -61,6 +74,7 @@ class Tokenizer:
         }
         with atomic_write(path) as tmp, open(tmp, "w") as f:
             json.dump(data, f)
+        self.path = path
         return path
 
     @classmethod
@@ -72,10 +86,12 @@ class Tokenizer:
             with open(path) as f:
                 data = json.load(f)
             ranks = {base64.b64decode(t): i for i, t in enumerate(data["tokens"])}
-            return cls(ranks, data["pattern"], data["special_tokens"])
+            tokenizer = cls(ranks, data["pattern"], data["special_tokens"])
         except (ValueError, KeyError, TypeError) as e:  # bad JSON, UTF-8 or base64, a missing field
             raise ValueError(f"{path} is corrupt ({type(e).__name__}): retrain it with python -m scripts.tok_train "
                              f"(a model trained with the old tokenizer needs that exact file back)") from None
+        tokenizer.path = path
+        return tokenizer
 
     @classmethod
     def from_tiktoken_file(cls, path, pattern, special_tokens=("<|endoftext|>",), name=None):

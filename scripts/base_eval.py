@@ -107,7 +107,7 @@ def main(argv=None):
         raise FileNotFoundError("no run under base_checkpoints/: train one with python -m scripts.base_train")
     run_dir = get_run_dir(tag)
     tokenizer = get_tokenizer()
-    model, meta = load_model(run_dir, device, args.step, vocab_size=tokenizer.vocab_size)
+    model, meta = load_model(run_dir, device, args.step, tokenizer=tokenizer)
     print0(f"evaluating {run_dir} at step {meta['step']} on {world_size} x {device.type}")
 
     bundle = get_eval_bundle_dir(args.eval_bundle)

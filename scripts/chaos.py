@@ -1,73 +1,161 @@
 """
-Chaos test for preemption safety: kill training with SIGKILL at random moments, resume with
---resume, repeat; then check that the final weights equal those of an uninterrupted run
-(bit for bit on CPU, where every step is deterministic).
+Chaos test for preemption safety: kill training with SIGKILL at random moments of its
+checkpoint cycle, resume with --resume, repeat; then check that the final checkpoint equals
+that of an uninterrupted run: weights, optimizer state and the data streams' state (bit for
+bit on CPU, where every step is deterministic). Exits non-zero if anything differs or if it made fewer kills than asked.
 
     python -m scripts.chaos --kills 5                       # a tiny CPU model on the base dir's data
     python -m scripts.chaos --kills 3 -- --depth 4 --num-iterations 100 --save-every 5
+
+Flags after `--` go to base_train, replacing the same-named flags of the tiny config and
+keeping the rest. Each invocation starts from scratch: the runs `chaos` and `chaos-reference`
+of the base dir are deleted first.
 """
 import argparse
+import ctypes
+import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
 
-from nanochat.checkpoint import get_run_dir, list_steps, load_weights
+from nanochat.checkpoint import get_run_dir, list_steps, load_training_state, load_weights
 
 TINY = ["--depth", "1", "--head-dim", "16", "--max-seq-len", "32", "--device-batch-size", "4",
         "--total-batch-size", "128", "--num-iterations", "40", "--save-every", "2", "--eval-every", "-1",
         "--core-every", "-1", "--sample-every", "-1", "--device-type", "cpu"]
+TAGS = ("chaos-reference", "chaos")
 
 
-def train(args, tag, kill_after=None):
-    """Run base_train to completion, or SIGKILL it after kill_after seconds. True if it finished."""
-    proc = subprocess.Popen([sys.executable, "-m", "scripts.base_train", *args, "--model-tag", tag, "--resume"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def merge_flags(base, extra):
+    """base with the flags of `extra` replacing same-named ones (`--flag value`, `--flag=value`
+    or a bare `--switch`), the others kept in order."""
+    def parse(args):
+        flags, name = {}, None
+        for a in args:
+            if a.startswith("--"):
+                name, _, value = a.partition("=")
+                flags[name] = [value] if value else []
+            elif name is None:
+                raise SystemExit(f"error: base_train flags must start with a --flag, got {a!r}")
+            else:
+                flags[name].append(a)
+        return flags
+    merged = {**parse(base), **parse(extra)}
+    return [tok for name, values in merged.items() for tok in (name, *values)]
+
+
+def _die_with_parent():
+    # Linux: the child gets SIGKILL if chaos itself dies (even by SIGKILL), so no orphan trains on
     try:
-        _, err = proc.communicate(timeout=kill_after)
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGKILL)  # no handler, no cleanup: like a power cut or an OOM kill
-        proc.wait()
-        return False
-    if proc.returncode != 0:
-        raise RuntimeError(f"base_train failed (exit {proc.returncode}):\n{err[-2000:]}")
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def train(args, tag, rng=None):
+    """Run base_train to completion (True), or, given rng, SIGKILL it at a random moment of its
+    third checkpoint interval (False): a uniform fraction of the time between its first two new
+    checkpoints after that second one. Every kill so lands in a run that is making progress, at
+    any phase of the save cycle (mid-save included), however fast or slow the machine.
+    The child runs in its own process group, killed however this function is left."""
+    run_dir = get_run_dir(tag)
+    cmd = [sys.executable, "-m", "scripts.base_train", *args, "--model-tag", tag, "--resume"]
+    saves, kill_at = [], None  # times at which new checkpoints appeared
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, text=True,
+                                start_new_session=True, preexec_fn=_die_with_parent)
+        try:
+            seen = list_steps(run_dir)[-1:]
+            while proc.poll() is None:
+                if rng is not None and kill_at is None and list_steps(run_dir)[-1:] != seen:
+                    seen = list_steps(run_dir)[-1:]
+                    saves.append(time.time())
+                    if len(saves) == 2:
+                        kill_at = saves[1] + rng.random() * (saves[1] - saves[0])
+                if kill_at is not None and time.time() >= kill_at:
+                    os.killpg(proc.pid, signal.SIGKILL)  # no handler, no cleanup: a power cut, an OOM kill
+                    proc.wait()
+                    break
+                time.sleep(0.01)
+        finally:
+            if proc.poll() is None:  # left by an exception (Ctrl-C, SIGTERM): leave no orphan training
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        if kill_at is not None and proc.returncode == -signal.SIGKILL:
+            return False
+        if proc.returncode != 0:
+            err.seek(0)
+            raise SystemExit(f"chaos: FAILED: {' '.join(cmd[1:])} exited with {proc.returncode}:\n{err.read()[-2000:]}")
     return True
+
+
+def tensors_equal(a, b):
+    """Exact equality of nested dicts/lists of tensors and plain values."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(tensors_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(tensors_equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def compare(step):
+    """{what: equal?} for the two runs' checkpoints at `step`."""
+    ref, run = (get_run_dir(tag) for tag in TAGS)
+    (opt_a, streams_a), (opt_b, streams_b) = load_training_state(ref, step), load_training_state(run, step)
+    return {"weights": tensors_equal(load_weights(ref, step, "cpu"), load_weights(run, step, "cpu")),
+            "optimizer state": tensors_equal(opt_a, opt_b),
+            "data streams": streams_a == streams_b}
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    ours, train_args = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    ours, extra = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--kills", type=int, default=5)
-    parser.add_argument("--min-seconds", type=float, default=4.0, help="earliest kill after a start")
-    parser.add_argument("--max-seconds", type=float, default=12.0, help="latest kill after a start")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--kills", type=int, default=5, help="SIGKILLs to make (each needs ~3 checkpoints of progress)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the kill moments")
     args = parser.parse_args(ours)
-    train_args = train_args or TINY
+    train_args = merge_flags(TINY, extra)
     rng = random.Random(args.seed)
+    for tag in TAGS:  # an earlier invocation's runs would make this one resume instead of test
+        shutil.rmtree(get_run_dir(tag), ignore_errors=True)
 
     t0 = time.time()
     train(train_args, "chaos-reference")
-    print(f"reference run: {time.time() - t0:.0f}s")
-    killed = 0
-    while killed < args.kills:
-        delay = rng.uniform(args.min_seconds, args.max_seconds)
-        if train(train_args, "chaos", kill_after=delay):
-            break  # it finished before the kill: nothing left to interrupt
-        killed += 1
-        steps = list_steps(get_run_dir("chaos"))
-        print(f"kill {killed}: SIGKILL after {delay:.1f}s; newest complete checkpoint: step {steps[-1] if steps else '-'}")
-    train(train_args, "chaos")
+    print(f"reference run: {time.time() - t0:.0f}s", flush=True)
+    killed, finished = 0, False
+    while killed < args.kills and not finished:
+        finished = train(train_args, "chaos", rng)  # finished: it ended before the kill
+        if not finished:
+            killed += 1
+            steps = list_steps(get_run_dir("chaos"))
+            print(f"kill {killed}: SIGKILL; newest complete checkpoint: step {steps[-1] if steps else '-'}", flush=True)
+    if not finished:
+        train(train_args, "chaos")
 
     last = list_steps(get_run_dir("chaos-reference"))[-1]
-    a, b = (load_weights(get_run_dir(tag), last, "cpu") for tag in ("chaos-reference", "chaos"))
-    equal = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    print(f"{killed} kills; final weights at step {last} {'EQUAL' if equal else 'DIFFER'} to the uninterrupted run")
-    return equal, killed
+    equal = compare(last)
+    print(f"{killed} kills; at step {last}, "
+          + ", ".join(f"{what} {'EQUAL' if ok else 'DIFFER'}" for what, ok in equal.items())
+          + " to the uninterrupted run")
+    if not all(equal.values()):
+        raise SystemExit(f"chaos: FAILED: the resumed run's {', '.join(k for k, ok in equal.items() if not ok)} "
+                         f"differ from the uninterrupted run's at step {last}")
+    if killed < args.kills:
+        raise SystemExit(f"chaos: FAILED: made {killed} of {args.kills} kills: the run finished too early: give "
+                         f"it more steps (-- --num-iterations N) or save more often (-- --save-every N)")
+    return {"kills": killed, "step": last, **equal}
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main()[0] else 1)
+    def stop(signum, frame):
+        raise KeyboardInterrupt  # so that train()'s finally kills the child's process group
+    signal.signal(signal.SIGTERM, stop)
+    main()

@@ -7,9 +7,9 @@ import argparse
 import os
 import time
 
-from nanochat.checkpoint import save_json
+from nanochat.checkpoint import checkpoints_using, save_json
 from nanochat.dataset import iter_documents
-from nanochat.tokenizer import Tokenizer, get_tokenizer_dir
+from nanochat.tokenizer import Tokenizer, get_tokenizer, get_tokenizer_dir
 
 
 def capped_texts(max_chars, doc_cap):
@@ -24,12 +24,32 @@ def capped_texts(max_chars, doc_cap):
             return
 
 
+def refuse_to_orphan_checkpoints(force):
+    """A model is only usable with the exact tokenizer it was trained with: never replace that
+    tokenizer by accident (checked before training, not after an hour of it)."""
+    if force or not os.path.exists(os.path.join(get_tokenizer_dir(), "tokenizer.json")):
+        return
+    try:
+        current = get_tokenizer()
+    except ValueError:  # a corrupt tokenizer.json: no model can use it anyway
+        return
+    used = checkpoints_using(current)
+    if used:
+        raise FileExistsError(f"{current.path} is the tokenizer of checkpoint {used[0]}"
+                              f"{f' (and {len(used) - 1} other runs)' if len(used) > 1 else ''}; retraining it "
+                              f"would make that model unusable: use another NANOCHAT_BASE_DIR, delete the "
+                              f"tokenizer and its checkpoints deliberately, or pass --force")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vocab-size", type=int, default=32768, help="vocab size including special tokens")
     parser.add_argument("--max-chars", type=int, default=2_000_000_000, help="characters of training text to use")
     parser.add_argument("--doc-cap", type=int, default=10_000, help="characters kept from each document")
+    parser.add_argument("--force", action="store_true",
+                        help="replace the tokenizer even if checkpoints were trained with it (they become unusable)")
     args = parser.parse_args(argv)
+    refuse_to_orphan_checkpoints(args.force)
 
     t0 = time.time()
     chars = 0

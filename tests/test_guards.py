@@ -7,6 +7,8 @@ import errno
 import json
 import os
 import random
+import re
+import shutil
 import threading
 
 import pyarrow as pa
@@ -269,3 +271,139 @@ def test_resume_of_a_different_model_names_the_flag_and_keeps_the_checkpoint(bas
     msg = one_line(exc)
     assert msg.startswith("--resume:") and "different model" in msg and "--depth" in msg
     assert snapshot(step) == before
+
+
+# -----------------------------------------------------------------------------
+# 6. full disk during a checkpoint save; fsync before the rename (checkpoints and atomic_write)
+
+class Tiny(torch.nn.Module):
+    def __init__(self, value):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.full((256, 256), float(value)))  # 256 KB
+
+
+def save(run, step, value=1.0):
+    return checkpoint.save_checkpoint(str(run), step, Tiny(value), None, {"model_config": {}}, [[]])
+
+
+def test_full_disk_found_before_the_save_is_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    save(run, 1)
+    before = snapshot(run / "step_000001")
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12, 1000))
+    with pytest.raises(RuntimeError) as exc:
+        save(run, 2, value=2.0)
+    msg = one_line(exc)
+    assert re.fullmatch(rf"no space left on /\S* \({run / 'step_000002'}\): need 0\.02 GB, have 0\.00 GB; "
+                        rf"free space or point NANOCHAT_BASE_DIR elsewhere", msg), msg
+    assert sorted(os.listdir(run)) == ["step_000001"]  # no .tmp left
+    assert snapshot(run / "step_000001") == before
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
+@pytest.mark.parametrize("failing", ["model.pt", "meta.json"])
+def test_full_disk_during_the_write_removes_the_partial_save(tmp_path, monkeypatch, failing):
+    run = tmp_path / "run"
+    save(run, 1)
+    before = snapshot(run / "step_000001")
+    real_open = open
+
+    def open_(path, mode="r", *args, **kwargs):  # the kernel's own full disk: writes to /dev/full fail
+        full = str(path).endswith(failing) and ".tmp" in str(path)
+        return real_open("/dev/full" if full else path, mode, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", open_)
+    with pytest.raises(RuntimeError) as exc:
+        save(run, 2, value=2.0)
+    msg = one_line(exc)
+    assert msg.startswith("no space left on ") and f"({run / 'step_000002'}): need 0.02 GB, have " in msg
+    assert msg.endswith(" GB; free space or point NANOCHAT_BASE_DIR elsewhere")
+    assert sorted(os.listdir(run)) == ["step_000001"]  # the partial step_000002.tmp is gone
+    assert snapshot(run / "step_000001") == before
+    monkeypatch.setattr("builtins.open", real_open)
+    save(run, 2, value=2.0)  # space again: the save works
+    assert checkpoint.list_steps(str(run)) == [1, 2]
+
+
+def test_every_file_and_the_directory_are_fsynced_before_the_rename(tmp_path, monkeypatch):
+    synced, real_fsync = [], os.fsync
+
+    def fsync(fd):
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        synced.append((os.path.relpath(path, tmp_path), (tmp_path / "run" / "step_000001").exists()))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    save(tmp_path / "run", 1)
+    tmp = os.path.join("run", "step_000001.tmp")
+    files = [os.path.join(tmp, name) for name in ("model.pt", "optimizer.pt", "loaders.json", "meta.json")]
+    # the files, their directory, then (after the rename) its parent
+    assert synced == [(f, False) for f in files] + [(tmp, False), ("run", True)]
+
+
+# -----------------------------------------------------------------------------
+# 7. a retrained tokenizer of the same vocab size
+
+@pytest.fixture
+def other_tok(docs):
+    return Tokenizer.train(iter(docs[::-1][:200]), vocab_size=300)
+
+
+def test_fingerprint_is_stable_and_sees_any_change(tok, other_tok, tmp_path):
+    assert len(tok.fingerprint()) == 16 and tok.fingerprint() == tok.fingerprint()
+    assert Tokenizer.load(os.path.dirname(tok.save(str(tmp_path)))).fingerprint() == tok.fingerprint()
+    assert other_tok.vocab_size == tok.vocab_size and other_tok.fingerprint() != tok.fingerprint()
+    ranks = dict(tok.enc._mergeable_ranks)
+    assert Tokenizer(ranks).fingerprint() == tok.fingerprint()
+    assert Tokenizer(ranks, special_tokens=["<|bos|>"]).fingerprint() != tok.fingerprint()
+    assert Tokenizer(ranks, pattern=r"\S+|\s+").fingerprint() != tok.fingerprint()
+
+
+def test_checkpoint_of_another_tokenizer_is_refused_naming_both_files(run_dir, tok, other_tok, tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    meta = json.loads((run_dir / "step_000002" / "meta.json").read_text())
+    (run_dir / "step_000002" / "meta.json").write_text(json.dumps({**meta, "tokenizer": tok.fingerprint()}))
+    path = other_tok.save(str(tmp_path / "tokenizer"))
+    with pytest.raises(ValueError) as exc:
+        checkpoint.load_model(str(run_dir), "cpu", tokenizer=other_tok)
+    assert one_line(exc) == (
+        f"checkpoint {run_dir / 'step_000002'} was trained with tokenizer {tok.fingerprint()} but {path} is "
+        f"tokenizer {other_tok.fingerprint()}: put back the tokenizer.json the model was trained with, or use "
+        f"another NANOCHAT_BASE_DIR")
+    model, _ = checkpoint.load_model(str(run_dir), "cpu", tokenizer=tok)  # the right one loads
+    assert model.wte.weight.shape[0] == 300
+
+
+def test_checkpoint_without_fingerprint_warns_and_loads(run_dir, tok):
+    with pytest.warns(UserWarning, match="does not record its tokenizer"):
+        _, meta = checkpoint.load_model(str(run_dir), "cpu", tokenizer=tok)
+    assert meta["step"] == 2
+
+
+def test_base_eval_refuses_a_retrained_tokenizer(base_dir, other_tok, tok):
+    from scripts import base_eval
+    run = base_dir / "base_checkpoints" / "d1"
+    d = run / "step_000003"
+    d.mkdir(parents=True)
+    torch.save(build_model(CONFIG, "cpu").state_dict(), d / "model.pt")
+    (d / "meta.json").write_text(json.dumps({"step": 3, "model_config": dataclasses.asdict(CONFIG),
+                                             "tokenizer": tok.fingerprint()}))
+    other_tok.save(str(base_dir / "tokenizer"))  # tok_train --force, say: same vocab size, other ids
+    with pytest.raises(ValueError, match="was trained with tokenizer") as exc:
+        base_eval.main(["--device-type", "cpu", "--bpb-tokens", "0", "--samples", "0"])
+    assert str(d) in one_line(exc) and str(base_dir / "tokenizer" / "tokenizer.json") in str(exc.value)
+    assert not (run / "base_eval.json").exists()
+
+
+def test_atomic_write_fsyncs_the_file_before_the_rename_and_the_directory_after(tmp_path, monkeypatch):
+    from nanochat import common
+    synced, real_fsync = [], os.fsync
+
+    def fsync(fd):
+        synced.append((os.path.basename(os.readlink(f"/proc/self/fd/{fd}")), (tmp_path / "f.json").exists()))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with common.atomic_write(str(tmp_path / "f.json")) as tmp, open(tmp, "w") as f:
+        f.write("{}")
+    assert synced == [(os.path.basename(tmp), False), (tmp_path.name, True)]

@@ -3,7 +3,9 @@ import math
 import torch
 import torch.nn as nn
 
-from nanochat.loss_eval import evaluate_bpb
+from nanochat.dataset import iter_documents
+from nanochat.loss_eval import evaluate_bpb, evaluate_split, evaluate_split_bpb
+from nanochat.tokenizer import get_tokenizer
 
 
 class Uniform(nn.Module):
@@ -29,3 +31,47 @@ def test_bpb_of_uniform_model_by_hand():
     counted = [0, 1, 2, 3, 4, 5]  # the special and the ignored target count neither loss nor bytes
     nbytes = sum(token_bytes[t].item() for t in counted)
     assert math.isclose(bpb, 2 * len(counted) * math.log(V) / (math.log(2) * 2 * nbytes), rel_tol=1e-6)  # fp32 losses
+
+
+class Recorder(Uniform):
+    """Uniform, and remembers every input row it was shown."""
+
+    def __init__(self, vocab):
+        super().__init__(vocab)
+        self.rows = []
+
+    def forward(self, x, y, loss_reduction="mean"):
+        self.rows += x.tolist()
+        return super().forward(x, y, loss_reduction)
+
+
+def whole_docs(rows, bos):
+    """The documents that lie complete inside rows (between two BOS tokens of one row)."""
+    docs = []
+    for row in rows:
+        starts = [i for i, t in enumerate(row) if t == bos]
+        docs += [tuple(row[a:b]) for a, b in zip(starts, starts[1:])]
+    return docs
+
+
+def test_asking_for_more_tokens_than_the_split_holds_scores_it_once(base_dir, capsys):
+    tok = get_tokenizer()
+    split_tokens = sum(len(ids) + 1 for ids in tok.encode(list(iter_documents("val"))))  # +1: each doc's BOS
+    model = Recorder(tok.vocab_size)
+    asked = 256 * 30  # 30 batches of 2x128 (rows longer than most documents): about three times the split
+    assert split_tokens < asked / 2
+    bpb = evaluate_split_bpb(model, tok, "val", asked, 2, 128, "cpu")
+    docs = whole_docs(model.rows, tok.bos_token_id)
+    assert len(docs) > 20 and len(set(docs)) == len(docs)  # no document scored twice
+    assert len(model.rows) * 128 <= split_tokens
+    assert "note: the val split holds only" in capsys.readouterr().out
+    model.rows = []
+    bpb2, tokens = evaluate_split(model, tok, "val", asked, 2, 128, "cpu")
+    assert tokens == len(model.rows) * 128 and bpb2 == bpb  # the tokens reported are those scored
+    assert split_tokens * 0.5 < tokens <= split_tokens  # most of the split (crops and the last partial batch go)
+
+
+def test_a_split_larger_than_asked_scores_what_was_asked(base_dir):
+    tok = get_tokenizer()
+    _, tokens = evaluate_split(Uniform(tok.vocab_size), tok, "val", 64 * 5, 2, 32, "cpu")
+    assert tokens == 64 * 5

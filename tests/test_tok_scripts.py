@@ -1,7 +1,9 @@
+import json
 import os
 
 import pytest
 
+from nanochat.checkpoint import checkpoints_using
 from nanochat.dataset import write_shards
 from nanochat.tokenizer import get_tokenizer
 from scripts import tok_eval, tok_train
@@ -44,3 +46,37 @@ def test_tok_eval_missing_reference_file_names_flag(base_dir):
     tok_train.main(["--vocab-size", "300"])
     with pytest.raises(FileNotFoundError, match="--gpt2 /nope"):
         tok_eval.main(["--gpt2", "/nope"])
+
+
+def checkpoint_with(base_dir, tag, meta):
+    d = base_dir / "base_checkpoints" / tag / "step_000007"
+    d.mkdir(parents=True)
+    (d / "meta.json").write_text(json.dumps({"step": 7, **meta}))
+    return d
+
+
+def test_tok_train_refuses_to_replace_the_tokenizer_of_a_checkpoint(base_dir):
+    tok_train.main(["--vocab-size", "300", "--max-chars", "20000"])
+    tok = get_tokenizer()
+    path = base_dir / "tokenizer" / "tokenizer.json"
+    before = path.read_bytes()
+    d = checkpoint_with(base_dir, "d4", {"model_config": {"vocab_size": 300}, "tokenizer": tok.fingerprint()})
+    with pytest.raises(FileExistsError) as exc:
+        tok_train.main(["--vocab-size", "300", "--max-chars", "10000"])
+    assert str(exc.value) == (f"{path} is the tokenizer of checkpoint {d}; retraining it would make that model "
+                              f"unusable: use another NANOCHAT_BASE_DIR, delete the tokenizer and its checkpoints "
+                              f"deliberately, or pass --force")
+    assert path.read_bytes() == before
+    tok_train.main(["--vocab-size", "300", "--max-chars", "10000", "--force"])  # deliberately
+    assert get_tokenizer().fingerprint() != tok.fingerprint()
+
+
+def test_tok_train_ignores_checkpoints_of_other_tokenizers(base_dir):
+    tok_train.main(["--vocab-size", "300", "--max-chars", "20000"])
+    checkpoint_with(base_dir, "other", {"model_config": {"vocab_size": 300}, "tokenizer": "0123456789abcdef"})
+    checkpoint_with(base_dir, "old-vocab", {"model_config": {"vocab_size": 512}})  # no fingerprint, other vocab
+    tok_train.main(["--vocab-size", "300", "--max-chars", "10000"])
+    assert len(checkpoints_using(get_tokenizer())) == 0
+    checkpoint_with(base_dir, "old", {"model_config": {"vocab_size": 300}})  # no fingerprint: assume it is ours
+    with pytest.raises(FileExistsError, match="base_checkpoints/old/step_000007"):
+        tok_train.main(["--vocab-size", "300", "--max-chars", "20000"])
