@@ -99,8 +99,8 @@ def load_tasks(bundle_dir):
 #    instead: in text, that is the same leading space.)
 # 3. Few-shot examples are solved items (stripped fields, delimiter and answer as they are),
 #    each followed by EXAMPLE_DELIMITER.
-# We match DCLM because the reference scores we compare against were computed this way: a
-# different rendering measures a different thing.
+# We match DCLM because CORE is defined by its evaluator: another rendering of the same items
+# measures something else (rev 1 differed on every piqa item, for instance).
 
 def fewshot_indices(n, index, k, seed=FEWSHOT_SEED):
     """k distinct items out of n, never `index` itself (at most n-1: a 1-item task gets none).
@@ -134,7 +134,7 @@ def solved_example(task, item):
 
 def render_prompts(task, index):
     """(prompt, answer) text pairs of one item: one per choice, one per context option, or one.
-    Each prompt ends without whitespace and each answer starts with a space (rule 2 above)."""
+    The delimiter's trailing space moves from the prompt to the answer (rule 2 above)."""
     data, d = task["data"], task["delimiter"]
     item = stripped(data[index])
     shots = "".join(solved_example(task, data[j]) + EXAMPLE_DELIMITER

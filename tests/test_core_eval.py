@@ -218,7 +218,8 @@ def test_subset_is_a_seeded_shuffle_not_the_first_k():
     assert sub == core_eval.subset_indices(1000, 100)  # the same items in every run
     assert core_eval.subset_indices(1000, 500)[:100] == sub  # K=100's items are among K=500's
     assert core_eval.subset_indices(20, 5) == [19, 13, 4, 9, 16]  # pinned: a new seed changes every subset score
-    assert core_eval.subset_indices(7, None) == core_eval.subset_indices(7, 7) == core_eval.subset_indices(7, 50) == list(range(7))
+    assert core_eval.subset_indices(7, None) == core_eval.subset_indices(7, 7) == list(range(7))
+    assert core_eval.subset_indices(7, 50) == list(range(7))  # K >= n: the whole task
 
 
 def test_subset_accuracy_is_over_the_shuffled_items(tok):

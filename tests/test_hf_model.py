@@ -77,7 +77,8 @@ def test_tokenizer_adapter_uses_the_models_own_tokenizer():
     assert tok.encode(text, prepend=eot) == [eot] + tok.encode(text)
     assert tok.encode([text, "the cat"]) == [tok.encode(text), tok.encode("the cat")]
     assert eot not in tok.encode("a<|endoftext|>b")  # text is text: never parsed into a special token
-    assert tok.enc.encode_to_numpy(text).dtype.name == "uint32" and list(tok.enc.encode_to_numpy(text)) == tok.encode(text)
+    ids = tok.enc.encode_to_numpy(text)  # the dataloader's path
+    assert ids.dtype.name == "uint32" and ids.tolist() == tok.encode(text)
     assert tok.decode(tok.encode(text)) == text
     # bpb counts the bytes of the model's own tokens: they add up to the text's UTF-8 length,
     # including tokens that hold part of a multi-byte character
@@ -92,7 +93,8 @@ def test_sentencepiece_style_token_bytes():
     vocab = [("<unk>", 0.0), ("<s>", 0.0), ("▁the", -1.0), ("▁", -2.0), ("a", -2.0), ("é", -2.0), ("<0x0A>", -3.0)]
     tk = tokenizers.Tokenizer(tokenizers.models.Unigram(vocab, unk_id=0, byte_fallback=True))
     tk.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace()
-    tok = hf_model.HFTokenizer(transformers.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>"))
+    hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>")
+    tok = hf_model.HFTokenizer(hf_tok)
     assert tok.bos_token_id == 1
     assert tok.token_bytes().tolist() == [0, 0, 4, 1, 1, 2, 1]  # "▁the" is " the"; "<0x0A>" one byte
 
