@@ -30,7 +30,7 @@ import torch.distributed as dist
 from nanochat.checkpoint import get_run_dir, load_model, newest_model_tag, save_json
 from nanochat.common import compute_cleanup, compute_init, get_base_dir, print0
 from nanochat.core_eval import evaluate_core, get_eval_bundle_dir
-from nanochat.dataset import download_file
+from nanochat.dataset import download_file, list_shards
 from nanochat.engine import SAMPLE_PROMPTS, sample_texts
 from nanochat.loss_eval import evaluate_split_bpb
 from nanochat.tokenizer import get_tokenizer
@@ -142,6 +142,12 @@ def main(argv=None):
         parser.error("--max-per-task must be >= 1")
     if args.hf_path and (args.model_tag or args.step is not None):
         parser.error("--hf-path evaluates a Hugging Face model: drop --model-tag/--step")
+
+    if args.bpb_tokens > 0:
+        try:
+            list_shards("val")  # fail now, not after a long CORE run: bpb needs the text shards
+        except FileNotFoundError as e:
+            raise SystemExit(f"error: {e} (or pass --bpb-tokens 0 to skip bpb)") from None
 
     _, rank, _, world_size, device = compute_init(args.device_type)
     model, tokenizer, out_dir, subject = load_subject(args, device)

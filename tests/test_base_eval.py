@@ -171,6 +171,14 @@ def test_main_uses_given_bundle_and_newest_tag(base_dir, tmp_path):
     assert not (base_dir / "eval_bundle").exists()  # nothing downloaded
 
 
+def test_missing_shards_fail_before_core(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))  # no shards, no checkpoint
+    with pytest.raises(SystemExit) as e:
+        base_eval.main(["--eval-bundle", BUNDLE, "--device-type", "cpu"])
+    msg = str(e.value.code)
+    assert msg.startswith("error: found 0 shard(s)") and "--bpb-tokens 0" in msg and "\n" not in msg
+
+
 def test_hf_path_excludes_our_checkpoint_flags(capsys):
     with pytest.raises(SystemExit):
         base_eval.main(["--hf-path", "openai-community/gpt2", "--model-tag", "d1"])
