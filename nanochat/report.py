@@ -219,6 +219,12 @@ def write_report(base_dir=None, model_tag=None, start_time=None, gpu_hour_cost=3
         beaten = [name for name, score in GPT2_CORE if core > score]
         L += ["", f"Our {label} = {core:.4f}: " + (f"beats {beaten[-1]} ({dict(GPT2_CORE)[beaten[-1]]:.4f})"
                                                    if beaten else "below GPT-2 124M (0.1139)") + "."]
+        # which evaluator and which items: two CORE scores compare only if both match
+        items = "all items of each task" if "max_per_task" in src else "not recorded"
+        if src.get("max_per_task") is not None:
+            items = (f"a seeded subset of {src['max_per_task']} items per task (seed {src.get('subset_seed')}), "
+                     "not comparable with a full score")
+        L += [f"CORE evaluator: {src.get('semantics') or 'not recorded'}; items: {items}."]
         if ev and (ev.get("n_tasks") or 22) < (ev.get("n_total") or 22):
             L += [f"Only {ev['n_tasks']} of {ev['n_total']} tasks were scored; the GPT-2 numbers are over all 22, "
                   "so the comparison is approximate."]

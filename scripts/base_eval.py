@@ -5,6 +5,12 @@ val text, and a few samples. Results go to <run_dir>/base_eval.json, which the r
     python -m scripts.base_eval                                   # newest run, newest step
     torchrun --nproc_per_node=8 -m scripts.base_eval --model-tag d24
     python -m scripts.base_eval --max-per-task 100 --bpb-tokens 524288   # quick look
+    python -m scripts.base_eval --hf-path openai-community/gpt2-xl      # any Hugging Face causal LM
+
+--max-per-task K scores a fixed seeded subset of K items per task (the same items in every run):
+cheaper, but not comparable with a full score; the label and base_eval.json say which it was.
+A Hugging Face model (pip install -e '.[hf]') is scored by the same CORE and bpb code with its
+own tokenizer; its results go to <base dir>/hf_eval/<model>/base_eval.json.
 
 The eval bundle is downloaded to $NANOCHAT_BASE_DIR/eval_bundle on first use (or pass
 --eval-bundle PATH to an unzipped copy; NANOCHAT_EVAL_BUNDLE_URL points at a mirror).
@@ -12,6 +18,7 @@ The eval bundle is downloaded to $NANOCHAT_BASE_DIR/eval_bundle on first use (or
 import argparse
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -21,9 +28,9 @@ import zlib
 import torch.distributed as dist
 
 from nanochat.checkpoint import get_run_dir, load_model, newest_model_tag, save_json
-from nanochat.common import compute_cleanup, compute_init, print0
+from nanochat.common import compute_cleanup, compute_init, get_base_dir, print0
 from nanochat.core_eval import evaluate_core, get_eval_bundle_dir
-from nanochat.dataset import download_file
+from nanochat.dataset import download_file, list_shards
 from nanochat.engine import SAMPLE_PROMPTS, sample_texts
 from nanochat.loss_eval import evaluate_split_bpb
 from nanochat.tokenizer import get_tokenizer
@@ -78,19 +85,52 @@ def ensure_eval_bundle(path, rank=0):
 
 # -----------------------------------------------------------------------------
 
+def load_subject(args, device):
+    """(model, tokenizer, output dir, what was evaluated): one of our checkpoints, or a Hugging
+    Face model with its own tokenizer."""
+    if args.hf_path:
+        from nanochat.hf_model import load_hf_model
+        model, tokenizer = load_hf_model(args.hf_path, device)
+        out_dir = os.path.join(get_base_dir(), "hf_eval", re.sub(r"[^\w.-]+", "--", args.hf_path.strip("/")))
+        return model, tokenizer, out_dir, {"model": args.hf_path, "step": None}
+    tag = args.model_tag or newest_model_tag()
+    if tag is None:
+        raise FileNotFoundError("no run under base_checkpoints/: train one with python -m scripts.base_train")
+    run_dir = get_run_dir(tag)
+    tokenizer = get_tokenizer()
+    model, meta = load_model(run_dir, device, args.step, tokenizer=tokenizer)
+    return model, tokenizer, run_dir, {"model": tag, "step": meta["step"]}
+
+
+def print_results(result):
+    print(f"\n{'task':<34} {'accuracy':>9} {'centered':>9} {'items':>6}")
+    for label, t in result["tasks"].items():
+        print(f"{label:<34} {t['accuracy']:>9.4f} {t['centered']:>9.4f} {t['n_items']:>6}")
+    for label in result["skipped"]:
+        print(f"{label:<34} {'-':>9} {'-':>9}  (data file missing)")
+    print(f"{result['core_label']} ({result['semantics']}): {result['core']:.4f}   (GPT-2 1.5B: 0.2565 over all 22)")
+    for split, value in result["bpb"].items():
+        print(f"{split} bpb: {value:.4f}" + ("" if math.isfinite(value) else "  (not finite!)"))
+    for s in result["samples"]:
+        print("-" * 40 + "\n" + s)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-tag", default=None, help="run under base_checkpoints/ (default: the newest)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+    parser.add_argument("--hf-path", default=None,
+                        help="evaluate a Hugging Face causal LM instead (model id or local dir; needs the hf extra)")
     parser.add_argument("--eval-bundle", default=None,
                         help="unzipped eval bundle dir (default: <base dir>/eval_bundle, downloaded if absent)")
     parser.add_argument("--max-per-task", type=int, default=None,
-                        help="only the first K items of each task (a subset: not a comparable CORE score)")
+                        help="a fixed seeded subset of K items of each task (not comparable with a full CORE score)")
     parser.add_argument("--bpb-tokens", type=int, default=10 * 524288,
                         help="tokens of train and of val text for bpb (0: skip)")
     parser.add_argument("--device-batch-size", type=int, default=16, help="rows per forward for bpb")
     parser.add_argument("--device-type", default=None, choices=["cuda", "mps", "cpu"], help="default: autodetect")
-    parser.add_argument("--samples", type=int, default=4, help="prompts to sample continuations of (0: none)")
+    parser.add_argument("--samples", type=int, default=4,
+                        help="prompts to sample continuations of (0: none; none for --hf-path)")
     parser.add_argument("--download-only", action="store_true", help="fetch the eval bundle if absent, then exit")
     args = parser.parse_args(argv)
     if args.download_only:
@@ -100,15 +140,19 @@ def main(argv=None):
             raise SystemExit(f"error: {e}") from None
     if args.max_per_task is not None and args.max_per_task < 1:
         parser.error("--max-per-task must be >= 1")
+    if args.hf_path and (args.model_tag or args.step is not None):
+        parser.error("--hf-path evaluates a Hugging Face model: drop --model-tag/--step")
+
+    if args.bpb_tokens > 0:
+        try:
+            list_shards("val")  # fail now, not after a long CORE run: bpb needs the text shards
+        except FileNotFoundError as e:
+            raise SystemExit(f"error: {e} (or pass --bpb-tokens 0 to skip bpb)") from None
 
     _, rank, _, world_size, device = compute_init(args.device_type)
-    tag = args.model_tag or newest_model_tag()
-    if tag is None:
-        raise FileNotFoundError("no run under base_checkpoints/: train one with python -m scripts.base_train")
-    run_dir = get_run_dir(tag)
-    tokenizer = get_tokenizer()
-    model, meta = load_model(run_dir, device, args.step, tokenizer=tokenizer)
-    print0(f"evaluating {run_dir} at step {meta['step']} on {world_size} x {device.type}")
+    model, tokenizer, out_dir, subject = load_subject(args, device)
+    print0(f"evaluating {subject['model']}" + (f" at step {subject['step']}" if subject["step"] is not None else "")
+           + f" on {world_size} x {device.type}")
 
     bundle = get_eval_bundle_dir(args.eval_bundle)
     try:
@@ -125,22 +169,14 @@ def main(argv=None):
         for split in ("train", "val"):
             bpb[split] = evaluate_split_bpb(model, tokenizer, split, args.bpb_tokens, args.device_batch_size,
                                             model.config.sequence_len, device, rank, world_size)
-    samples = sample_texts(model, tokenizer, SAMPLE_PROMPTS[:args.samples]) if rank == 0 else []
+    # sampling uses our model's KV cache: a Hugging Face model gets none
+    samples = sample_texts(model, tokenizer, SAMPLE_PROMPTS[:args.samples]) if rank == 0 and not args.hf_path else []
 
-    result = {"step": meta["step"], **core, "bpb": bpb, "samples": samples}
+    result = {**subject, **core, "bpb": bpb, "samples": samples}
     if rank == 0:
-        print(f"\n{'task':<34} {'accuracy':>9} {'centered':>9}")
-        for label, t in core["tasks"].items():
-            print(f"{label:<34} {t['accuracy']:>9.4f} {t['centered']:>9.4f}")
-        for label in core["skipped"]:
-            print(f"{label:<34} {'-':>9} {'-':>9}  (data file missing)")
-        print(f"{core['core_label']}: {core['core']:.4f}   (GPT-2 1.5B: 0.2565 over all 22)")
-        for split, value in bpb.items():
-            print(f"{split} bpb: {value:.4f}" + ("" if math.isfinite(value) else "  (not finite!)"))
-        for s in samples:
-            print("-" * 40 + "\n" + s)
-        save_json(os.path.join(run_dir, "base_eval.json"), result)
-        print(f"wrote {os.path.join(run_dir, 'base_eval.json')}")
+        print_results(result)
+        save_json(os.path.join(out_dir, "base_eval.json"), result)
+        print(f"wrote {os.path.join(out_dir, 'base_eval.json')}")
     return result
 
 

@@ -15,7 +15,7 @@ import zipfile
 import pytest
 import torch
 
-from nanochat import core_eval
+from nanochat import core_eval, report
 from nanochat.checkpoint import get_run_dir, save_checkpoint
 from nanochat.dataset import write_shards
 from nanochat.gpt import GPTConfig, build_model
@@ -128,13 +128,22 @@ def test_main_end_to_end(base_dir, server, monkeypatch, capsys):
         saved = json.load(f)
     assert saved == json.loads(json.dumps(res))
     assert saved["step"] == 7 and (saved["n_tasks"], saved["n_total"]) == (2, 22)
-    assert saved["core_label"] == "CORE over 2/22 tasks, subset: 2 items per task"
+    assert saved["core_label"] == "CORE over 2/22 tasks, seeded subset of 2 items per task"
+    assert (saved["semantics"], saved["max_per_task"], saved["subset_seed"]) == (core_eval.SEMANTICS, 2, 1234)
+    assert saved["model"] == "d1" and all(t["n_items"] == 2 for t in saved["tasks"].values())
     assert set(saved["tasks"]) == {"copa", "winograd"} and math.isfinite(saved["core"])
     # an untrained model predicts ~uniformly: bpb near log2(vocab) / bytes per token, certainly > 1
     assert math.isfinite(saved["bpb"]["val"]) and 1 < saved["bpb"]["val"] < 20 and math.isfinite(saved["bpb"]["train"])
     assert len(saved["samples"]) == 4 and saved["samples"][0].startswith("[greedy] The capital of France is")
     out = capsys.readouterr().out
-    assert "CORE over 2/22 tasks" in out and "val bpb" in out and "(data file missing)" in out
+    assert "CORE over 2/22 tasks, seeded subset of 2 items per task (DCLM v1 semantics, rev 2):" in out
+    assert "val bpb" in out and "(data file missing)" in out
+    # the report says which evaluator and which items produced the score
+    with open(report.write_report(str(base_dir))) as f:
+        md = f.read()
+    assert "ours (d1), CORE over 2/22 tasks, seeded subset of 2 items per task" in md
+    assert ("CORE evaluator: DCLM v1 semantics, rev 2; items: a seeded subset of 2 items per task (seed 1234), "
+            "not comparable with a full score.") in md
 
 
 def test_main_404_exits_with_one_line(base_dir, server, monkeypatch):
@@ -160,3 +169,17 @@ def test_main_uses_given_bundle_and_newest_tag(base_dir, tmp_path):
     assert res["step"] == 7 and res["n_tasks"] == 1 and res["tasks"]["copa"]["n_items"] == 3
     assert res["bpb"] == {} and res["samples"] == []
     assert not (base_dir / "eval_bundle").exists()  # nothing downloaded
+
+
+def test_missing_shards_fail_before_core(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))  # no shards, no checkpoint
+    with pytest.raises(SystemExit) as e:
+        base_eval.main(["--eval-bundle", BUNDLE, "--device-type", "cpu"])
+    msg = str(e.value.code)
+    assert msg.startswith("error: found 0 shard(s)") and "--bpb-tokens 0" in msg and "\n" not in msg
+
+
+def test_hf_path_excludes_our_checkpoint_flags(capsys):
+    with pytest.raises(SystemExit):
+        base_eval.main(["--hf-path", "openai-community/gpt2", "--model-tag", "d1"])
+    assert "--hf-path evaluates a Hugging Face model" in capsys.readouterr().err

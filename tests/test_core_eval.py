@@ -141,13 +141,116 @@ def test_fewshot_prompt_renders_solved_examples(tok):
     t = task("multiple_choice", data, num_fewshot=3, delimiter="\nAnswer: ")
     for index in range(6):
         prompts = core_eval.render_prompts(t, index)
-        assert [a for _, a in prompts] == data[index]["choices"]
+        assert [a for _, a in prompts] == [" " + c for c in data[index]["choices"]]  # the space moved over
         shots = prompts[0][0].split("\n\n")
-        assert shots[-1] == f"q{index}\nAnswer: " and len(shots) == 4
+        assert shots[-1] == f"q{index}\nAnswer:" and len(shots) == 4
         others = [j for j in range(6) if j != index]
         solved = {f"q{j}\nAnswer: " + data[j]["choices"][data[j]["gold"]] for j in others}
         assert set(shots[:-1]) <= solved
         assert prompts == core_eval.render_prompts(t, index)
+
+
+# -----------------------------------------------------------------------------
+# DCLM's whitespace rules: answers carry the delimiter's space, fields are stripped
+
+def test_lm_numeric_answer_scores_the_space_with_it(tok):
+    data = [{"context": "Q: what is six times seven?", "continuation": "42"}]
+    t = task("language_modeling", data, delimiter="\nAnswer: ")
+    (prompt, answer), = core_eval.render_prompts(t, 0)
+    assert (prompt, answer) == ("Q: what is six times seven?\nAnswer:", " 42")  # no trailing space
+    (ids, start), = core_eval.tokenize_prompts(tok, [(prompt, answer)], 256)
+    assert ids[:start] == [tok.bos_token_id] + tok.encode(prompt)
+    assert ids[start:] == tok.encode(" 42") == tok.encode(" ") + tok.encode("42")  # " 42" is scored, space first
+    # a model that continues ":" with " 42" is right; one that jumps straight to "42" is not
+    m = Bigram(tok.vocab_size)
+    m.prefer(tok, ":", " ", 20.0)
+    m.prefer(tok, " ", "4", 20.0)
+    m.prefer(tok, "4", "2", 20.0)
+    assert core_eval.evaluate_item(m, tok, t, 0, "cpu") is True
+    m.prefer(tok, ":", "4", 30.0)  # rev 1 put the space in the context: this would have counted as right
+    assert core_eval.evaluate_item(m, tok, t, 0, "cpu") is False
+
+
+def test_trailing_whitespace_is_trimmed_as_dclm_does(tok):
+    # one jeopardy context (and 11 answers) end in a space; DCLM strips every string field
+    data = [{"context": "HISTORY: it never hit $250 million ", "continuation": "Lottery "},
+            {"context": "  the cat\n", "continuation": "sat"}]
+    t = task("language_modeling", data, num_fewshot=1, delimiter="\nAnswer: ")
+    assert core_eval.render_prompts(t, 1) == [
+        ("HISTORY: it never hit $250 million\nAnswer: Lottery\n\nthe cat\nAnswer:", " sat")]
+    assert core_eval.render_prompts(t, 0) == [
+        ("the cat\nAnswer: sat\n\nHISTORY: it never hit $250 million\nAnswer:", " Lottery")]
+    # a space delimiter disappears into the answer's leading space
+    assert core_eval.render_prompts(task("language_modeling", data), 1) == [("the cat", " sat")]
+
+
+def test_multiple_choice_renders_as_dclm(tok):
+    # piqa's queries end in "\n"; an openbook choice can start with a digit; a choice that
+    # already starts with a space gets no second one; choices are not stripped (a list field)
+    data = [{"query": "Question: how tall?\n", "choices": ["12 feet", " tall", "very "], "gold": 0}]
+    t = task("multiple_choice", data, delimiter="\nAnswer: ")
+    prompts = core_eval.render_prompts(t, 0)
+    assert prompts == [("Question: how tall?\nAnswer:", " 12 feet"), ("Question: how tall?\nAnswer:", " tall"),
+                       ("Question: how tall?\nAnswer:", " very ")]
+    rows = core_eval.tokenize_prompts(tok, prompts, 256)
+    assert rows[0][0][rows[0][1]:] == tok.encode(" 12 feet") and rows[0][0][rows[0][1]] == tok.encode(" ")[0]
+    # bigbench_language_identification: the query ends in "Answer: " and the delimiter is " "
+    t = task("multiple_choice", [{"query": "Sentence: x\nAnswer: ", "choices": ["A", "B"], "gold": 1}])
+    assert core_eval.render_prompts(t, 0) == [("Sentence: x\nAnswer:", " A"), ("Sentence: x\nAnswer:", " B")]
+
+
+def test_schema_options_keep_their_text_and_the_continuation_its_space(tok):
+    data = [{"context_options": ["the cat", "the dog"], "continuation": " sat down. ", "gold": 0}] * 3
+    t = task("schema", data)
+    assert core_eval.render_prompts(t, 0) == [("the cat", " sat down."), ("the dog", " sat down.")]
+    t = task("schema", data, num_fewshot=1)
+    assert core_eval.render_prompts(t, 0)[1] == ("the cat sat down.\n\nthe dog", " sat down.")
+
+
+# -----------------------------------------------------------------------------
+# Subsets: a fixed seeded shuffle, not the file's first K
+
+def test_subset_is_a_seeded_shuffle_not_the_first_k():
+    sub = core_eval.subset_indices(1000, 100)
+    assert sub != list(range(100)) and sorted(sub) != list(range(100))
+    assert len(set(sub)) == 100 and all(0 <= i < 1000 for i in sub)
+    assert sum(i < 100 for i in sub) < 30  # spread over the file, not bunched at its start
+    assert sub == core_eval.subset_indices(1000, 100)  # the same items in every run
+    assert core_eval.subset_indices(1000, 500)[:100] == sub  # K=100's items are among K=500's
+    assert core_eval.subset_indices(20, 5) == [19, 13, 4, 9, 16]  # pinned: a new seed changes every subset score
+    assert core_eval.subset_indices(7, None) == core_eval.subset_indices(7, 7) == list(range(7))
+    assert core_eval.subset_indices(7, 50) == list(range(7))  # K >= n: the whole task
+
+
+def test_subset_accuracy_is_over_the_shuffled_items(tok):
+    # the file's first 10 items are right, the other 30 wrong: a first-K subset would score 1.0
+    data = [{"context": "the cat", "continuation": "sat"}] * 10 + [{"context": "the dog", "continuation": "sat"}] * 30
+    m = rank_model(tok)
+    t = task("language_modeling", data)
+    sub = core_eval.subset_indices(40, 10)
+    assert core_eval.evaluate_task(m, tok, t, "cpu", max_items=10) == sum(i < 10 for i in sub) / 10 == 0.1
+    assert core_eval.evaluate_task(m, tok, t, "cpu") == 0.25
+
+
+def test_fewshot_draw_does_not_depend_on_the_subset(tok, monkeypatch):
+    data = [{"context": f"the cat {i}", "continuation": "sat"} for i in range(30)]
+    t = task("language_modeling", data, num_fewshot=3)
+    full = {i: core_eval.render_prompts(t, i) for i in range(30)}
+    seen = {}
+    render = core_eval.render_prompts
+
+    def spy(task, index):
+        seen[index] = render(task, index)
+        return seen[index]
+    monkeypatch.setattr(core_eval, "render_prompts", spy)
+    for k in (5, 20):
+        seen.clear()
+        core_eval.evaluate_task(rank_model(tok), tok, t, "cpu", max_items=k)
+        assert sorted(seen) == sorted(core_eval.subset_indices(30, k))
+        assert all(seen[i] == full[i] for i in seen)  # the same prompt as in the full run
+    # the examples come from the whole task, not just the 5 items of the subset
+    small = set(core_eval.subset_indices(30, 5))
+    assert any(set(core_eval.fewshot_indices(30, i, 3)) - small for i in small)
 
 
 # -----------------------------------------------------------------------------
@@ -213,10 +316,13 @@ def test_evaluate_core_aggregates_and_skips_missing(tok, tmp_path, capsys):
     assert res["tasks"]["lm"] == {"accuracy": 0.5, "centered": 0.5, "random_baseline": 0.0, "n_items": 2}
     assert res["tasks"]["mc"]["accuracy"] == 1.0 and res["tasks"]["mc"]["centered"] == pytest.approx(1.0)
     assert res["core"] == pytest.approx(0.75)
-    assert (res["n_tasks"], res["n_total"]) == (2, 3) and res["core_label"] == "CORE over 2/3 tasks"
+    assert (res["n_tasks"], res["n_total"]) == (2, 3) and res["core_label"] == "CORE over 2/3 tasks, all items"
+    assert (res["semantics"], res["max_per_task"], res["subset_seed"]) == ("DCLM v1 semantics, rev 2", None, None)
     sub = core_eval.evaluate_core(m, tok, str(tmp_path), "cpu", max_per_task=1)
+    assert core_eval.subset_indices(2, 1) == [0]  # the one item evaluated: the right one
     assert sub["tasks"]["lm"]["n_items"] == 1 and sub["tasks"]["lm"]["accuracy"] == 1.0
-    assert sub["core_label"] == "CORE over 2/3 tasks, subset: 1 items per task"
+    assert sub["core_label"] == "CORE over 2/3 tasks, seeded subset of 1 items per task"
+    assert (sub["max_per_task"], sub["subset_seed"]) == (1, core_eval.SUBSET_SEED)
 
 
 def test_load_tasks_real_bundle_layout():
@@ -255,10 +361,10 @@ def _rank_worker(rank, world, rdzv, out_dir):
 
 def test_rank_split_counts(tok):
     m, t = rank_model(tok), task("language_modeling", RANK_DATA)
-    count = lambda rank, world, n=5: core_eval.count_correct(m, tok, t, "cpu", n, rank, world)
+    count = lambda rank, world, n=5: core_eval.count_correct(m, tok, t, "cpu", list(range(n)), rank, world)
     assert count(0, 1) == 3 and (count(0, 2), count(1, 2)) == (3, 0)  # items 0,2,4 and 1,3
     assert count(0, 3) + count(1, 3) + count(2, 3) == 3
-    assert count(0, 2, n=2) + count(1, 2, n=2) == 1  # max_items: the first n items only
+    assert count(0, 2, n=2) + count(1, 2, n=2) == 1  # only the items listed
 
 
 def test_two_gloo_ranks_sum_to_the_whole(tmp_path):
@@ -276,6 +382,6 @@ def test_real_bundle_smoke(tok):
     res = core_eval.evaluate_core(model, tok, BUNDLE, "cpu", max_per_task=2)
     assert res["n_tasks"] == 18 and res["n_total"] == 22 and len(res["skipped"]) == 4
     assert set(res["skipped"]) == {"hellaswag_zeroshot", "hellaswag", "squad", "coqa"}
-    assert res["core_label"] == "CORE over 18/22 tasks, subset: 2 items per task"
+    assert res["core_label"] == "CORE over 18/22 tasks, seeded subset of 2 items per task"
     assert all(t["n_items"] == 2 and t["accuracy"] in (0.0, 0.5, 1.0) for t in res["tasks"].values())
     assert math.isfinite(res["core"]) and -2 < res["core"] <= 1
