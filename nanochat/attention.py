@@ -24,21 +24,51 @@ from nanochat.common import print0
 
 # -----------------------------------------------------------------------------
 # Masks. Every mask is a pure function of (window, Tq, Tk, device), so each is built once and
-# then reused by every layer and every step. Variable-length evaluation would grow the cache
-# without bound, so it starts over past a few dozen shapes. Under torch.compile the first trace
-# fills the cache and dynamo recompiles once, after which the masks are plain graph inputs.
+# then reused by every layer and every step. There are two caches, because torch.compile guards
+# on every global dict that traced code reads: a change to such a dict recompiles the whole model
+# on its next call, and after 8 recompiles dynamo gives up and runs the rest of training eagerly.
+#   _traced_masks  read by compiled code only. It holds the training shapes, so it stops changing
+#                  after the first compiled calls; prepare_masks() can fill it before compiling.
+#   _masks         everything else: uncompiled evaluation and sampling at any shape (CORE's
+#                  variable lengths, every KV-cache decode step). It may grow and be cleared
+#                  freely, since no compiled graph ever reads it.
 
+_traced_masks = {}
 _masks = {}
 
 
 def _cached(build, window, Tq, Tk, device):
     key = (build, window, Tq, Tk, device)
-    mask = _masks.get(key)
+    if torch.compiler.is_compiling():
+        mask = _traced_masks.get(key)
+        if mask is None:  # first trace at this shape: build in the graph, then recompile once
+            mask = _traced_masks[key] = build(window, Tq, Tk, device)
+        return mask
+    mask = _traced_masks.get(key)
     if mask is None:
-        if len(_masks) >= 64:
+        mask = _masks.get(key)
+    if mask is None:
+        if len(_masks) >= 64:  # variable-length evaluation would otherwise grow it without bound
             _masks.clear()
         mask = _masks[key] = build(window, Tq, Tk, device)
     return mask
+
+
+def prepare_masks(windows, T, device):
+    """Build the masks of a training shape (one sequence length T, these per-layer windows) for
+    compiled code, before torch.compile traces the model: the first compiled call then finds
+    them and does not recompile once to pick them up. Returns how many masks were built."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # q.device always carries the index
+        device = torch.device("cuda", torch.cuda.current_device())
+    build = {"flex": _block_mask, "sdpa": _bool_mask}.get(get_backend(device))
+    if build is None:
+        return 0  # flash-attn needs no mask
+    needed = sorted({w for w in windows if build is _block_mask or w < T})  # sdpa's causal case needs none
+    for w in needed:
+        if (build, w, T, T, device) not in _traced_masks:
+            _traced_masks[(build, w, T, T, device)] = build(w, T, T, device)
+    return len(needed)
 
 
 def _bool_mask(window, Tq, Tk, device):
