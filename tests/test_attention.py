@@ -283,3 +283,40 @@ def test_prepared_masks_save_the_first_recompile(monkeypatch, prepared):
     assert counter.frame_count == (1 if prepared else 2)
     assert len(attn._traced_masks) == 1
     torch._dynamo.reset()
+
+
+# -----------------------------------------------------------------------------
+# flash-attn: how each version is called, and a loud warning when the fast kernel is missing
+
+
+@pytest.mark.parametrize("no_window", [-1, None])  # flash-attn 3, flash-attn 4
+def test_flash_passes_each_versions_no_window_sentinel(monkeypatch, no_window):
+    calls = []
+    monkeypatch.setattr(attn, "_flash_fn", lambda q, k, v, causal, window_size: calls.append(window_size) or (q, None))
+    monkeypatch.setattr(attn, "_no_window", no_window)
+    q, k, v = qkv(Tq=4, Tk=16)
+    assert attn._flash(q, k, v, 100) is q and attn._flash(q, k, v, 16) is q  # (out, lse) -> out
+    attn._flash(q, k, v, 5)
+    assert calls == [(no_window, 0), (no_window, 0), (5, 0)]
+
+
+def test_missing_fast_kernel_on_hopper_is_loud(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+    cuda = torch.device("cuda", 0)
+    attn._warn_if_slow(cuda, "flex", {"fa4": "ModuleNotFoundError: No module named 'flash_attn'"})
+    out = capsys.readouterr().out
+    assert out.startswith("WARNING: attention falls back to flex on this NVIDIA H100")
+    assert "No module named 'flash_attn'" in out and "pip install -e '.[gpu]'" in out
+    attn._warn_if_slow(cuda, "fa4", {})  # the fast kernel loaded: nothing to say
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
+    attn._warn_if_slow(cuda, "flex", {})  # an A100: flash-attn 3/4 do not target it
+    attn._warn_if_slow(CPU, "sdpa", {})
+    assert capsys.readouterr().out == ""
+
+
+def test_describe_backend(fresh_choice):
+    assert attn.describe_backend() is None
+    fresh_choice.delenv("NANOCHAT_ATTN", raising=False)
+    attn.get_backend(CPU, torch.float32)
+    assert attn.describe_backend() == "sdpa (PyTorch SDPA)"
