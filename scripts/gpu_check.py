@@ -147,20 +147,31 @@ def one_step_update(model, forward, x, y):
     return torch.cat([(p.detach() - b).float().flatten() for p, b in zip(model.parameters(), before)])
 
 
-def recompiles_after_eval_rounds(model, step_model, x, y, rounds=3):
+def counting_inductor(graphs):
+    """inductor, appending to `graphs` for every graph it compiles: counts the recompiles of one
+    compiled model only (compiled flex_attention on CUDA compiles graphs of its own when eager
+    decoding meets new shapes; those are not the training graph's)."""
+    from torch._inductor.compile_fx import compile_fx
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return compile_fx(gm, example_inputs)
+    return backend
+
+
+def recompiles_after_eval_rounds(model, step_model, graphs, x, y, rounds=3):
     """Uncompiled evaluation at new lengths and KV-cache sampling, as training runs them between
-    steps, then the compiled training step again: how many graphs that compiled anew."""
-    from torch._dynamo.utils import counters
+    steps, then the compiled training step again: how many graphs of step_model compiled anew."""
     from nanochat.engine import Engine
     step_model(x, y).backward()  # the training graph exists before counting
-    before = counters["stats"]["unique_graphs"]
+    before = len(graphs)
     for r in range(rounds):
         with torch.no_grad():
             model(x[:, :x.size(1) // 2 + r])
         Engine(model).generate_batch([1, 2, 3], max_tokens=4 + r, temperature=0)
         step_model(x, y).backward()
     model.zero_grad(set_to_none=True)
-    return counters["stats"]["unique_graphs"] - before
+    return len(graphs) - before
 
 
 def check_compile(device):
@@ -172,7 +183,8 @@ def check_compile(device):
     eager = build_model(config, device)
     torch.manual_seed(0)
     model = build_model(config, device)
-    step_model = torch.compile(model)
+    graphs = []
+    step_model = torch.compile(model, backend=counting_inductor(graphs))
     with torch.no_grad():
         err = rel_err(step_model(x), eager(x))
     yield Result("compile forward", "PASS" if err < tol else "FAIL", f"logits rel err vs eager {err:.1e} (tolerance {tol:.0e})",
@@ -184,9 +196,11 @@ def check_compile(device):
     yield Result("compile optimizer step", "PASS" if err < tol_step else "FAIL",
                  f"parameter update rel err vs eager {err:.1e} (tolerance {tol_step:.0e})",
                  "train with --compile 0 (slower) and report the mismatch")
-    n = recompiles_after_eval_rounds(model, step_model, x, y)
+    n = recompiles_after_eval_rounds(model, step_model, graphs, x, y)
+    torch._dynamo.reset()  # free the compiled graphs before the next check
     yield Result("compile recompiles", "PASS" if n == 0 else "FAIL", f"{n} new graphs after 3 eval/sample rounds",
-                 "masks or other globals read inside the compiled model change between calls (TORCH_LOGS=recompiles)")
+                 "a global read inside the compiled model changes between calls: find it with "
+                 "TORCH_LOGS=recompiles python -m scripts.gpu_check --only compile, or train with --compile 0")
 
 # -----------------------------------------------------------------------------
 # fp8
