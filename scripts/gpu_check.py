@@ -122,7 +122,7 @@ def check_attention(device):
                       + (", forward only on CPU" if no_backward else ", forward + backward"))
             ok = errs[worst] < tol
             yield Result(f"attention {name}", "PASS" if ok else "FAIL", detail,
-                         "" if ok else f"avoid it: NANOCHAT_ATTN=sdpa (or another backend that passes)")
+                         "" if ok else "avoid it: NANOCHAT_ATTN=sdpa (or another backend that passes)")
     finally:
         attn._flash_fn, attn._no_window, attn._flex_fn = saved
 
