@@ -9,8 +9,9 @@ rule covers both. A sliding window lets the query at position t see key j iff
 
 Backends, best first. The first one that loads and fits the device is used for the whole
 process; NANOCHAT_ATTN=<name> forces one and fails loudly if it cannot run here.
-  fa3   flash-attn 3, Hopper                          import flash_attn_interface
-  fa4   flash-attn 4 (CuTe DSL), Hopper and Blackwell  from flash_attn.cute import ...
+  fa3   flash-attn 3, Hopper                          import flash_attn_interface (build from source)
+  fa4   flash-attn 4 (CuTe DSL), Hopper and Blackwell  from flash_attn.cute import ... (pip: the
+        `gpu` extra, a pure-Python wheel that compiles its kernels at first use; no source build)
   flex  FlexAttention, any CUDA GPU: block-sparse, so short windows skip whole tiles
   sdpa  F.scaled_dot_product_attention, anywhere; the default off CUDA
 """
@@ -24,21 +25,51 @@ from nanochat.common import print0
 
 # -----------------------------------------------------------------------------
 # Masks. Every mask is a pure function of (window, Tq, Tk, device), so each is built once and
-# then reused by every layer and every step. Variable-length evaluation would grow the cache
-# without bound, so it starts over past a few dozen shapes. Under torch.compile the first trace
-# fills the cache and dynamo recompiles once, after which the masks are plain graph inputs.
+# then reused by every layer and every step. There are two caches, because torch.compile guards
+# on every global dict that traced code reads: a change to such a dict recompiles the whole model
+# on its next call, and after 8 recompiles dynamo gives up and runs the rest of training eagerly.
+#   _traced_masks  read by compiled code only. It holds the training shapes, so it stops changing
+#                  after the first compiled calls; prepare_masks() can fill it before compiling.
+#   _masks         everything else: uncompiled evaluation and sampling at any shape (CORE's
+#                  variable lengths, every KV-cache decode step). It may grow and be cleared
+#                  freely, since no compiled graph ever reads it.
 
+_traced_masks = {}
 _masks = {}
 
 
 def _cached(build, window, Tq, Tk, device):
     key = (build, window, Tq, Tk, device)
-    mask = _masks.get(key)
+    if torch.compiler.is_compiling():
+        mask = _traced_masks.get(key)
+        if mask is None:  # first trace at this shape: build in the graph, then recompile once
+            mask = _traced_masks[key] = build(window, Tq, Tk, device)
+        return mask
+    mask = _traced_masks.get(key)
     if mask is None:
-        if len(_masks) >= 64:
+        mask = _masks.get(key)
+    if mask is None:
+        if len(_masks) >= 64:  # variable-length evaluation would otherwise grow it without bound
             _masks.clear()
         mask = _masks[key] = build(window, Tq, Tk, device)
     return mask
+
+
+def prepare_masks(windows, T, device):
+    """Build the masks of a training shape (one sequence length T, these per-layer windows) for
+    compiled code, before torch.compile traces the model: the first compiled call then finds
+    them and does not recompile once to pick them up. Returns how many masks were built."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # q.device always carries the index
+        device = torch.device("cuda", torch.cuda.current_device())
+    build = {"flex": _block_mask, "sdpa": _bool_mask}.get(get_backend(device))
+    if build is None:
+        return 0  # flash-attn needs no mask
+    needed = sorted({w for w in windows if build is _block_mask or w < T})  # sdpa's causal case needs none
+    for w in needed:
+        if (build, w, T, T, device) not in _traced_masks:
+            _traced_masks[(build, w, T, T, device)] = build(w, T, T, device)
+    return len(needed)
 
 
 def _bool_mask(window, Tq, Tk, device):
@@ -63,13 +94,15 @@ def _block_mask(window, Tq, Tk, device):
 # The kernels. Each takes and returns (B, T, H, D).
 
 _flash_fn = None  # flash_attn_func of flash-attn 3 or 4, whichever loaded
+_no_window = -1   # how that version spells "no window": -1 for flash-attn 3, None for 4
 _flex_fn = None   # flex_attention, compiled on CUDA
 
 
 def _flash(q, k, v, window):
-    # flash-attn aligns causality to the end of the keys by itself. -1 means "no window", which
-    # picks the plain causal kernel instead of the (slower) local one.
-    left = window if window < k.size(1) else -1
+    # flash-attn aligns causality to the end of the keys by itself. "No window" picks the plain
+    # causal kernel instead of the (slower) local one; flash-attn 4 reads a left window of -1 with
+    # a right one of 0 as a local window, so it gets None.
+    left = window if window < k.size(1) else _no_window
     out = _flash_fn(q, k, v, causal=True, window_size=(left, 0))
     return out[0] if isinstance(out, tuple) else out  # some versions also return the log-sum-exp
 
@@ -102,20 +135,20 @@ def _need_gpu(device, dtype, majors):
 
 
 def _load_fa3(device, dtype):
-    global _flash_fn
+    global _flash_fn, _no_window
     _need_gpu(device, dtype, (9,))
     from flash_attn_interface import flash_attn_func
-    _flash_fn = flash_attn_func
+    _flash_fn, _no_window = flash_attn_func, -1
     return _flash
 
 
 def _load_fa4(device, dtype):
-    global _flash_fn
+    global _flash_fn, _no_window
     _need_gpu(device, dtype, (9, 10))
     from flash_attn.cute import flash_attn_func
     # FA4 is not a torch custom op (yet): dynamo cannot trace into its CuTe launcher, so run it
     # outside the graph. That costs a graph break per layer under torch.compile.
-    _flash_fn = torch.compiler.disable(flash_attn_func)
+    _flash_fn, _no_window = torch.compiler.disable(flash_attn_func), None
     return _flash
 
 
@@ -139,6 +172,31 @@ BACKENDS = {  # name -> (what it is, loader), in auto-selection order
 
 _chosen = None  # (name, kernel) once picked
 
+# torch==2.13.0 from PyPI is a CUDA 13 build, hence flash-attn-4's cu13 extra
+FAST_KERNEL_INSTALL = "pip install -e '.[gpu]'   (flash-attn-4[cu13], a wheel: no compilation)"
+
+
+def _auto_choose(device, dtype):
+    """The first backend that loads, and why each faster one did not."""
+    why_not = {}
+    for name in BACKENDS if device.type == "cuda" else ["sdpa"]:
+        try:
+            return (name, BACKENDS[name][1](device, dtype)), why_not
+        except Exception as e:  # not installed, or not this GPU: try the next one
+            why_not[name] = f"{type(e).__name__}: {e}"
+    raise AssertionError("sdpa always loads")
+
+
+def _warn_if_slow(device, name, why_not):
+    """On Hopper and Blackwell the flash-attn kernels are the fast path; FlexAttention there costs
+    roughly 5-10 % of the step time. Say so where nobody can miss it."""
+    if device.type != "cuda" or name in ("fa3", "fa4"):
+        return
+    if torch.cuda.get_device_capability(device)[0] not in (9, 10):
+        return
+    print0(f"WARNING: attention falls back to {name} on this {torch.cuda.get_device_name(device)} "
+           f"because flash-attn 4 did not load ({why_not.get('fa4')}); install it: {FAST_KERNEL_INSTALL}")
+
 
 def get_backend(device=None, dtype=None):
     """Pick the backend once per process and return its name. Call it before torch.compile
@@ -157,14 +215,15 @@ def get_backend(device=None, dtype=None):
         except Exception as e:  # ImportError, wrong GPU, wrong dtype: never fall back silently
             raise RuntimeError(f"NANOCHAT_ATTN={forced!r} cannot run on {device} ({dtype}): {e}") from e
     else:
-        for name in BACKENDS if device.type == "cuda" else ["sdpa"]:
-            try:
-                _chosen = name, BACKENDS[name][1](device, dtype)
-                break
-            except Exception:  # not installed, or not this GPU: try the next one
-                continue
-    print0(f"attention backend: {_chosen[0]} ({BACKENDS[_chosen[0]][0]})")
+        _chosen, why_not = _auto_choose(device, dtype)
+        _warn_if_slow(device, _chosen[0], why_not)
+    print0(f"attention backend: {describe_backend()}")
     return _chosen[0]
+
+
+def describe_backend():
+    """The chosen backend for logs and the report, e.g. "fa4 (flash-attn 4)"; None before one is chosen."""
+    return None if _chosen is None else f"{_chosen[0]} ({BACKENDS[_chosen[0]][0]})"
 
 
 def attention(q, k, v, window):

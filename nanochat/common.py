@@ -45,7 +45,8 @@ def atomic_write(path):
 
 
 def autodetect_device_type():
-    """cuda > mps > cpu, unless NANOCHAT_DEVICE says otherwise."""
+    """cuda > mps > cpu, unless NANOCHAT_DEVICE says otherwise. A machine with an NVIDIA driver
+    whose torch cannot use CUDA is an error, not a quiet CPU run."""
     forced = os.environ.get("NANOCHAT_DEVICE")
     if forced:
         if forced not in ("cuda", "mps", "cpu"):
@@ -55,6 +56,9 @@ def autodetect_device_type():
         return "cuda"
     if torch.backends.mps.is_available():
         return "mps"
+    if nvidia_driver_version() is not None:  # a GPU node whose torch cannot use it: never train on CPU by accident
+        raise SystemExit(f"a GPU driver is present but torch cannot use CUDA: {cuda_unusable_reason()} "
+                         f"(or pass --device-type cpu to run on the CPU anyway)")
     return "cpu"
 
 
@@ -104,15 +108,73 @@ def keep_freed_memory():
     return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
 
 
+# The oldest Linux driver each CUDA version of a torch build runs on: the "Toolkit Driver
+# Version" column of the CUDA Toolkit release notes (docs.nvidia.com/cuda/cuda-toolkit-release-notes,
+# table "CUDA Toolkit and Corresponding Driver Versions", GA releases). Newest first.
+MIN_DRIVER_FOR_CUDA = {"13.0": (580, 65), "12.9": (575, 51), "12.8": (570, 26), "12.6": (560, 28),
+                       "12.4": (550, 54), "12.1": (530, 30)}
+
+
+def nvidia_driver_version():
+    """The NVIDIA driver version nvidia-smi reports, e.g. "570.124.06", or None without one."""
+    import shutil
+    import subprocess
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    lines = out.stdout.split()
+    return lines[0] if out.returncode == 0 and lines else None
+
+
+def _driver_tuple(version):
+    return tuple(int(part) for part in version.split(".")[:2])
+
+
+def cuda_unusable_reason():
+    """One line saying why torch cannot use CUDA here and how to fix it. The usual cause on a
+    rented node: the torch wheel was built for a newer CUDA than the node's driver supports."""
+    driver, built = nvidia_driver_version(), torch.version.cuda
+    install = "pip install torch=={v} --index-url https://download.pytorch.org/whl/cu{c}"
+    version = torch.__version__.split("+")[0]
+    if built is None:
+        return (f"torch {torch.__version__} is a CPU-only build; install a CUDA build, e.g. "
+                + install.format(v=version, c="130"))
+    if driver is None:
+        return (f"no NVIDIA driver found (nvidia-smi missing or failing); torch {version} is built for CUDA "
+                f"{built}: install the driver, or pass --device-type cpu")
+    need = MIN_DRIVER_FOR_CUDA.get(built)
+    if need is not None and _driver_tuple(driver) < need:
+        fits = [c for c, d in MIN_DRIVER_FOR_CUDA.items() if _driver_tuple(driver) >= d]
+        fix = (install.format(v=version, c=fits[0].replace(".", "")) if fits
+               else f"upgrade the driver to {need[0]} or newer")
+        return (f"NVIDIA driver {driver} is too old for torch {version}, built for CUDA {built} (needs driver "
+                f">= {need[0]}.{need[1]}); fix: {fix}")
+    return (f"torch {version} (CUDA {built}) sees no GPU although NVIDIA driver {driver} is loaded: check "
+            f"CUDA_VISIBLE_DEVICES and that nvidia-smi lists the GPUs")
+
+
+def set_matmul_precision():
+    """fp32 matmuls (rare here: everything big runs in bf16) may use tf32 tensor cores. Set through
+    the legacy setter on purpose: torch 2.13's newer per-backend flag
+    (torch.backends.cuda.matmul.fp32_precision) makes torch.get_float32_matmul_precision() and
+    torch.backends.cuda.matmul.allow_tf32 raise, and inductor's max-autotune and the profilers read them."""
+    torch.set_float32_matmul_precision("high")
+
+
 def compute_init(device_type=None):
     """Pick the device, seed, and join the process group when launched by torchrun
-    (nccl on CUDA, gloo otherwise). Returns (is_ddp, rank, local_rank, world_size, device)."""
+    (nccl on CUDA, gloo otherwise). Returns (is_ddp, rank, local_rank, world_size, device).
+    CUDA asked for but unusable is an error with the reason, never a silent fall back to CPU."""
     device_type = device_type or autodetect_device_type()
     if device_type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' requested but torch sees no CUDA GPU; pass --device-type cpu")
+        raise SystemExit(f"--device-type cuda: {cuda_unusable_reason()}")
     torch.manual_seed(42)
     if device_type == "cuda":
-        torch.backends.cuda.matmul.fp32_precision = "tf32"  # fp32 matmuls (rare here) may use tf32
+        set_matmul_precision()
     is_ddp, rank, local_rank, world_size = dist_info()
     if device_type == "cuda":
         device = torch.device("cuda", local_rank)

@@ -85,9 +85,13 @@ def convert_to_float8(model, linear_cls=nn.Linear, min_features=128):
     >= min_features and divisible by 16 for a Float8Linear holding the SAME Parameter object,
     so optimizer groups, init and checkpoints cannot tell the difference. Small layers stay in
     bf16: the scaling overhead outweighs the faster matmul. Returns the number swapped."""
+    if not fp8_supported() and not torch.cuda.is_available():  # not the GPU's fault: torch cannot use CUDA
+        from nanochat.common import cuda_unusable_reason
+        raise RuntimeError(f"--fp8 needs CUDA, and {cuda_unusable_reason()}")
     if not fp8_supported():
-        raise RuntimeError("--fp8 needs a CUDA GPU of compute capability >= 8.9 (H100, L40, RTX 4090); "
-                           "drop --fp8 to train in bf16")
+        major, minor = torch.cuda.get_device_capability()
+        raise RuntimeError(f"--fp8 needs a CUDA GPU of compute capability >= 8.9 (H100, L40, RTX 4090), this "
+                           f"{torch.cuda.get_device_name()} is {major}.{minor}; drop --fp8 to train in bf16")
     count = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):

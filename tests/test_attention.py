@@ -136,6 +136,7 @@ def test_traces_without_graph_breaks(name, monkeypatch):
     import torch._dynamo.testing
     monkeypatch.setattr(attn, "_chosen", (name, load(name)))
     monkeypatch.setattr(attn, "_masks", {})
+    monkeypatch.setattr(attn, "_traced_masks", {})
     torch._dynamo.reset()
     counter = torch._dynamo.testing.CompileCounter()
     f = torch.compile(lambda q, k, v: attn.attention(q, k, v, 4) + attn.attention(q, k, v, 100),
@@ -222,3 +223,100 @@ def test_cuda_backend_matches_reference(name, Tq, Tk, window):
     attn._sdpa(q2, k2, v2, window).float().square().sum().backward()
     for got, want in zip(grads, (q2.grad, k2.grad, v2.grad)):
         torch.testing.assert_close(got.float(), want.float(), atol=5e-2, rtol=5e-2)
+
+
+# -----------------------------------------------------------------------------
+# torch.compile and the mask cache: evaluation and sampling at other shapes must not recompile
+# the training graph (dynamo gives up after 8 recompiles and the run goes eager for good)
+
+
+def test_eval_and_sampling_rounds_never_recompile_the_training_graph(monkeypatch):
+    import torch._dynamo
+    import torch._dynamo.testing
+    from nanochat.engine import Engine
+    from nanochat.gpt import GPTConfig, build_model
+    monkeypatch.setattr(attn, "_chosen", ("sdpa", attn._sdpa))
+    monkeypatch.setattr(attn, "_masks", {})
+    monkeypatch.setattr(attn, "_traced_masks", {})
+    torch._dynamo.reset()
+    # T = 256 gives the short layers a 128-token window, so training needs a real mask
+    config = GPTConfig(sequence_len=256, vocab_size=64, n_layer=2, n_head=2, n_embd=64)
+    assert config.window_sizes() == [128, 256]
+    torch.manual_seed(0)
+    model = build_model(config, CPU)
+    counter = torch._dynamo.testing.CompileCounter()
+    step_model = torch.compile(model, backend=counter)
+    x = torch.randint(0, 64, (1, 256))
+
+    def train_and_val():
+        step_model(x, x).backward()  # a training step's forward and backward
+        with torch.no_grad():
+            step_model(x, x)          # the compiled validation loss, as base_train runs it
+
+    for _ in range(2):  # the first calls compile (masks for the training shape are built here)
+        train_and_val()
+    compiled = counter.frame_count
+    for round in range(10):  # more rounds than dynamo's recompile limit (8)
+        with torch.no_grad():
+            model(x[:, :100 + round])  # uncompiled evaluation at a new length (CORE-like)
+        Engine(model).generate_batch([1, 2, 3], max_tokens=4 + round, temperature=0)  # KV-cache decode
+        train_and_val()
+    assert counter.frame_count == compiled
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("prepared", [False, True])
+def test_prepared_masks_save_the_first_recompile(monkeypatch, prepared):
+    import torch._dynamo
+    import torch._dynamo.testing
+    monkeypatch.setattr(attn, "_chosen", ("sdpa", attn._sdpa))
+    monkeypatch.setattr(attn, "_traced_masks", {})
+    torch._dynamo.reset()
+    if prepared:
+        assert attn.prepare_masks([4, 100, 16], 16, "cpu") == 1  # only the window shorter than T needs one
+    counter = torch._dynamo.testing.CompileCounter()
+    f = torch.compile(lambda q, k, v: attn.attention(q, k, v, 4), backend=counter, fullgraph=True)
+    q, k, v = qkv()
+    for _ in range(3):
+        out = f(q, k, v)
+    torch.testing.assert_close(out.double(), reference(q, k, v, 4), atol=4e-6, rtol=1e-5)
+    assert counter.frame_count == (1 if prepared else 2)
+    assert len(attn._traced_masks) == 1
+    torch._dynamo.reset()
+
+
+# -----------------------------------------------------------------------------
+# flash-attn: how each version is called, and a loud warning when the fast kernel is missing
+
+
+@pytest.mark.parametrize("no_window", [-1, None])  # flash-attn 3, flash-attn 4
+def test_flash_passes_each_versions_no_window_sentinel(monkeypatch, no_window):
+    calls = []
+    monkeypatch.setattr(attn, "_flash_fn", lambda q, k, v, causal, window_size: calls.append(window_size) or (q, None))
+    monkeypatch.setattr(attn, "_no_window", no_window)
+    q, k, v = qkv(Tq=4, Tk=16)
+    assert attn._flash(q, k, v, 100) is q and attn._flash(q, k, v, 16) is q  # (out, lse) -> out
+    attn._flash(q, k, v, 5)
+    assert calls == [(no_window, 0), (no_window, 0), (5, 0)]
+
+
+def test_missing_fast_kernel_on_hopper_is_loud(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+    cuda = torch.device("cuda", 0)
+    attn._warn_if_slow(cuda, "flex", {"fa4": "ModuleNotFoundError: No module named 'flash_attn'"})
+    out = capsys.readouterr().out
+    assert out.startswith("WARNING: attention falls back to flex on this NVIDIA H100")
+    assert "No module named 'flash_attn'" in out and "pip install -e '.[gpu]'" in out
+    attn._warn_if_slow(cuda, "fa4", {})  # the fast kernel loaded: nothing to say
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
+    attn._warn_if_slow(cuda, "flex", {})  # an A100: flash-attn 3/4 do not target it
+    attn._warn_if_slow(CPU, "sdpa", {})
+    assert capsys.readouterr().out == ""
+
+
+def test_describe_backend(fresh_choice):
+    assert attn.describe_backend() is None
+    fresh_choice.delenv("NANOCHAT_ATTN", raising=False)
+    attn.get_backend(CPU, torch.float32)
+    assert attn.describe_backend() == "sdpa (PyTorch SDPA)"

@@ -75,3 +75,77 @@ def test_peak_flops_table_and_mfu(monkeypatch):
     assert common.get_peak_flops("cuda") == 312e12
     # the speedrun anchor: 983K tok/s on 8 GPUs at 4.78e9 FLOPs/token is ~59% of 8 × 989 TFLOP/s
     assert common.mfu(983e3 / 8, 4.78e9, 989e12) == pytest.approx(0.594, abs=1e-3)
+
+
+# -----------------------------------------------------------------------------
+# CUDA asked for but unusable (typically: the torch wheel is built for a newer CUDA than the
+# node's driver): one line with the driver, torch's CUDA version and the build to install
+
+
+@pytest.fixture
+def no_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.delenv("NANOCHAT_DEVICE", raising=False)
+    return monkeypatch
+
+
+def fake_nvidia_smi(monkeypatch, tmp_path, driver):
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text(f"#!/bin/sh\necho {driver}\necho {driver}\n")  # one line per GPU
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+
+
+def test_driver_version_from_nvidia_smi(no_cuda, tmp_path):
+    no_cuda.setenv("PATH", str(tmp_path))  # no nvidia-smi at all
+    assert common.nvidia_driver_version() is None
+    fake_nvidia_smi(no_cuda, tmp_path, "550.54.15")
+    assert common.nvidia_driver_version() == "550.54.15"
+
+
+@pytest.mark.parametrize("driver,fix", [
+    ("570.124.06", "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"),
+    ("560.35.03", "whl/cu126"),
+    ("550.54.15", "whl/cu124"),
+    ("470.82.01", "upgrade the driver to 580 or newer"),
+])
+def test_old_driver_fails_with_one_line_naming_driver_cuda_and_fix(no_cuda, tmp_path, driver, fix):
+    fake_nvidia_smi(no_cuda, tmp_path, driver)
+    with pytest.raises(SystemExit) as exc:
+        common.compute_init("cuda")
+    msg = str(exc.value)
+    assert "\n" not in msg and f"driver {driver}" in msg and "CUDA 13.0" in msg and ">= 580.65" in msg
+    assert fix in msg
+
+
+def test_other_reasons_cuda_is_unusable(no_cuda, tmp_path):
+    no_cuda.setenv("PATH", str(tmp_path))
+    assert "no NVIDIA driver found" in common.cuda_unusable_reason()
+    fake_nvidia_smi(no_cuda, tmp_path, "580.82.07")  # new enough: then it is the visibility
+    assert "CUDA_VISIBLE_DEVICES" in common.cuda_unusable_reason()
+    no_cuda.setattr(torch.version, "cuda", None)
+    assert "CPU-only build" in common.cuda_unusable_reason()
+
+
+def test_gpu_node_never_autodetects_cpu(no_cuda, tmp_path):
+    no_cuda.setattr(torch.backends.mps, "is_available", lambda: False)
+    no_cuda.setenv("PATH", str(tmp_path))
+    assert common.autodetect_device_type() == "cpu"  # a machine without a driver: CPU is right
+    fake_nvidia_smi(no_cuda, tmp_path, "570.124.06")
+    with pytest.raises(SystemExit, match="driver 570.124.06 .*cu128.*--device-type cpu"):
+        common.autodetect_device_type()
+    no_cuda.setenv("NANOCHAT_DEVICE", "cpu")  # asked for explicitly: fine
+    assert common.autodetect_device_type() == "cpu"
+
+
+def test_tf32_setting_leaves_the_legacy_getters_working():
+    """torch.backends.cuda.matmul.fp32_precision = "tf32" would make both getters raise on
+    torch 2.13; inductor's max-autotune and the profilers call them."""
+    try:
+        common.set_matmul_precision()
+        assert torch.get_float32_matmul_precision() == "high"
+        assert torch.backends.cuda.matmul.allow_tf32 is True
+    finally:
+        torch.set_float32_matmul_precision("highest")
+    assert torch.backends.cuda.matmul.allow_tf32 is False

@@ -171,3 +171,22 @@ def test_zero_weight_layer_trains():
 def test_fp8_matmuls_on_cuda():
     err_y, err_dx, err_dw = fp8_vs_reference("cuda")
     assert err_y < TOL_Y and err_dx < TOL_GRAD and err_dw < TOL_GRAD
+
+
+def test_unusable_cuda_is_not_blamed_on_the_gpu(monkeypatch):
+    """A driver too old for torch's CUDA makes is_available() False on an H100: the message must
+    say that, not that the H100 lacks compute capability 8.9."""
+    from nanochat import common
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(common, "cuda_unusable_reason", lambda: "NVIDIA driver 550.54.15 is too old")
+    with pytest.raises(RuntimeError) as exc:
+        fp8.convert_to_float8(toy_model(), Linear)
+    assert "driver 550.54.15 is too old" in str(exc.value) and "compute capability" not in str(exc.value)
+
+
+def test_old_gpu_names_its_capability(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA A100-SXM4-80GB")
+    with pytest.raises(RuntimeError, match="compute capability >= 8.9.*A100-SXM4-80GB is 8.0"):
+        fp8.convert_to_float8(toy_model(), Linear)

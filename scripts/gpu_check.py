@@ -1,0 +1,428 @@
+"""
+A self-check before a GPU run spends money (about 2 minutes on one GPU):
+
+    python -m scripts.gpu_check            # on a GPU node: what the speedrun will run, small
+    python -m scripts.gpu_check --cpu      # the same checks that make sense on a CPU (CI runs this)
+    python -m scripts.gpu_check --only attention,collectives
+
+One line per check: PASS, FAIL, SKIP (cannot run here) or WARN (runs, but slower than it should),
+with the numbers behind it. If anything failed, the last line names the first failure and its fix,
+and the exit status is non-zero, so `speedrun.sh` stops before training starts.
+  environment   torch, CUDA, driver, GPUs; tf32 setting; which attention kernel training will use
+  attention     every backend that loads, against SDPA in fp32: forward, backward, windows, decode
+  compile       torch.compile vs eager: forward, one optimizer step; eval and sampling at other
+                shapes must not recompile the training graph
+  fp8           the fp8 Linear against the same layer in bf16 (forward and both gradients)
+  steps         a few training steps with the speedrun's settings (d12, 16 x 2048, compiled,
+                bf16 then fp8): tokens/s, MFU, peak memory. On CPU: a tiny model, eagerly.
+  collectives   reduce-scatter, all-gather and all-reduce (AVG) across every local GPU with NCCL
+                (two processes with gloo on CPU), checked for the right values
+"""
+import argparse
+import os
+import socket
+import time
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from nanochat import attention as attn
+from nanochat.common import (autodetect_device_type, compute_init, get_peak_flops, mfu,
+                             nvidia_driver_version)
+from nanochat.gpt import GPTConfig, build_model
+
+
+@dataclass
+class Result:
+    check: str
+    status: str   # PASS, FAIL, SKIP, WARN
+    detail: str   # the numbers
+    fix: str = ""  # for FAIL and WARN: what to do about it
+
+
+def rel_err(a, b):
+    """Relative Frobenius error of a against the reference b."""
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-30)).item()
+
+
+def make_optimizer(model):
+    """The one place that builds the optimizer (its signature may change; fix it here only)."""
+    return model.setup_optimizer()
+
+# -----------------------------------------------------------------------------
+# environment
+
+
+def check_environment(device):
+    driver = nvidia_driver_version()
+    where = (f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(device)}, driver {driver}"
+             if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)")
+    yield Result("environment", "PASS", f"torch {torch.__version__}, CUDA {torch.version.cuda}, {where}")
+    try:  # inductor's max-autotune and the profilers read these; one of the tf32 APIs breaks them
+        tf32 = f"matmul precision {torch.get_float32_matmul_precision()}, allow_tf32 {torch.backends.cuda.matmul.allow_tf32}"
+        yield Result("tf32 getters", "PASS", tf32)
+    except RuntimeError as e:
+        yield Result("tf32 getters", "FAIL", str(e).split(",")[0],
+                     "set tf32 with torch.set_float32_matmul_precision('high'), not the fp32_precision flags")
+    name = attn.get_backend(device)
+    fast = device.type != "cuda" or name in ("fa3", "fa4") or torch.cuda.get_device_capability(device)[0] not in (9, 10)
+    yield Result("attention backend", "PASS" if fast else "WARN", attn.describe_backend(),
+                 "" if fast else f"flash-attn 4 did not load: {attn.FAST_KERNEL_INSTALL}")
+
+# -----------------------------------------------------------------------------
+# attention backends against SDPA
+
+
+def attention_cases(device):
+    """(label, Tq, Tk, window, with backward): training shapes with short and full windows, and
+    KV-cache decode steps (a few queries against a longer cache)."""
+    T = 1024 if device.type == "cuda" else 64
+    return [("train short window", T, T, T // 4, True), ("train full", T, T, T, True),
+            ("decode 1 token", 1, T, T // 4, False), ("decode 7 tokens", 7, T, T, False)]
+
+
+def compare_backend(kernel, device, dtype, Tq, Tk, window, backward):
+    """Largest relative error of the kernel's output (and q, k, v gradients) against SDPA in fp32."""
+    g = torch.Generator(device=device).manual_seed(0)
+    H, D = (6, 128) if device.type == "cuda" else (2, 16)
+    shapes = [(2, Tq, H, D), (2, Tk, H, D), (2, Tk, H, D)]
+    q, k, v = (torch.randn(s, device=device, generator=g).to(dtype).requires_grad_(backward) for s in shapes)
+    ref_in = [x.detach().float().requires_grad_(backward) for x in (q, k, v)]
+    out, ref = kernel(q, k, v, window), attn._sdpa(*ref_in, window)
+    errs = [rel_err(out, ref)]
+    if backward:
+        w = torch.randn(ref.shape, device=device, generator=g)
+        (out.float() * w).sum().backward()
+        (ref * w).sum().backward()
+        errs += [rel_err(x.grad, r.grad) for x, r in zip((q, k, v), ref_in)]
+    return max(errs)
+
+
+def check_attention(device):
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    tol = 3e-2 if dtype == torch.bfloat16 else 1e-4  # bf16 keeps 8 mantissa bits
+    saved = attn._flash_fn, attn._no_window, attn._flex_fn  # loaders set these; training needs its own back
+    try:
+        for name, (what, loader) in attn.BACKENDS.items():
+            try:
+                kernel = loader(device, dtype)
+            except Exception as e:
+                yield Result(f"attention {name}", "SKIP", f"{what} cannot run here: {str(e).splitlines()[0][:120]}")
+                continue
+            no_backward = name == "flex" and device.type == "cpu"  # no flex backward on CPU (torch 2.13)
+            with warnings.catch_warnings():  # uncompiled flex on CPU warns that it is slow: known
+                warnings.filterwarnings("ignore", "flex_attention called without torch.compile")
+                errs = {label: compare_backend(kernel, device, dtype, Tq, Tk, w, bwd and not no_backward)
+                        for label, Tq, Tk, w, bwd in attention_cases(device)}
+            worst = max(errs, key=errs.get)
+            detail = (f"max rel err vs SDPA fp32 {errs[worst]:.1e} ({worst}; tolerance {tol:.0e})"
+                      + (", forward only on CPU" if no_backward else ", forward + backward"))
+            ok = errs[worst] < tol
+            yield Result(f"attention {name}", "PASS" if ok else "FAIL", detail,
+                         "" if ok else "avoid it: NANOCHAT_ATTN=sdpa (or another backend that passes)")
+    finally:
+        attn._flash_fn, attn._no_window, attn._flex_fn = saved
+
+# -----------------------------------------------------------------------------
+# torch.compile against eager
+
+
+def small_config(device):
+    """Big enough for short windows (T >= 256: a 128-token window on the short layers)."""
+    if device.type == "cuda":
+        return GPTConfig.from_depth(4, sequence_len=512)
+    return GPTConfig(sequence_len=256, vocab_size=256, n_layer=2, n_head=2, n_embd=64)
+
+
+def one_step_update(model, forward, x, y):
+    """The change one optimizer step makes to every parameter, flattened into one vector."""
+    optimizer = make_optimizer(model)
+    before = [p.detach().clone() for p in model.parameters()]
+    forward(x, y).backward()
+    optimizer.step()
+    model.zero_grad(set_to_none=True)
+    return torch.cat([(p.detach() - b).float().flatten() for p, b in zip(model.parameters(), before)])
+
+
+def counting_inductor(graphs):
+    """inductor, appending to `graphs` for every graph it compiles: counts the recompiles of one
+    compiled model only (compiled flex_attention on CUDA compiles graphs of its own when eager
+    decoding meets new shapes; those are not the training graph's)."""
+    from torch._inductor.compile_fx import compile_fx
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return compile_fx(gm, example_inputs)
+    return backend
+
+
+def recompiles_after_eval_rounds(model, step_model, graphs, x, y, rounds=3):
+    """Uncompiled evaluation at new lengths and KV-cache sampling, as training runs them between
+    steps, then the compiled training step again: how many graphs of step_model compiled anew."""
+    from nanochat.engine import Engine
+    step_model(x, y).backward()  # the training graph exists before counting
+    before = len(graphs)
+    for r in range(rounds):
+        with torch.no_grad():
+            model(x[:, :x.size(1) // 2 + r])
+        Engine(model).generate_batch([1, 2, 3], max_tokens=4 + r, temperature=0)
+        step_model(x, y).backward()
+    model.zero_grad(set_to_none=True)
+    return len(graphs) - before
+
+
+def check_compile(device):
+    config = small_config(device)
+    tol = 3e-2 if device.type == "cuda" else 1e-4  # bf16 rounds differently once kernels fuse
+    x = torch.randint(0, config.vocab_size, (2, config.sequence_len), device=device)
+    y = torch.roll(x, -1, dims=1)
+    torch.manual_seed(0)
+    eager = build_model(config, device)
+    torch.manual_seed(0)
+    model = build_model(config, device)
+    graphs = []
+    step_model = torch.compile(model, backend=counting_inductor(graphs))
+    with torch.no_grad():
+        err = rel_err(step_model(x), eager(x))
+    yield Result("compile forward", "PASS" if err < tol else "FAIL", f"logits rel err vs eager {err:.1e} (tolerance {tol:.0e})",
+                 "train with --compile 0 (slower) and report the mismatch")
+    err = rel_err(one_step_update(model, step_model, x, y), one_step_update(eager, eager, x, y))
+    # Muon's Newton-Schulz iteration runs in bf16 even on CPU, and it and Adam's division amplify
+    # small gradient differences: measured 4e-3 on CPU in fp32
+    tol_step = 1e-1 if device.type == "cuda" else 2e-2
+    yield Result("compile optimizer step", "PASS" if err < tol_step else "FAIL",
+                 f"parameter update rel err vs eager {err:.1e} (tolerance {tol_step:.0e})",
+                 "train with --compile 0 (slower) and report the mismatch")
+    n = recompiles_after_eval_rounds(model, step_model, graphs, x, y)
+    torch._dynamo.reset()  # free the compiled graphs before the next check
+    yield Result("compile recompiles", "PASS" if n == 0 else "FAIL", f"{n} new graphs after 3 eval/sample rounds",
+                 "a global read inside the compiled model changes between calls: find it with "
+                 "TORCH_LOGS=recompiles python -m scripts.gpu_check --only compile, or train with --compile 0")
+
+# -----------------------------------------------------------------------------
+# fp8
+
+
+def check_fp8(device):
+    from nanochat import fp8
+    if device.type == "cuda" and not fp8.fp8_supported():
+        yield Result("fp8 linear", "SKIP", "needs compute capability >= 8.9 (training runs without --fp8)")
+        return
+    M, K, N = (4096, 768, 3072) if device.type == "cuda" else (64, 256, 128)
+    torch.manual_seed(0)
+    layer = fp8.Float8Linear(K, N, device=device)
+    torch.nn.init.normal_(layer.weight, std=K ** -0.5)
+    x = torch.randn(M, K, device=device, dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(M, N, device=device, dtype=torch.bfloat16)
+    xr, wr = x.detach().clone().requires_grad_(), layer.weight.detach().clone().requires_grad_()
+    try:
+        y = layer(x)
+    except (RuntimeError, NotImplementedError) as e:  # _scaled_mm missing on this CPU build
+        yield Result("fp8 linear", "SKIP", f"torch._scaled_mm cannot run here: {str(e).splitlines()[0][:100]}")
+        return
+    y.backward(g)
+    yr = torch.nn.functional.linear(xr, wr.to(torch.bfloat16))
+    yr.backward(g)
+    errs = [rel_err(y, yr), rel_err(x.grad, xr.grad), rel_err(layer.weight.grad, wr.grad)]
+    # e4m3 keeps 3 mantissa bits, e5m2 2: a few % per element, partly averaging out over K products
+    ok = errs[0] < 0.06 and max(errs[1:]) < 0.10 and errs[0] > 1e-3  # and really quantized
+    yield Result("fp8 linear", "PASS" if ok else "FAIL",
+                 f"rel err vs bf16: y {errs[0]:.3f}, dx {errs[1]:.3f}, dW {errs[2]:.3f} (tolerance 0.06 / 0.10)",
+                 "train without --fp8 and report the mismatch")
+
+# -----------------------------------------------------------------------------
+# training steps with the speedrun's settings
+
+
+def timed_steps(device, config, B, use_fp8, use_compile, steps, warmup):
+    """Build, (convert,) compile, warm up, then time `steps` full steps. Returns (tok/s, MFU, GiB, losses)."""
+    torch.manual_seed(0)
+    model = build_model(config, device)
+    if use_fp8:
+        from nanochat.fp8 import convert_to_float8
+        convert_to_float8(model.blocks)
+    optimizer = make_optimizer(model)
+    step_model = torch.compile(model) if use_compile else model
+    x = torch.randint(0, config.vocab_size, (B, config.sequence_len), device=device)
+    y = torch.roll(x, -1, dims=1)
+    losses = []
+
+    def step():
+        loss = step_model(x, y)
+        loss.backward()
+        optimizer.step()
+        model.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+
+    for _ in range(warmup):  # compilation and allocator warm-up
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    tok_per_sec = B * config.sequence_len * steps / (time.perf_counter() - t0)
+    util = mfu(tok_per_sec, model.estimate_flops(), get_peak_flops(device))
+    gib = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
+    return tok_per_sec, util, gib, [loss.item() for loss in losses]
+
+
+def check_steps(device):
+    from nanochat.fp8 import fp8_supported
+    if device.type == "cuda":
+        config, B, runs = GPTConfig.from_depth(12), 16, [("d12 bf16", False), ("d12 fp8", True)]
+    else:
+        config, B, runs = GPTConfig(sequence_len=128, vocab_size=512, n_layer=2, n_head=2, n_embd=128), 2, [("tiny", False)]
+    for label, use_fp8 in runs:
+        if use_fp8 and not fp8_supported():
+            yield Result(f"steps {label}", "SKIP", "fp8 needs compute capability >= 8.9")
+            continue
+        on_gpu = device.type == "cuda"
+        tok, util, gib, losses = timed_steps(device, config, B, use_fp8, on_gpu, steps=5 if on_gpu else 2,
+                                             warmup=2 if on_gpu else 1)
+        ok = all(l == l and abs(l) != float("inf") for l in losses)  # noqa: E741 (finite)
+        util_text = "n/a" if util is None else f"{util:.1%}"
+        memory = "n/a" if gib is None else f"{gib:.1f} GiB"
+        yield Result(f"steps {label}", "PASS" if ok else "FAIL",
+                     f"{B} x {config.sequence_len}: {tok:,.0f} tok/s, MFU {util_text}, peak memory {memory}, "
+                     f"loss {losses[0]:.3f} -> {losses[-1]:.3f}",
+                     "non-finite loss on random tokens: report it (and try without --fp8 / --compile 0)")
+        torch._dynamo.reset()  # free the compiled graphs (and the model they hold) before the next run
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+# -----------------------------------------------------------------------------
+# collectives across all local GPUs (or two CPU processes with gloo)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def collective_errors(device, rank, world, n):
+    """Run the three collectives the optimizer uses, with AVG; return the largest error of each."""
+    base = torch.arange(world * n, dtype=torch.float32, device=device)
+    mean = (world + 1) / 2  # of the rank factors 1..world
+    out = torch.empty(n, device=device)
+    dist.reduce_scatter_single(out, (rank + 1) * base, op=dist.ReduceOp.AVG)
+    errs = {"reduce-scatter": (out - mean * base[rank * n:(rank + 1) * n]).abs().max().item()}
+    full = torch.empty(world * n, device=device)
+    dist.all_gather_single(full, torch.full((n,), float(rank), device=device))
+    errs["all-gather"] = (full - torch.arange(world, device=device).repeat_interleave(n)).abs().max().item()
+    t = (rank + 1) * base
+    dist.all_reduce(t, op=dist.ReduceOp.AVG)
+    errs["all-reduce"] = (t - mean * base).abs().max().item()
+    if os.environ.get("NANOCHAT_GPU_CHECK_BREAK") == "collectives":
+        errs["all-reduce"] += 1.0
+    return errs
+
+
+def all_reduce_busbw(device, world, mib=256, iters=5):
+    """Bus bandwidth (GB/s) of an all-reduce, as nccl-tests defines it: bytes x 2(W-1)/W per second."""
+    t = torch.ones(mib * 2 ** 18, device=device)  # fp32
+    dist.all_reduce(t)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        dist.all_reduce(t)
+    torch.cuda.synchronize()
+    return t.numel() * 4 * 2 * (world - 1) / world / ((time.perf_counter() - t0) / iters) / 1e9
+
+
+def collectives_worker(rank, world, port, use_nccl, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    device = torch.device("cuda", rank) if use_nccl else torch.device("cpu")
+    if use_nccl:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if use_nccl else "gloo", rank=rank, world_size=world,
+                            device_id=device if use_nccl else None)
+    errs = collective_errors(device, rank, world, n=1024)
+    bad = {name: e for name, e in errs.items() if e > 1e-4}
+    if bad:
+        raise RuntimeError(f"rank {rank} of {world}: wrong values from {', '.join(f'{k} (max error {v:.2g})' for k, v in bad.items())}")
+    busbw = all_reduce_busbw(device, world) if use_nccl and world > 1 else None
+    with open(os.path.join(out_dir, f"rank{rank}"), "w") as f:  # written before teardown, which gloo may abort
+        f.write("" if busbw is None else f"{busbw:.0f}")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def check_collectives(device):
+    import tempfile
+    use_nccl = device.type == "cuda"
+    world = torch.cuda.device_count() if use_nccl else 2
+    with tempfile.TemporaryDirectory(prefix="gpu_check-") as out_dir:
+        try:
+            mp.spawn(collectives_worker, args=(world, free_port(), use_nccl, out_dir), nprocs=world)
+        except mp.ProcessExitedException:  # a crash in teardown, after every rank checked its values
+            if len(os.listdir(out_dir)) < world:
+                raise
+        busbw = open(os.path.join(out_dir, "rank0")).read()
+    backend = "nccl" if use_nccl else "gloo"
+    speed = f", all-reduce 256 MiB: {busbw} GB/s bus bandwidth" if busbw else ""
+    yield Result(f"collectives {backend}", "PASS", f"reduce-scatter, all-gather, all-reduce AVG correct on {world} ranks{speed}")
+
+# -----------------------------------------------------------------------------
+
+CHECKS = {  # name -> (check, what to do if it raises)
+    "environment": (check_environment, "fix the environment named above before training"),
+    "attention": (check_attention, "avoid the failing kernel: NANOCHAT_ATTN=sdpa"),
+    "compile": (check_compile, "train with --compile 0 (slower) and report the error"),
+    "fp8": (check_fp8, "train without --fp8"),
+    "steps": (check_steps, "out of memory: lower --device-batch-size; otherwise report the error"),
+    "collectives": (check_collectives, "run NCCL_DEBUG=INFO python -m scripts.gpu_check --only collectives, "
+                                       "check nvidia-smi topo -m; meanwhile train on one GPU"),
+}
+
+
+def run_checks(device, names):
+    results = []
+    for name in names:
+        check, fix = CHECKS[name]
+        try:
+            for r in check(device):
+                print(f"{r.status:4s}  {r.check:24s} {r.detail}", flush=True)
+                results.append(r)
+        except Exception as e:  # one line, not a traceback: the speedrun log must stay readable
+            r = Result(name, "FAIL", f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[-1][:300]}", fix)
+            print(f"{r.status:4s}  {r.check:24s} {r.detail}", flush=True)
+            results.append(r)
+    return results
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cpu", action="store_true", help="run the CPU checks even on a GPU machine")
+    p.add_argument("--only", default=",".join(CHECKS), help=f"comma-separated subset of: {', '.join(CHECKS)}")
+    args = p.parse_args(argv)
+    args.only = args.only.split(",")
+    unknown = [n for n in args.only if n not in CHECKS]
+    if unknown:
+        p.error(f"--only {','.join(unknown)}: expected some of {', '.join(CHECKS)}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    t0 = time.perf_counter()
+    _, _, _, _, device = compute_init("cpu" if args.cpu else autodetect_device_type())
+    results = run_checks(device, args.only)
+    failed = [r for r in results if r.status == "FAIL"]
+    if failed:
+        first = failed[0]
+        raise SystemExit(f"gpu_check FAILED ({len(failed)} of {len(results)} checks): {first.check}: "
+                         f"{first.detail}; fix: {first.fix}")
+    print(f"gpu_check: {len(results)} checks, none failed, in {time.perf_counter() - t0:.0f} s on {device}", flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    main()
