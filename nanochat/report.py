@@ -262,12 +262,96 @@ def write_report(base_dir=None, model_tag=None, start_time=None, gpu_hour_cost=3
     return path
 
 
+# --- comparing runs: what a fork is judged by, side by side ---
+
+def load_run(base_dir, tag):
+    """What --compare needs of one run: its config, metrics and evaluation (None where missing)."""
+    run_dir = os.path.join(base_dir, "base_checkpoints", tag)
+    if not os.path.isdir(run_dir):
+        raise SystemExit(f"error: no run {tag!r} under {os.path.dirname(run_dir)}: give the --model-tag of a "
+                         f"training run (there: {', '.join(sorted(os.listdir(os.path.dirname(run_dir)))) or 'none'})"
+                         if os.path.isdir(os.path.dirname(run_dir)) else f"error: no runs under {base_dir}")
+    metrics = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+    return dict(tag=tag, cfg=read_json(os.path.join(run_dir, "config.json")) or {}, metrics=metrics,
+                ev=read_json(os.path.join(run_dir, "base_eval.json")) or {},
+                final=(metrics.get("final") or [{}])[-1])
+
+
+def comparability_warnings(runs):
+    """Numbers of two runs mean the same only if they were measured the same way: same tokenizer
+    (bpb is vocabulary-independent, but a retrained tokenizer changes the val bytes seen), same val
+    data, and CORE over the same tasks and items."""
+    checks = [("tokenizer", lambda r: r["cfg"].get("tokenizer") or (r["cfg"].get("model_config") or {}).get("vocab_size")),
+              ("val data", lambda r: r["cfg"].get("val_data")),
+              ("CORE subset", lambda r: r["ev"].get("core_label"))]
+    warnings = []
+    for what, key in checks:
+        values = {r["tag"]: key(r) for r in runs if key(r) is not None}
+        if len(set(map(str, values.values()))) > 1:
+            warnings.append(f"WARNING: not comparable: different {what}: "
+                            + ", ".join(f"{tag}: {value}" for tag, value in values.items()))
+    return warnings
+
+
+def compare_table(runs):
+    """Final val bpb, CORE and training time of each run, and its difference from the first."""
+    def row_values(r):
+        val = r["final"].get("val_bpb")
+        if val is None:
+            val = (r["metrics"].get("val") or [{}])[-1].get("val_bpb")
+        return [val, r["ev"].get("core"), r["final"].get("elapsed")]
+    base = row_values(runs[0])
+    L = ["| run | val bpb | CORE | training time (s) | Δ val bpb | Δ CORE | Δ time |", "|---|---|---|---|---|---|---|"]
+    for r in runs:
+        vals = row_values(r)
+        deltas = [None if v is None or b is None else v - b for v, b in zip(vals, base)]
+        core = "n/a" if vals[1] is None else f"{vals[1]:.4f} ({r['ev'].get('core_label', 'CORE')})"
+        L.append(f"| {r['tag']} | {fmt(vals[0], '.4f')} | {core} | {fmt(vals[2], ',.0f')} | "
+                 f"{fmt(deltas[0], '+.4f')} | {fmt(deltas[1], '+.4f')} | {fmt(deltas[2], '+,.0f')} |")
+    return L
+
+
+def plot_compare(runs, path):
+    """val bpb of every run against step, tokens, FLOPs and training time, overlaid."""
+    fig = Figure(figsize=(20, 4))
+    axes = fig.subplots(1, 4)
+    for r in runs:
+        recs = [x for x in r["metrics"].get("val", []) if x.get("val_bpb") is not None]
+        for ax, (xkey, xlabel, scale) in zip(axes, [("step", "step", 1), ("tokens", "tokens", 1),
+                                                    ("flops", "FLOPs", 1), ("elapsed", "training time (min)", 60)]):
+            pts = [(x[xkey] / scale, x["val_bpb"]) for x in recs if x.get(xkey) is not None]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=r["tag"])
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("val bpb")
+            ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle("val bpb: " + " vs ".join(r["tag"] for r in runs))
+    save_png(fig, path)
+
+
+def compare_runs(tags, base_dir=None):
+    """Print (and return) the comparison of the named runs; write the overlay plot beside report.md."""
+    base_dir = base_dir or get_base_dir()
+    runs = [load_run(base_dir, tag) for tag in tags]
+    path = os.path.join(base_dir, "report", "compare_" + "_vs_".join(tags) + ".png")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    plot_compare(runs, path)
+    lines = compare_table(runs) + [""] + comparability_warnings(runs) + [f"plot: {path}"]
+    print("\n".join(lines))
+    return lines
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Write report.md and plots for a run")
+    p = argparse.ArgumentParser(prog="python -m nanochat.report", description="Write report.md and plots for a run, "
+                                "or compare runs (--compare baseline my-idea)")
     p.add_argument("--model-tag", default=None, help="run under base_checkpoints/ (default: the newest)")
     p.add_argument("--start-time", type=float, default=None, help="epoch seconds the run started (default: speedrun_start file)")
     p.add_argument("--gpu-hour-cost", type=float, default=3.0, help="dollars per GPU-hour for the cost estimate")
+    p.add_argument("--compare", nargs="+", metavar="TAG", default=None,
+                   help="compare these runs instead (val bpb curves, final val bpb, CORE, time; the first is the baseline)")
     a = p.parse_args(argv)
+    if a.compare:
+        return compare_runs(a.compare)
     print(write_report(model_tag=a.model_tag, start_time=a.start_time, gpu_hour_cost=a.gpu_hour_cost))
 
 

@@ -160,3 +160,44 @@ def test_failed_write_keeps_previous_report(base, monkeypatch):
         report.write_report()
     assert open(path).read() == before
     assert not [f for f in os.listdir(base) if ".tmp" in f]
+
+
+# --- --compare: runs side by side ---
+
+def make_run(base, tag, val_bpbs, core, label="CORE over 3/22 tasks", elapsed=100.0, vocab=4096):
+    run_dir = os.path.join(base, "base_checkpoints", tag)
+    write_json(os.path.join(run_dir, "config.json"), {"model_config": {"vocab_size": vocab}})
+    recs = [{"type": "val", "step": 10 * i, "val_bpb": v, "tokens": 8192 * 10 * i, "flops": 1e9 * i,
+             "elapsed": 5.0 * i} for i, v in enumerate(val_bpbs)]
+    recs.append({"type": "final", "step": 10 * (len(val_bpbs) - 1), "val_bpb": val_bpbs[-1], "elapsed": elapsed})
+    with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in recs))
+    write_json(os.path.join(run_dir, "base_eval.json"), {"core": core, "core_label": label})
+
+
+def test_compare_table_deltas_and_plot(base, capsys):
+    make_run(base, "baseline", [3.0, 2.5, 2.2], 0.10)
+    make_run(base, "my-idea", [3.0, 2.4, 2.1], 0.12, elapsed=90.0)
+    report.main(["--compare", "baseline", "my-idea"])
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| my-idea") or line.startswith("| baseline")]
+    assert rows[0].startswith("| baseline | 2.2000 | 0.1000 (CORE over 3/22 tasks) | 100 | +0.0000 | +0.0000 | +0 |")
+    assert rows[1].startswith("| my-idea | 2.1000 | 0.1200 (CORE over 3/22 tasks) | 90 | -0.1000 | +0.0200 | -10 |")
+    assert "WARNING" not in out
+    with open(os.path.join(base, "report", "compare_baseline_vs_my-idea.png"), "rb") as f:
+        assert f.read(8) == PNG_MAGIC
+
+
+def test_compare_warns_when_not_comparable(base, capsys):
+    make_run(base, "a", [3.0, 2.0], 0.1, label="CORE over 22/22 tasks")
+    make_run(base, "b", [3.0, 2.0], 0.1, label="CORE over 22/22 tasks, subset: 50 items per task", vocab=8192)
+    lines = report.compare_runs(["a", "b"], base_dir=str(base))
+    warnings = [line for line in lines if line.startswith("WARNING")]
+    assert len(warnings) == 2
+    assert "different tokenizer: a: 4096, b: 8192" in warnings[0] and "different CORE subset" in warnings[1]
+
+
+def test_compare_unknown_tag_names_the_runs_there(base):
+    make_run(base, "baseline", [3.0], 0.1)
+    with pytest.raises(SystemExit, match="no run 'nope' .*there: baseline"):
+        report.compare_runs(["baseline", "nope"], base_dir=str(base))
