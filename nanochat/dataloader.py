@@ -45,8 +45,12 @@ class DataLoader:
         self.paths = list_shards(split, data_dir)
         self.num_row_groups = [open_shard(p).num_row_groups for p in self.paths]  # fails early on a bad shard
         if all(n <= rank for n in self.num_row_groups):
-            raise ValueError(f"rank {rank} of {world_size} gets no row group of the {split!r} shards: "
-                             f"use fewer processes or more/smaller row groups")
+            # base_train runs processes × micro-steps streams: each needs a row group of its own
+            raise ValueError(f"data stream {rank} of {world_size} gets no row group of the {split!r} shards "
+                             f"({sum(self.num_row_groups)} row groups in {len(self.paths)} shards; a training run "
+                             f"reads processes × gradient-accumulation micro-steps streams): lower --total-batch-size "
+                             f"or raise --device-batch-size (fewer micro-steps), or rebuild the shards with a "
+                             f"smaller --row-group-size (python -m nanochat.dataset --local ... --row-group-size 64)")
         self.buffer = []           # (length, seq, docid, tokens), sorted: best-fit is a bisect
         self.pending = deque()     # (docid, tokens) tokenized but not yet in the buffer, in stream order
         self.cursor = (0, 0, rank, 0)  # docid of the next document the stream will deliver

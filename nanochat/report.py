@@ -14,7 +14,6 @@ import json
 import os
 import platform
 import subprocess
-import sys
 import time
 
 import torch
@@ -71,7 +70,10 @@ def ram_gb():
 
 
 def fmt(x, spec=",", missing="n/a"):
-    return missing if x is None else format(x, spec)
+    """x formatted (numbers with spec), or `missing`: the report never prints a bare None."""
+    if x is None:
+        return missing
+    return format(x, spec) if isinstance(x, (int, float)) else str(x)
 
 
 def save_png(fig, path):
@@ -82,12 +84,12 @@ def save_png(fig, path):
 
 
 def plot_curves(records, key, title, path):
-    """One figure, three views of the same curve: per step, per minute of wall time, per FLOP."""
+    """One figure, three views of the same curve: per step, per minute of training time, per FLOP."""
     recs = [r for r in records if r.get(key) is not None]
     if not recs:
         return False
     fig = Figure(figsize=(15, 4))
-    for ax, (xkey, xlabel, scale) in zip(fig.subplots(1, 3), [("step", "step", 1), ("elapsed", "time (min)", 60),
+    for ax, (xkey, xlabel, scale) in zip(fig.subplots(1, 3), [("step", "step", 1), ("elapsed", "training time (min)", 60),
                                                                ("flops", "FLOPs", 1)]):
         pts = [(r[xkey] / scale, r[key]) for r in recs if r.get(xkey) is not None]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 50 else None)
@@ -99,68 +101,108 @@ def plot_curves(records, key, title, path):
     return True
 
 
-def plot_core_tasks(centered, path):
+def plot_core_tasks(centered, path, label):
     names = sorted(centered, key=centered.get)
     fig = Figure(figsize=(8, 0.3 * len(names) + 1.5))
     ax = fig.subplots()
     ax.barh(names, [centered[n] for n in names])
     ax.axvline(0, color="black", linewidth=0.8)
     ax.set_xlabel("centered score (0 = random guessing, 1 = perfect)")
-    ax.set_title("CORE per task")
+    ax.set_title(f"{label}, per task")  # the label says when it is a subset of tasks or items
     save_png(fig, path)
 
 
-def write_report(base_dir=None, model_tag=None, start_time=None, gpu_hour_cost=3.0):
-    use_env = base_dir is None  # then get_run_dir (which follows $NANOCHAT_BASE_DIR) finds the run
-    base_dir = base_dir or get_base_dir()
-    plot_dir = os.path.join(base_dir, "report")
-    os.makedirs(plot_dir, exist_ok=True)
-    tag = model_tag or newest_model_tag(base_dir)
-    run_dir = None
-    if tag:
-        run_dir = get_run_dir(tag) if use_env else os.path.join(base_dir, "base_checkpoints", tag)
-    cfg = read_json(os.path.join(run_dir, "config.json")) if run_dir else None
-    metrics = read_metrics(os.path.join(run_dir, "metrics.jsonl")) if run_dir else {}
-    ev = read_json(os.path.join(run_dir, "base_eval.json")) if run_dir else None
-    tok_train = read_json(os.path.join(base_dir, "tokenizer", "tok_train.json"))
-    tok_eval = read_json(os.path.join(base_dir, "tokenizer", "tok_eval.json"))
-    final = (metrics.get("final") or [None])[-1]
+def read_stage_times(base_dir):
+    """speedrun.sh appends "<stage>\t<epoch seconds>" to speedrun_stages.tsv as each stage starts
+    ("start" begins an invocation, "end" closes it). Returns (first start, [(stage, seconds)],
+    with the time from "start" to the first stage called "setup"):
+    the time of the stages that actually ran, summed over re-runs, so re-running a finished
+    speedrun (every stage skipped in seconds) does not reset or inflate the wall time."""
+    try:
+        with open(os.path.join(base_dir, "speedrun_stages.tsv")) as f:
+            marks = [(name, float(t)) for name, t in (line.rstrip("\n").split("\t") for line in f if "\t" in line)]
+    except (OSError, ValueError):
+        return None, []
+    stages = {}
+    for (name, t0), (_, t1) in zip(marks, marks[1:]):
+        if name != "end":  # the gap from an invocation's end to the next one's start is not ours
+            stages[name] = stages.get(name, 0.0) + (t1 - t0)
+    first = next((t for name, t in marks if name == "start"), None)
+    return first, [("setup" if name == "start" else name, sec) for name, sec in stages.items()]
 
-    # header: wall time from the flag, else from the file speedrun.sh writes at its start
-    if start_time is None:
-        try:
-            with open(os.path.join(base_dir, "speedrun_start")) as f:
-                start_time = float(f.read().strip())
-        except (OSError, ValueError):
-            pass
-    hours = (time.time() - start_time) / 3600 if start_time is not None else None
+
+def run_status(cfg, final, steps):
+    """'complete', or why not: a run stopped before its horizon must not read as finished."""
+    if not cfg:
+        return None
+    horizon = cfg.get("num_iterations")
+    if final and final.get("step") == horizon:
+        return "complete"
+    reached = max(steps) if steps else 0
+    return (f"INCOMPLETE: training stopped at step {reached:,} of {fmt(horizon)}; the numbers below are "
+            "those of a partly trained model. Re-run the same command (or speedrun.sh) to resume.")
+
+
+def header_section(ctx, start_time, gpu_hour_cost):
+    cfg, final, base_dir = ctx["cfg"], ctx["final"], ctx["base_dir"]
+    first, stages = read_stage_times(base_dir)
+    if stages:
+        wall, how = sum(sec for _, sec in stages), "stages that ran, summed over re-runs"
+        start_time = start_time if start_time is not None else first
+    else:  # no stage log: from the given or recorded start until now
+        if start_time is None:
+            try:
+                with open(os.path.join(base_dir, "speedrun_start")) as f:
+                    start_time = float(f.read().strip())
+            except (OSError, ValueError):
+                pass
+        wall, how = (time.time() - start_time if start_time is not None else None), "since the start"
     n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if n_gpus == 0:
         cost = "CPU run: no GPU cost"
-    elif hours is None:
-        cost = "unknown (no start time: pass --start-time or write speedrun_start)"
+    elif wall is None:
+        cost = "unknown (no start time: pass --start-time or run speedrun.sh)"
     else:
-        cost = f"${hours * n_gpus * gpu_hour_cost:,.2f} ({hours:.2f} h x {n_gpus} GPUs x ${gpu_hour_cost}/GPU-hour)"
-    L = ["# nanochat report", "",
-         f"- date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M:%S')}",
-         f"- command: `{' '.join([os.path.basename(sys.executable)] + sys.argv)}`",
-         f"- run: {tag or 'not run (no base_checkpoints/)'}",
-         "- started: " + (datetime.datetime.fromtimestamp(start_time).strftime("%Y-%m-%d %H:%M:%S")
-                          if start_time is not None else "unknown"),
-         f"- total wall time: {f'{hours:.2f} h' if hours is not None else 'unknown'}",
-         f"- estimated cost: {cost}", ""]
+        cost = f"${wall / 3600 * n_gpus * gpu_hour_cost:,.2f} ({wall / 3600:.2f} h x {n_gpus} GPUs x ${gpu_hour_cost}/GPU-hour)"
+    status = run_status(cfg, final, ctx["steps"])
+    L = ["# nanochat report", ""]
+    if status and status != "complete":
+        L += [f"**{status}**", ""]
+    command = (cfg or {}).get("command") or ("python -m scripts.base_train " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in (cfg or {}).get("args", {}).items()
+        if v is not None and v is not False) if cfg else None)
+    train_s = (final or {}).get("elapsed")
+    L += [f"- date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M:%S')}",
+          f"- run: {ctx['tag'] or 'not run (no base_checkpoints/)'}" + (f" ({status})" if status == "complete" else ""),
+          f"- training command: `{command}`" if command else "- training command: not run",
+          "- started: " + (datetime.datetime.fromtimestamp(start_time).strftime("%Y-%m-%d %H:%M:%S")
+                           if start_time is not None else "unknown"),
+          f"- total wall time: {f'{wall / 3600:.2f} h ({how})' if wall is not None else 'unknown'}",
+          f"- training time: {f'{train_s / 3600:.2f} h' if train_s is not None else 'not run'} "
+          "(optimizer steps only, the leaderboard's figure; evaluation and the first 10 steps' compilation excluded)",
+          f"- estimated cost: {cost}"]
+    if stages:
+        L += ["- stages: " + ", ".join(f"{name} {sec / 60:.1f} min" for name, sec in stages)]
+    return L + [""]
 
-    # system: enough to reproduce or explain a throughput number
+
+def system_section():
+    # enough to reproduce or explain a throughput number
+    n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     gpu = f"{n_gpus} x {torch.cuda.get_device_name(0)}" if n_gpus else "none (CPU)"
     commit, branch, status = git("rev-parse", "--short", "HEAD"), git("rev-parse", "--abbrev-ref", "HEAD"), git("status", "--porcelain")
-    L += ["## System", "",
-          f"- python {platform.python_version()}, torch {torch.__version__}, {platform.platform()}",
-          f"- GPU: {gpu}",
-          f"- CPU cores: {os.cpu_count()}, RAM: {fmt(ram_gb(), '.1f')} GB",
-          f"- git: {commit or 'unknown'} on {branch or 'unknown'}"
-          + ("" if status is None else " (dirty: uncommitted changes)" if status else " (clean)"), ""]
+    return ["## System", "",
+            f"- python {platform.python_version()}, torch {torch.__version__}, {platform.platform()}",
+            f"- GPU: {gpu}",
+            f"- CPU cores: {os.cpu_count()}, RAM: {fmt(ram_gb(), '.1f')} GB",
+            f"- git: {commit or 'unknown'} on {branch or 'unknown'}"
+            + ("" if status is None else " (dirty: uncommitted changes)" if status else " (clean)"), ""]
 
-    L += ["## Tokenizer", ""]
+
+def tokenizer_section(base_dir):
+    tok_train = read_json(os.path.join(base_dir, "tokenizer", "tok_train.json"))
+    tok_eval = read_json(os.path.join(base_dir, "tokenizer", "tok_eval.json"))
+    L = ["## Tokenizer", ""]
     if tok_train:
         L += [f"- vocab size {fmt(tok_train.get('vocab_size'))}, trained in {fmt(tok_train.get('train_time'), '.1f')} s "
               f"on {fmt(tok_train.get('chars'))} chars (documents capped at {fmt(tok_train.get('doc_cap'))} chars)"]
@@ -174,20 +216,24 @@ def write_report(base_dir=None, model_tag=None, start_time=None, gpu_hour_cost=3
             L += [f"| {name} | {fmt(tok_eval.get('vocab', {}).get(name))} | {fmt(ratio[0], '.2f')} | {fmt(ratio[1], '.2f')} |"]
     else:
         L += ["- evaluation: not run"]
-    L += [""]
+    return L + [""]
 
-    L += ["## Training", ""]
+
+def training_section(cfg, metrics, final):
+    L = ["## Training", ""]
     if cfg:
         mc, np_, args = cfg.get("model_config", {}), cfg.get("num_params", {}), cfg.get("args", {})
         tokens = (final or {}).get("total_tokens") or (cfg.get("total_batch_size") or 0) * (cfg.get("num_iterations") or 0)
-        scaling = (np_.get("transformer_matrices") or 0) + (np_.get("lm_head") or 0)  # the params of SPEC §5's ratio
+        # the horizon's tokens:params counts the matrices and the lm_head (embeddings are lookups)
+        scaling = (np_.get("transformer_matrices") or 0) + (np_.get("lm_head") or 0)
         L += [f"- depth {mc.get('n_layer')}, width {mc.get('n_embd')}, {mc.get('n_head')} heads, seq len {mc.get('sequence_len')}, "
               f"vocab {fmt(mc.get('vocab_size'))}, windows {mc.get('window_pattern')}",
               "- params: " + ", ".join(f"{k} {fmt(v)}" for k, v in np_.items()),
               f"- FLOPs/token {fmt(cfg.get('flops_per_token'), '.3e')}, batch {fmt(cfg.get('total_batch_size'))} tokens, "
               f"{fmt(cfg.get('num_iterations'))} iterations, {fmt(tokens)} tokens, "
               f"tokens:params {fmt(tokens / scaling if scaling else None, '.2f')}",
-              f"- {cfg.get('world_size')} x {cfg.get('device_name')}, dtype {cfg.get('dtype')}, fp8 {'on' if args.get('fp8') else 'off'}",
+              f"- {fmt(cfg.get('world_size'))} x {fmt(cfg.get('device_name'))}, dtype {fmt(cfg.get('dtype'))}, "
+              f"fp8 {'on' if args.get('fp8') else 'off'}, attention {fmt(cfg.get('attention_backend'))}",
               "- flags: `" + " ".join(f"--{k.replace('_', '-')}={v}" for k, v in args.items()) + "`"]
     else:
         L += ["- config: not run (no config.json)"]
@@ -196,84 +242,206 @@ def write_report(base_dir=None, model_tag=None, start_time=None, gpu_hour_cost=3
         steady = train[len(train) // 10:] or train  # the first steps include compilation
         tps = sum(r.get("tok_per_sec") or 0 for r in steady) / len(steady)
         mfus = [r["mfu"] for r in steady if r.get("mfu") is not None]
-        L += [f"- last train loss {fmt(train[-1].get('loss'), '.4f')} at step {train[-1].get('step')}; "
+        L += [f"- last train loss (smoothed) {fmt(train[-1].get('loss'), '.4f')} at step {fmt(train[-1].get('step'))}; "
               f"{tps:,.0f} tok/s, MFU " + (f"{100 * sum(mfus) / len(mfus):.1f} %" if mfus else "n/a")]
     if final:
         L += [f"- training time {fmt(final.get('elapsed'), ',.0f')} s, {fmt(final.get('total_flops'), '.3e')} FLOPs"]
     if not train and not final:
         L += ["- training metrics: not run"]
-    L += [""]
+    return L + [""]
 
-    L += ["## Results", ""]
+
+def bpb_lines(cfg, metrics, final, ev):
+    """The two val bpb figures: measured during training, and by base_eval on the final checkpoint.
+    They differ in how many tokens were scored, so both say it."""
     val = final or (metrics.get("val") or [{}])[-1]
-    val_bpb = val.get("val_bpb") if val.get("val_bpb") is not None else ((ev or {}).get("bpb") or {}).get("val")
-    L += [f"- final val bpb: {fmt(val_bpb, '.4f', 'not run')}"]
-    if ev and ev.get("bpb"):
-        L += [f"- eval bpb: train {fmt(ev['bpb'].get('train'), '.4f')}, val {fmt(ev['bpb'].get('val'), '.4f')}"]
+    train_tokens = ((cfg or {}).get("args") or {}).get("eval_tokens")
+    L = [f"- val bpb during training: {fmt(val.get('val_bpb'), '.4f', 'not run')}"
+         + (f" at step {val['step']:,}" if val.get("step") is not None and val.get("val_bpb") is not None else "")
+         + (f", over {fmt(val.get('tokens_scored') or train_tokens)} tokens" if val.get("val_bpb") is not None else "")]
+    bpb = (ev or {}).get("bpb") or {}
+    if bpb:
+        counts = (ev or {}).get("bpb_tokens") or {}
+        L += [f"- val bpb by base_eval (step {fmt((ev or {}).get('step'))}): "
+              + ", ".join(f"{split} {fmt(bpb.get(split), '.4f')}" + (f" over {counts[split]:,} tokens" if counts.get(split) else "")
+                          for split in ("train", "val") if split in bpb)]
+    return L
+
+
+def core_lines(ctx, plot_dir):
+    ev, metrics, tag = ctx["ev"], ctx["metrics"], ctx["tag"]
     core_recs = [r for r in metrics.get("core", []) if isinstance(r.get("core"), (int, float))]
     src = ev if ev and ev.get("core") is not None else (core_recs[-1] if core_recs else None)
-    if src:
-        core, label = src["core"], src.get("core_label", "CORE")
-        rows = sorted(GPT2_CORE + [(f"**ours ({tag}), {label}**", core)], key=lambda r: r[1])  # ours in rank order
-        L += ["", "| model | CORE |", "|---|---|"] + [f"| {n} | {s:.4f} |" for n, s in rows]
-        beaten = [name for name, score in GPT2_CORE if core > score]
-        L += ["", f"Our {label} = {core:.4f}: " + (f"beats {beaten[-1]} ({dict(GPT2_CORE)[beaten[-1]]:.4f})"
-                                                   if beaten else "below GPT-2 124M (0.1139)") + "."]
-        # which evaluator and which items: two CORE scores compare only if both match
-        items = "all items of each task" if "max_per_task" in src else "not recorded"
-        if src.get("max_per_task") is not None:
-            items = (f"a seeded subset of {src['max_per_task']} items per task (seed {src.get('subset_seed')}), "
-                     "not comparable with a full score")
-        L += [f"CORE evaluator: {src.get('semantics') or 'not recorded'}; items: {items}."]
-        if ev and (ev.get("n_tasks") or 22) < (ev.get("n_total") or 22):
-            L += [f"Only {ev['n_tasks']} of {ev['n_total']} tasks were scored; the GPT-2 numbers are over all 22, "
-                  "so the comparison is approximate."]
-        tasks = src.get("tasks", {})  # base_eval: dicts of scores; a training core record: centered only
-        L += ["", "| task | accuracy | centered | random baseline | items |", "|---|---|---|---|---|"]
-        for name, t in tasks.items():
-            t = t if isinstance(t, dict) else {"centered": t}
-            L += [f"| {name} | {fmt(t.get('accuracy'), '.4f')} | {fmt(t.get('centered'), '.4f')} | "
-                  f"{fmt(t.get('random_baseline'), '.1f')} | {fmt(t.get('n_items'))} |"]
-        if ev and ev.get("skipped"):
-            L += ["", "Skipped (data missing): " + ", ".join(ev["skipped"])]
-        centered = {n: (t.get("centered") if isinstance(t, dict) else t) for n, t in tasks.items()}
-        centered = {n: c for n, c in centered.items() if isinstance(c, (int, float))}  # a task that errored has none
-        if centered:
-            plot_core_tasks(centered, os.path.join(plot_dir, "core_tasks.png"))
-            L += ["", "![CORE per task](report/core_tasks.png)"]
-    else:
-        L += ["- CORE: not run"]
+    if not src:
+        return ["- CORE: not run"]
+    core, label = src["core"], src.get("core_label", "CORE")
+    where = f"base_eval at step {fmt(ev.get('step'))}" if src is ev else f"during training, step {fmt(src.get('step'))}"
+    rows = sorted(GPT2_CORE + [(f"**ours ({tag}), {label}**", core)], key=lambda r: r[1])  # ours in rank order
+    L = [f"- CORE from {where}", "", "| model | CORE |", "|---|---|"] + [f"| {n} | {s:.4f} |" for n, s in rows]
+    beaten = [name for name, score in GPT2_CORE if core > score]
+    L += ["", f"Our {label} = {core:.4f}: " + (f"beats {beaten[-1]} ({dict(GPT2_CORE)[beaten[-1]]:.4f})"
+                                               if beaten else "below GPT-2 124M (0.1139)") + "."]
+    # which evaluator and which items: two CORE scores compare only if both match
+    items = "all items of each task" if "max_per_task" in src else "not recorded"
+    if src.get("max_per_task") is not None:
+        items = (f"a seeded subset of {src['max_per_task']} items per task (seed {src.get('subset_seed')}), "
+                 "not comparable with a full score")
+    L += [f"CORE evaluator: {src.get('semantics') or 'not recorded'}; items: {items}."]
+    if ev and (ev.get("n_tasks") or 22) < (ev.get("n_total") or 22):
+        L += [f"Only {ev['n_tasks']} of {ev['n_total']} tasks were scored; the GPT-2 numbers are over all 22, "
+              "so the comparison is approximate."]
+    tasks = src.get("tasks", {})  # base_eval: dicts of scores; a training core record: centered only
+    L += ["", "| task | accuracy | centered | random baseline | items |", "|---|---|---|---|---|"]
+    for name, t in tasks.items():
+        t = t if isinstance(t, dict) else {"centered": t}
+        L += [f"| {name} | {fmt(t.get('accuracy'), '.4f')} | {fmt(t.get('centered'), '.4f')} | "
+              f"{fmt(t.get('random_baseline'), '.1f')} | {fmt(t.get('n_items'))} |"]
+    if ev and ev.get("skipped"):
+        L += ["", "Skipped (data missing): " + ", ".join(ev["skipped"])]
+    centered = {n: (t.get("centered") if isinstance(t, dict) else t) for n, t in tasks.items()}
+    centered = {n: c for n, c in centered.items() if isinstance(c, (int, float))}  # a task that errored has none
+    if centered:
+        plot_core_tasks(centered, os.path.join(plot_dir, "core_tasks.png"), label)
+        L += ["", f"![{label} per task](report/core_tasks.png)"]
     if core_recs:
         L += ["", "CORE during training: " + ", ".join(f"step {r['step']}: {r['core']:.4f}" for r in core_recs)]
-    L += [""]
+    return L
 
-    L += ["## Samples", ""]
+
+def samples_and_plots(ctx, plot_dir):
+    ev, metrics = ctx["ev"], ctx["metrics"]
+    L = ["## Samples", ""]
     samples = (ev or {}).get("samples") or ((metrics.get("sample") or [{}])[-1]).get("samples")
     for s in samples or []:
         L += ["````text", s, "````", ""]
     if not samples:
         L += ["not run", ""]
-
     L += ["## Plots", ""]
-    for recs, key, name, title in [(train, "loss", "train_loss", "train loss"),
+    for recs, key, name, title in [(metrics.get("train", []), "loss", "train_loss",
+                                    "train loss (smoothed: a debiased moving average over ~10 steps)"),
                                    (metrics.get("val", []), "val_bpb", "val_bpb", "validation bpb")]:
         if plot_curves(recs, key, title, os.path.join(plot_dir, name + ".png")):
             L += [f"![{title}](report/{name}.png)", ""]
         else:
-            L += [f"- {title}: not run", ""]
+            L += [f"- {title.split(' (')[0]}: not run", ""]
+    return L
 
+
+def write_report(base_dir=None, model_tag=None, start_time=None, gpu_hour_cost=3.0):
+    use_env = base_dir is None  # then get_run_dir (which follows $NANOCHAT_BASE_DIR) finds the run
+    base_dir = base_dir or get_base_dir()
+    plot_dir = os.path.join(base_dir, "report")
+    os.makedirs(plot_dir, exist_ok=True)
+    tag = model_tag or newest_model_tag(base_dir)
+    run_dir = None
+    if tag:
+        run_dir = get_run_dir(tag) if use_env else os.path.join(base_dir, "base_checkpoints", tag)
+    metrics = read_metrics(os.path.join(run_dir, "metrics.jsonl")) if run_dir else {}
+    ctx = dict(base_dir=base_dir, tag=tag, metrics=metrics,
+               cfg=read_json(os.path.join(run_dir, "config.json")) if run_dir else None,
+               ev=read_json(os.path.join(run_dir, "base_eval.json")) if run_dir else None,
+               final=(metrics.get("final") or [None])[-1],
+               steps=[r["step"] for recs in metrics.values() for r in recs if isinstance(r.get("step"), int)])
+    L = header_section(ctx, start_time, gpu_hour_cost) + system_section() + tokenizer_section(base_dir)
+    L += training_section(ctx["cfg"], metrics, ctx["final"])
+    L += ["## Results", ""] + bpb_lines(ctx["cfg"], metrics, ctx["final"], ctx["ev"]) + core_lines(ctx, plot_dir) + [""]
+    L += samples_and_plots(ctx, plot_dir)
     path = os.path.join(base_dir, "report.md")
     with atomic_write(path) as tmp, open(tmp, "w") as f:
         f.write("\n".join(L))
     return path
 
 
+# --- comparing runs: what a fork is judged by, side by side ---
+
+def load_run(base_dir, tag):
+    """What --compare needs of one run: its config, metrics and evaluation (None where missing)."""
+    run_dir = os.path.join(base_dir, "base_checkpoints", tag)
+    if not os.path.isdir(run_dir):
+        raise SystemExit(f"error: no run {tag!r} under {os.path.dirname(run_dir)}: give the --model-tag of a "
+                         f"training run (there: {', '.join(sorted(os.listdir(os.path.dirname(run_dir)))) or 'none'})"
+                         if os.path.isdir(os.path.dirname(run_dir)) else f"error: no runs under {base_dir}")
+    metrics = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+    return dict(tag=tag, cfg=read_json(os.path.join(run_dir, "config.json")) or {}, metrics=metrics,
+                ev=read_json(os.path.join(run_dir, "base_eval.json")) or {},
+                final=(metrics.get("final") or [{}])[-1])
+
+
+def comparability_warnings(runs):
+    """Numbers of two runs mean the same only if they were measured the same way: same tokenizer
+    (bpb is vocabulary-independent, but a retrained tokenizer changes the val bytes seen), same val
+    data, and CORE over the same tasks and items."""
+    checks = [("tokenizer", lambda r: r["cfg"].get("tokenizer") or (r["cfg"].get("model_config") or {}).get("vocab_size")),
+              ("val data", lambda r: r["cfg"].get("val_data")),
+              ("CORE subset", lambda r: r["ev"].get("core_label"))]
+    warnings = []
+    for what, key in checks:
+        values = {r["tag"]: key(r) for r in runs if key(r) is not None}
+        if len(set(map(str, values.values()))) > 1:
+            warnings.append(f"WARNING: not comparable: different {what}: "
+                            + ", ".join(f"{tag}: {value}" for tag, value in values.items()))
+    return warnings
+
+
+def compare_table(runs):
+    """Final val bpb, CORE and training time of each run, and its difference from the first."""
+    def row_values(r):
+        val = r["final"].get("val_bpb")
+        if val is None:
+            val = (r["metrics"].get("val") or [{}])[-1].get("val_bpb")
+        return [val, r["ev"].get("core"), r["final"].get("elapsed")]
+    base = row_values(runs[0])
+    L = ["| run | val bpb | CORE | training time (s) | Δ val bpb | Δ CORE | Δ time |", "|---|---|---|---|---|---|---|"]
+    for r in runs:
+        vals = row_values(r)
+        deltas = [None if v is None or b is None else v - b for v, b in zip(vals, base)]
+        core = "n/a" if vals[1] is None else f"{vals[1]:.4f} ({r['ev'].get('core_label', 'CORE')})"
+        L.append(f"| {r['tag']} | {fmt(vals[0], '.4f')} | {core} | {fmt(vals[2], ',.0f')} | "
+                 f"{fmt(deltas[0], '+.4f')} | {fmt(deltas[1], '+.4f')} | {fmt(deltas[2], '+,.0f')} |")
+    return L
+
+
+def plot_compare(runs, path):
+    """val bpb of every run against step, tokens, FLOPs and training time, overlaid."""
+    fig = Figure(figsize=(20, 4))
+    axes = fig.subplots(1, 4)
+    for r in runs:
+        recs = [x for x in r["metrics"].get("val", []) if x.get("val_bpb") is not None]
+        for ax, (xkey, xlabel, scale) in zip(axes, [("step", "step", 1), ("tokens", "tokens", 1),
+                                                    ("flops", "FLOPs", 1), ("elapsed", "training time (min)", 60)]):
+            pts = [(x[xkey] / scale, x["val_bpb"]) for x in recs if x.get(xkey) is not None]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=r["tag"])
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("val bpb")
+            ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle("val bpb: " + " vs ".join(r["tag"] for r in runs))
+    save_png(fig, path)
+
+
+def compare_runs(tags, base_dir=None):
+    """Print (and return) the comparison of the named runs; write the overlay plot beside report.md."""
+    base_dir = base_dir or get_base_dir()
+    runs = [load_run(base_dir, tag) for tag in tags]
+    path = os.path.join(base_dir, "report", "compare_" + "_vs_".join(tags) + ".png")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    plot_compare(runs, path)
+    lines = compare_table(runs) + [""] + comparability_warnings(runs) + [f"plot: {path}"]
+    print("\n".join(lines))
+    return lines
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Write report.md and plots for a run")
+    p = argparse.ArgumentParser(prog="python -m nanochat.report", description="Write report.md and plots for a run, "
+                                "or compare runs (--compare baseline my-idea)")
     p.add_argument("--model-tag", default=None, help="run under base_checkpoints/ (default: the newest)")
     p.add_argument("--start-time", type=float, default=None, help="epoch seconds the run started (default: speedrun_start file)")
     p.add_argument("--gpu-hour-cost", type=float, default=3.0, help="dollars per GPU-hour for the cost estimate")
+    p.add_argument("--compare", nargs="+", metavar="TAG", default=None,
+                   help="compare these runs instead (val bpb curves, final val bpb, CORE, time; the first is the baseline)")
     a = p.parse_args(argv)
+    if a.compare:
+        return compare_runs(a.compare)
     print(write_report(model_tag=a.model_tag, start_time=a.start_time, gpu_hour_cost=a.gpu_hour_cost))
 
 

@@ -87,7 +87,13 @@ def test_full_report(base):
     assert "| ours | 4,096 | 4.00 | 3.75 |" in md  # bytes/token = bytes / tokens
     assert "tokens:params 10.00" in md  # 41943040 / (3145728 + 1048576)
     assert "0.50 h" in md
-    assert "not run" not in md
+    assert "not run" not in md and "None" not in md and "INCOMPLETE" not in md
+    assert "- run: d4 (complete)" in md
+    assert "- training command: `python -m scripts.base_train --depth 4 --target-param-data-ratio 8`" in md
+    assert "- val bpb during training: 2.1234 at step 20" in md
+    assert "- val bpb by base_eval (step 20): train 2.1100, val 2.1234" in md
+    assert "- CORE from base_eval at step 20" in md
+    assert "train loss (smoothed" in md
     for png in ("train_loss.png", "val_bpb.png", "core_tasks.png"):
         assert f"(report/{png})" in md
         with open(os.path.join(base, "report", png), "rb") as f:
@@ -107,12 +113,38 @@ def test_config_only_says_not_run(base, monkeypatch):
     monkeypatch.setattr(report.torch.cuda, "is_available", lambda: False)
     md = open(report.write_report()).read()
     assert "depth 4, width 256" in md
-    assert "- final val bpb: not run" in md
+    assert "- val bpb during training: not run" in md
     assert "- CORE: not run" in md
     assert "- train loss: not run" in md
     assert "CPU run: no GPU cost" in md
     assert "total wall time: unknown" in md
     assert not os.listdir(os.path.join(base, "report"))  # nothing to plot
+
+
+def test_stopped_run_is_marked_incomplete_at_the_top(base):
+    run_dir = make_full_run(base)
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        lines = [line for line in f if '"final"' not in line]
+    with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
+        f.writelines(lines)
+    md = open(report.write_report()).read()
+    assert md.splitlines()[2] == ("**INCOMPLETE: training stopped at step 20 of 20; the numbers below are those of "
+                                  "a partly trained model. Re-run the same command (or speedrun.sh) to resume.**")
+
+
+def test_wall_time_sums_the_stages_that_ran_over_reruns(base):
+    make_full_run(base)
+    t = 1_000_000.0
+    marks = [("start", t), ("data", t + 60), ("train", t + 120), ("eval", t + 3720), ("end", t + 3780),
+             # a re-run a day later: every stage finds its output and is skipped within seconds
+             ("start", t + 86400), ("data", t + 86401), ("train", t + 86402), ("eval", t + 86404), ("end", t + 86405)]
+    with open(os.path.join(base, "speedrun_stages.tsv"), "w") as f:
+        f.writelines(f"{name}\t{when}\n" for name, when in marks)
+    md = open(report.write_report()).read()
+    assert "- total wall time: 1.05 h (stages that ran, summed over re-runs)" in md  # 3780 + 5 s
+    assert "- stages: setup 1.0 min, data 1.0 min, train 60.0 min, eval 1.0 min" in md
+    assert "- started: " + time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) in md  # the first start
+    assert "- training time: 0.00 h" in md  # 10.5 s of optimizer steps in the fake run
 
 
 def test_empty_base_dir(base):
@@ -160,3 +192,44 @@ def test_failed_write_keeps_previous_report(base, monkeypatch):
         report.write_report()
     assert open(path).read() == before
     assert not [f for f in os.listdir(base) if ".tmp" in f]
+
+
+# --- --compare: runs side by side ---
+
+def make_run(base, tag, val_bpbs, core, label="CORE over 3/22 tasks", elapsed=100.0, vocab=4096):
+    run_dir = os.path.join(base, "base_checkpoints", tag)
+    write_json(os.path.join(run_dir, "config.json"), {"model_config": {"vocab_size": vocab}})
+    recs = [{"type": "val", "step": 10 * i, "val_bpb": v, "tokens": 8192 * 10 * i, "flops": 1e9 * i,
+             "elapsed": 5.0 * i} for i, v in enumerate(val_bpbs)]
+    recs.append({"type": "final", "step": 10 * (len(val_bpbs) - 1), "val_bpb": val_bpbs[-1], "elapsed": elapsed})
+    with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in recs))
+    write_json(os.path.join(run_dir, "base_eval.json"), {"core": core, "core_label": label})
+
+
+def test_compare_table_deltas_and_plot(base, capsys):
+    make_run(base, "baseline", [3.0, 2.5, 2.2], 0.10)
+    make_run(base, "my-idea", [3.0, 2.4, 2.1], 0.12, elapsed=90.0)
+    report.main(["--compare", "baseline", "my-idea"])
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| my-idea") or line.startswith("| baseline")]
+    assert rows[0].startswith("| baseline | 2.2000 | 0.1000 (CORE over 3/22 tasks) | 100 | +0.0000 | +0.0000 | +0 |")
+    assert rows[1].startswith("| my-idea | 2.1000 | 0.1200 (CORE over 3/22 tasks) | 90 | -0.1000 | +0.0200 | -10 |")
+    assert "WARNING" not in out
+    with open(os.path.join(base, "report", "compare_baseline_vs_my-idea.png"), "rb") as f:
+        assert f.read(8) == PNG_MAGIC
+
+
+def test_compare_warns_when_not_comparable(base, capsys):
+    make_run(base, "a", [3.0, 2.0], 0.1, label="CORE over 22/22 tasks")
+    make_run(base, "b", [3.0, 2.0], 0.1, label="CORE over 22/22 tasks, subset: 50 items per task", vocab=8192)
+    lines = report.compare_runs(["a", "b"], base_dir=str(base))
+    warnings = [line for line in lines if line.startswith("WARNING")]
+    assert len(warnings) == 2
+    assert "different tokenizer: a: 4096, b: 8192" in warnings[0] and "different CORE subset" in warnings[1]
+
+
+def test_compare_unknown_tag_names_the_runs_there(base):
+    make_run(base, "baseline", [3.0], 0.1)
+    with pytest.raises(SystemExit, match="no run 'nope' .*there: baseline"):
+        report.compare_runs(["baseline", "nope"], base_dir=str(base))

@@ -1,0 +1,98 @@
+"""
+Talk to a pretrained model: stream a completion of a prompt through the KV-cache engine.
+
+    python -m scripts.sample --prompt "The capital of France is"          # newest run, newest step
+    python -m scripts.sample --model-tag d24 --prompt "Once upon a time" --num-samples 3 --temperature 0.8
+    python -m scripts.sample --model-tag d24 -i                            # a prompt loop (empty line or Ctrl-D ends)
+
+A base model continues text; it does not answer questions. Give it the start of something
+("The capital of France is") rather than a question. --temperature 0 is greedy decoding.
+"""
+import argparse
+import sys
+
+from nanochat.checkpoint import get_run_dir, load_model, newest_model_tag
+from nanochat.common import compute_init
+from nanochat.engine import Engine
+from nanochat.tokenizer import get_tokenizer
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m scripts.sample", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-tag", default=None, help="run under base_checkpoints/ (default: the newest)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+    p.add_argument("--prompt", default=None, help="text to continue (default with -i: ask for one)")
+    p.add_argument("-i", "--interactive", action="store_true", help="ask for prompts in a loop")
+    p.add_argument("--max-tokens", type=int, default=128, help="tokens to generate per sample (default: 128)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: 0.8)")
+    p.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens; 0 = all (default: 50)")
+    p.add_argument("--num-samples", type=int, default=1, help="completions per prompt (default: 1)")
+    p.add_argument("--seed", type=int, default=42, help="sampling seed (default: 42)")
+    p.add_argument("--device-type", default=None, choices=["cuda", "mps", "cpu"], help="default: autodetect")
+    args = p.parse_args(argv)
+    if args.prompt is None and not args.interactive:
+        p.error("give --prompt TEXT, or -i for a prompt loop")
+    for flag, value, low in [("--max-tokens", args.max_tokens, 1), ("--num-samples", args.num_samples, 1),
+                             ("--top-k", args.top_k, 0)]:
+        if value < low:
+            p.error(f"{flag} {value}: must be >= {low}")
+    if args.temperature < 0:
+        p.error(f"--temperature {args.temperature}: must be >= 0")
+    return args
+
+
+def complete(engine, tokenizer, prompt, args):
+    """Print each sample's completion of `prompt`; one sample is streamed token by token.
+    Returns the completions' texts."""
+    out = sys.stdout
+    tokens = tokenizer.encode(prompt, prepend=tokenizer.bos_token_id)
+    kwargs = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k or None, seed=args.seed)
+    if args.num_samples > 1:  # several at once: they finish together, so print them whole
+        texts = [tokenizer.decode(ids) for ids in engine.generate_batch(tokens, args.num_samples, **kwargs)]
+        for i, text in enumerate(texts):
+            out.write(f"--- sample {i + 1}\n{prompt}{text}\n")
+        return texts
+    out.write(prompt)
+    ids, shown = [], ""
+    for column in engine.generate(tokens, 1, **kwargs):
+        if column[0] == tokenizer.bos_token_id:  # the model started a new document: this one is over
+            break
+        ids.append(column[0])
+        # decode the whole completion, not token by token: a character can span two tokens,
+        # and half of it decodes to U+FFFD until the rest arrives
+        text = tokenizer.decode(ids)
+        if not text.endswith("\ufffd"):
+            out.write(text[len(shown):])
+            out.flush()
+            shown = text
+    out.write(tokenizer.decode(ids)[len(shown):] + "\n")
+    return [tokenizer.decode(ids)]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    _, _, _, _, device = compute_init(args.device_type)
+    tag = args.model_tag or newest_model_tag()
+    if tag is None:
+        raise SystemExit("error: no run under base_checkpoints/: train one with python -m scripts.base_train")
+    tokenizer = get_tokenizer()
+    model, meta = load_model(get_run_dir(tag), device, args.step, vocab_size=tokenizer.vocab_size)
+    model.eval()
+    engine = Engine(model, tokenizer)
+    print(f"# {tag} at step {meta['step']}, {device.type}; temperature {args.temperature}, top-k {args.top_k}",
+          file=sys.stderr)
+    if args.prompt is not None:
+        complete(engine, tokenizer, args.prompt, args)
+    while args.interactive:
+        try:
+            prompt = input("> ")
+        except EOFError:
+            break
+        if not prompt:
+            break
+        complete(engine, tokenizer, prompt, args)
+
+
+if __name__ == "__main__":
+    main()
