@@ -23,7 +23,11 @@ set -euo pipefail
 cd "$(dirname "$0")"
 export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
 mkdir -p "$NANOCHAT_BASE_DIR"
-date +%s > "$NANOCHAT_BASE_DIR/speedrun_start"
+# the first start is kept (a re-run resumes the same run); each stage's start is logged, so the
+# report's wall time sums the stages that actually ran, over every re-run
+[ -f "$NANOCHAT_BASE_DIR/speedrun_start" ] || date +%s > "$NANOCHAT_BASE_DIR/speedrun_start"
+mark() { printf '%s\t%s\n' "$1" "$(date +%s)" >> "$NANOCHAT_BASE_DIR/speedrun_stages.tsv"; }
+mark start
 
 # --- environment, from this repo's own files (reinstalled only when pyproject.toml changes) ---
 [ -x .venv/bin/python ] || python3 -m venv .venv
@@ -48,6 +52,11 @@ if [ "$NUM_GPUS" -gt 0 ]; then
     if awk "BEGIN {exit !($GPU_CC >= 8.9)}"; then TRAIN_ARGS="$TRAIN_ARGS --fp8"; fi
     EVAL_ARGS=""
     LAUNCH=(.venv/bin/torchrun --standalone --nproc_per_node="$NUM_GPUS" -m)
+    DEVICE_ARGS="--device-type cuda"  # a GPU node never falls back to CPU: a broken CUDA setup stops, named
+    # flash-attn 4 kernels (wheels only, no compilation), reinstalled when pyproject.toml changes
+    if [ ! -f .venv/.installed-gpu ] || [ pyproject.toml -nt .venv/.installed-gpu ]; then
+        .venv/bin/pip install -q -e '.[gpu]' && touch .venv/.installed-gpu
+    fi
     echo "speedrun: $NUM_GPUS GPU(s), ${GPU_MEM_MB} MB each, compute capability $GPU_CC"
 else
     VOCAB_SIZE=8192
@@ -59,6 +68,7 @@ else
     # the demo bundle holds exactly these 50 items per task; the flag also puts "50 items" in the CORE label
     EVAL_ARGS="--max-per-task 50 --bpb-tokens 262144 --device-batch-size 16"
     LAUNCH=($PY -m)
+    DEVICE_ARGS=""
     echo "speedrun: no GPU, running the CPU demo"
 fi
 echo "speedrun: outputs in $NANOCHAT_BASE_DIR"
@@ -67,6 +77,7 @@ echo "speedrun: outputs in $NANOCHAT_BASE_DIR"
 if [ "$NUM_GPUS" -gt 0 ]; then DEFAULT_SOURCE=climbmix; else DEFAULT_SOURCE=demo; fi
 SOURCE="${NANOCHAT_DATA_SOURCE:-$DEFAULT_SOURCE}"
 echo "data: source $SOURCE"
+mark data
 DOWNLOAD_PID=""
 case "$SOURCE" in
     climbmix)
@@ -81,6 +92,7 @@ case "$SOURCE" in
 esac
 
 # --- tokenizer ---
+mark tokenizer
 if $PY -c "import sys; from nanochat.tokenizer import get_tokenizer
 sys.exit(get_tokenizer().vocab_size != $VOCAB_SIZE)" 2>/dev/null; then  # loads, and has the right size
     echo "tokenizer: already trained ($NANOCHAT_BASE_DIR/tokenizer/tokenizer.json)"
@@ -107,19 +119,25 @@ if [ "$NUM_GPUS" -gt 0 ]; then
     [ "$GPU_KIND" = a100 ] && [ "$GPU_MEM_MB" -lt 60000 ] && GPU_KIND=a100-40gb
     # shellcheck disable=SC2086
     $PY -m scripts.plan $TRAIN_ARGS --gpus "$NUM_GPUS" --gpu "${GPU_KIND:-h100}" || echo "plan: skipped"
+    # self-check (~2 min): kernels, compile, fp8, a few real steps, NCCL; stops here, named, if broken
+    mark gpu_check
+    $PY -m scripts.gpu_check
 fi
 
 # --- pretraining (resumes from the newest complete checkpoint; a finished run returns at once) ---
+mark train
 # shellcheck disable=SC2086  # the argument strings are meant to split into flags
-"${LAUNCH[@]}" scripts.base_train $TRAIN_ARGS --model-tag "$TAG" --eval-bundle "$BUNDLE" --resume ${NANOCHAT_TRAIN_ARGS:-}
+"${LAUNCH[@]}" scripts.base_train $TRAIN_ARGS $DEVICE_ARGS --model-tag "$TAG" --eval-bundle "$BUNDLE" --resume ${NANOCHAT_TRAIN_ARGS:-}
 
 # --- evaluation (skipped if base_eval.json already scores the final checkpoint), report ---
+mark eval
 if $PY -c "import json, sys; from nanochat.checkpoint import get_run_dir, list_steps
 run = get_run_dir('$TAG'); done = json.load(open(run + '/base_eval.json'))['step']
 sys.exit(done != list_steps(run)[-1])" 2>/dev/null; then
     echo "eval: already done for the final checkpoint"
 else
     # shellcheck disable=SC2086
-    "${LAUNCH[@]}" scripts.base_eval $EVAL_ARGS --model-tag "$TAG" --eval-bundle "$BUNDLE" ${NANOCHAT_EVAL_ARGS:-}
+    "${LAUNCH[@]}" scripts.base_eval $EVAL_ARGS $DEVICE_ARGS --model-tag "$TAG" --eval-bundle "$BUNDLE" ${NANOCHAT_EVAL_ARGS:-}
 fi
+mark end
 $PY -m nanochat.report --model-tag "$TAG"

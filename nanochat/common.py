@@ -209,8 +209,14 @@ def get_peak_flops(device):
     device = torch.device(device)
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
+    return peak_flops_for(torch.cuda.get_device_name(device))
+
+
+def peak_flops_for(name):
+    """The table's entry for a device name: the longest key it contains, so "NVIDIA GH200 480GB"
+    finds GH200 (not H200) and "H100 PCIe" is not taken for the SXM H100."""
+    keys = [key for key in PEAK_BF16_FLOPS if key in name]
+    return PEAK_BF16_FLOPS[max(keys, key=len)] if keys else None
 
 
 def mfu(tokens_per_sec, flops_per_token, peak_flops):

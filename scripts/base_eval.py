@@ -32,7 +32,7 @@ from nanochat.common import compute_cleanup, compute_init, get_base_dir, print0
 from nanochat.core_eval import evaluate_core, get_eval_bundle_dir
 from nanochat.dataset import download_file, list_shards
 from nanochat.engine import SAMPLE_PROMPTS, sample_texts
-from nanochat.loss_eval import evaluate_split_bpb
+from nanochat.loss_eval import evaluate_split
 from nanochat.tokenizer import get_tokenizer
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
@@ -164,15 +164,16 @@ def main(argv=None):
     print0(f"CORE took {time.time() - t0:.0f}s")
 
     model.eval()
-    bpb = {}
+    bpb, bpb_tokens = {}, {}  # one pass at most: a small split is scored once, and the count says so
     if args.bpb_tokens > 0:
         for split in ("train", "val"):
-            bpb[split] = evaluate_split_bpb(model, tokenizer, split, args.bpb_tokens, args.device_batch_size,
-                                            model.config.sequence_len, device, rank, world_size)
+            bpb[split], bpb_tokens[split] = evaluate_split(model, tokenizer, split, args.bpb_tokens,
+                                                           args.device_batch_size, model.config.sequence_len,
+                                                           device, rank, world_size)
     # sampling uses our model's KV cache: a Hugging Face model gets none
     samples = sample_texts(model, tokenizer, SAMPLE_PROMPTS[:args.samples]) if rank == 0 and not args.hf_path else []
 
-    result = {**subject, **core, "bpb": bpb, "samples": samples}
+    result = {**subject, **core, "bpb": bpb, "bpb_tokens": bpb_tokens, "samples": samples}
     if rank == 0:
         print_results(result)
         save_json(os.path.join(out_dir, "base_eval.json"), result)

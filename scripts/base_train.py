@@ -15,6 +15,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -22,13 +23,15 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.distributed as dist
 
-from nanochat.checkpoint import get_run_dir, list_steps, load_checkpoint, save_checkpoint, step_dir
+from nanochat.attention import describe_backend, prepare_masks
+from nanochat.checkpoint import check_tokenizer, get_run_dir, list_steps, load_checkpoint, save_checkpoint, step_dir
 from nanochat.common import atomic_write, compute_cleanup, compute_init, get_peak_flops, mfu, print0
 from nanochat.core_eval import evaluate_core, get_eval_bundle_dir
 from nanochat.dataloader import DataLoader
 from nanochat.engine import sample_texts
 from nanochat.gpt import build_model
-from nanochat.loss_eval import evaluate_split_bpb
+from nanochat.dataset import read_manifest, get_data_dir
+from nanochat.loss_eval import evaluate_split
 from nanochat.recipe import derive
 from nanochat.tokenizer import get_tokenizer
 
@@ -185,6 +188,8 @@ def build(args, rank, world, device):
         eval_mode = lambda: disable_fp8(model)  # noqa: E731
     optimizer = model.setup_optimizer(recipe.param_groups)
     use_compile = device.type == "cuda" if args.compile is None else bool(args.compile)
+    if use_compile:  # the training shape's masks exist before tracing: no recompile to pick them up
+        prepare_masks(recipe.config.window_sizes(), args.max_seq_len, device)
     step_model = torch.compile(model) if use_compile else model
     # Data: each rank runs `accum` micro-streams, stream (rank, a) being loader rank*accum + a of
     # world*accum. The global batch is then the same for any split of world × accum: 8 GPUs with
@@ -202,6 +207,7 @@ def resume(run):
     if not list_steps(run.run_dir):
         print0(f"--resume: no checkpoint in {run.run_dir} yet, starting from scratch")
         return
+    check_tokenizer(run.run_dir, run.tokenizer)  # a retrained tokenizer would silently remap every token
     meta = load_checkpoint(run.run_dir, run.model, run.optimizer, run.loaders, rank=run.rank)
     run.step = run.resume_step = meta["step"]
     run.elapsed, run.smooth_loss = meta["loop"]["elapsed"], meta["loop"]["smooth_loss"]
@@ -217,6 +223,9 @@ def start_logging(run):
     """config.json (the derived recipe, the flags, the machine) and wandb; a summary for people."""
     r, config = run.recipe, run.recipe.config
     train_config = {**r.to_json(), "args": vars(run.args), "world_size": run.world,
+                    "command": " ".join(["python -m scripts.base_train"] + sys.argv[1:]),
+                    "attention_backend": describe_backend(), "tokenizer": run.tokenizer.fingerprint(),
+                    "val_data": (read_manifest(get_data_dir()) or {}).get("source"),
                     "device_name": torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else run.device.type,
                     "dtype": str(run.model.wte.weight.dtype).replace("torch.", "")}
     if run.rank == 0:
@@ -237,7 +246,8 @@ def start_logging(run):
 def save(run):
     meta = {"model_config": asdict(run.recipe.config), "args": vars(run.args),
             "total_batch_size": run.recipe.total_batch_size, "num_iterations": run.recipe.num_iterations,
-            "world_size": run.world, "loop": {"elapsed": run.elapsed, "smooth_loss": run.smooth_loss}}
+            "world_size": run.world, "tokenizer": run.tokenizer.fingerprint(),
+            "loop": {"elapsed": run.elapsed, "smooth_loss": run.smooth_loss}}
     save_checkpoint(run.run_dir, run.step, run.model, run.optimizer, meta,
                     [loader.state_dict() for loader in run.loaders], rank=run.rank)
     run.last_save = time.time()
@@ -261,12 +271,12 @@ def evaluate(run, last):
     if due(args.eval_every):
         model.eval()
         with run.eval_mode():
-            run.val_bpb = evaluate_split_bpb(run.step_model, run.tokenizer, "val", args.eval_tokens,
-                                             run.recipe.device_batch_size, args.max_seq_len, run.device,
-                                             run.rank, run.world)
+            run.val_bpb, scored = evaluate_split(run.step_model, run.tokenizer, "val", args.eval_tokens,
+                                                 run.recipe.device_batch_size, args.max_seq_len, run.device,
+                                                 run.rank, run.world)
         model.train()
-        print0(f"step {step:05d} | val bpb {run.val_bpb:.4f}")
-        log(run, {"type": "val", "val_bpb": run.val_bpb})
+        print0(f"step {step:05d} | val bpb {run.val_bpb:.4f} ({scored:,} tokens)")
+        log(run, {"type": "val", "val_bpb": run.val_bpb, "tokens_scored": scored})
     if due(args.core_every):
         bundle = get_eval_bundle_dir(args.eval_bundle)
         if os.path.isdir(bundle):

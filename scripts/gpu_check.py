@@ -49,8 +49,12 @@ def rel_err(a, b):
 
 
 def make_optimizer(model):
-    """The one place that builds the optimizer (its signature may change; fix it here only)."""
-    return model.setup_optimizer()
+    """The recipe's optimizer groups (their LRs follow the model's depth and vocab) on this model."""
+    from nanochat.recipe import derive
+    cfg = model.config
+    recipe = derive(depth=cfg.n_layer, vocab_size=cfg.vocab_size, sequence_len=cfg.sequence_len,
+                    head_dim=cfg.head_dim, window_pattern=cfg.window_pattern, device_batch_size=1, num_iterations=1)
+    return model.setup_optimizer(recipe.param_groups)
 
 # -----------------------------------------------------------------------------
 # environment

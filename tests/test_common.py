@@ -149,3 +149,12 @@ def test_tf32_setting_leaves_the_legacy_getters_working():
     finally:
         torch.set_float32_matmul_precision("highest")
     assert torch.backends.cuda.matmul.allow_tf32 is False
+
+
+@pytest.mark.parametrize("name, key", [("NVIDIA H100 80GB HBM3", "H100"), ("NVIDIA H100 PCIe", "H100 PCIe"),
+                                       ("NVIDIA GH200 480GB", "GH200"), ("NVIDIA H200", "H200"),
+                                       ("NVIDIA GeForce RTX 4090", "RTX 4090")])
+def test_peak_flops_takes_the_most_specific_name(name, key):
+    from nanochat.common import PEAK_BF16_FLOPS, peak_flops_for
+    assert peak_flops_for(name) == PEAK_BF16_FLOPS[key]
+    assert peak_flops_for("Some Unknown GPU") is None

@@ -25,6 +25,7 @@ def clone(tmp_path):
     python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
     python.chmod(0o755)
     (repo / ".venv" / ".installed").touch()  # newer than pyproject.toml: no pip install
+    (repo / ".venv" / ".installed-gpu").touch()  # nor of the gpu extra on a (fake) GPU node
     return repo
 
 
