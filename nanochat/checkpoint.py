@@ -50,11 +50,12 @@ def step_dir(run_dir, step):
 
 
 def save_checkpoint(run_dir, step, model, optimizer, meta, loader_states, rank=0, keep=2):
-    """Called by every rank: the optimizer shards and the ranks' data-stream states (a list per
-    rank, rank-major = stream order) are gathered, then rank 0 writes. Keeps the newest `keep`.
+    """Called by every rank: the optimizer shards (to rank 0 only: no other rank ever holds the full
+    state) and the ranks' data-stream states (a list per rank, rank-major = stream order) are
+    gathered, then rank 0 writes. Keeps the newest `keep`.
     meta: anything JSON, stored in meta.json; base_train puts the model config, the flags, the
     loop state and the tokenizer's fingerprint there (meta["tokenizer"] = tokenizer.fingerprint())."""
-    optimizer_state = optimizer.full_state_dict() if optimizer is not None else None
+    optimizer_state = optimizer.full_state_dict() if optimizer is not None else None  # None on rank != 0
     streams = loader_states
     if dist.is_initialized():
         per_rank = [None] * dist.get_world_size()

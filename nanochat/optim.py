@@ -93,7 +93,8 @@ def normuon(U, second_moment, beta2):
 
 
 def muon_update(p, grad, momentum_buffer, second_moment, lr, momentum, beta2, weight_decay, ns_steps):
-    """One Muon step, in place, on a fp32 stack p (R, m, n) of same-shape matrices."""
+    """One Muon step, in place, on a fp32 stack p (R, m, n) of same-shape matrices. lr, momentum and
+    weight_decay are 0-D tensors: the schedules change them every step without a recompile."""
     # Nesterov momentum: the buffer averages gradients; step along the gradient pulled toward it
     momentum_buffer.lerp_(grad, 1 - momentum)
     U = grad.lerp(momentum_buffer, momentum)
@@ -108,19 +109,21 @@ def muon_update(p, grad, momentum_buffer, second_moment, lr, momentum, beta2, we
     p.sub_(lr * U + lr * weight_decay * p * mask)
 
 
-def adamw_update(p, grad, exp_avg, exp_avg_sq, step, lr, betas, eps, weight_decay):
-    """One AdamW step, in place, on p of any dtype: the math and the moments are fp32
-    (bf16 moments would lose small gradient contributions to rounding)."""
+def adamw_update(ps, grads, exp_avgs, exp_avg_sqs, step, lr, betas, eps, weight_decay):
+    """One AdamW step, in place, on the tensors ps (any dtype) of one group: the math and the moments
+    are fp32 (bf16 moments would lose small gradient contributions to rounding). step, lr and
+    weight_decay are 0-D tensors (float64, as exact as Python floats): no recompile as they change."""
     beta1, beta2 = betas
-    g = grad.float()
-    exp_avg.lerp_(g, 1 - beta1)
-    exp_avg_sq.lerp_(g.square(), 1 - beta2)
-    p32 = p.float()  # p itself when p is fp32, else a fp32 copy
-    p32.mul_(1 - lr * weight_decay)  # decoupled: decay the weight, not the gradient
-    denom = (exp_avg_sq / (1 - beta2 ** step)).sqrt_().add_(eps)  # bias-corrected second moment
-    p32.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1 ** step))
-    if p32 is not p:
-        p.copy_(p32)
+    bc1, bc2 = 1 - beta1 ** step, 1 - beta2 ** step  # bias corrections of the zero-started moments
+    for p, grad, exp_avg, exp_avg_sq in zip(ps, grads, exp_avgs, exp_avg_sqs):
+        g = grad.float()
+        exp_avg.lerp_(g, 1 - beta1)
+        exp_avg_sq.lerp_(g.square(), 1 - beta2)
+        p32 = p if p.dtype == torch.float32 else p.float()
+        p32.mul_(1 - lr * weight_decay)  # decoupled: decay the weight, not the gradient
+        p32.sub_(exp_avg / ((exp_avg_sq / bc2).sqrt() + eps) * (lr / bc1))
+        if p32 is not p:
+            p.copy_(p32)
 
 
 def pad_rows(t, world):
@@ -137,9 +140,11 @@ class MuonAdamW(torch.optim.Optimizer):
     """param_groups: dicts with kind="muon" (params: 2-D matrices, all of one shape; lr, momentum,
     beta2, weight_decay, ns_steps) or kind="adamw" (params, lr, betas, eps, weight_decay).
     Every group also gets initial_lr; step() reads lr, momentum, weight_decay from the group each
-    time, so schedules just overwrite them. Every parameter must get a gradient every step."""
+    time, so schedules just overwrite them. Every parameter must get a gradient every step.
+    compile: torch.compile the two update functions (default: when the parameters are on CUDA, where
+    eager mode launches hundreds of small kernels per step; one fused graph per group instead)."""
 
-    def __init__(self, param_groups):
+    def __init__(self, param_groups, compile=None):
         groups = []
         for g in param_groups:
             assert g["kind"] in ("muon", "adamw"), g["kind"]
@@ -153,6 +158,11 @@ class MuonAdamW(torch.optim.Optimizer):
         distributed = dist.is_initialized() and dist.get_world_size() > 1
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
         self.sync_grads = True  # False: backward only accumulates locally (earlier micro-steps)
+        if compile is None:
+            compile = self.param_groups[0]["params"][0].is_cuda
+        # dynamic=False: one graph per group's shapes, compiled once (the step's scalars are 0-D tensors)
+        self.muon_update, self.adamw_update = [torch.compile(f, dynamic=False) if compile else f
+                                               for f in (muon_update, adamw_update)]
 
         # Communication units, in a fixed order that is the same on every rank. AdamW: one per param.
         # Muon: one per "round" of W consecutive matrices of a group, reduce-scattered as a (W, m, n)
@@ -221,22 +231,30 @@ class MuonAdamW(torch.optim.Optimizer):
             unit.update(n_ready=0, grad=None, work=None)
 
     def _adamw_step(self, group, units):
-        gathers = []
+        mine = []  # (param, the rows of it this rank updates, their gradient)
         for unit in units:
             p, grad = unit["params"][0], unit["grad"]
             own = p
             if unit["sharded"]:  # this rank's block of rows: fewer (or none) at the end of the tensor
-                k = grad.size(0)
-                own = p[self.rank * k:(self.rank + 1) * k]
+                own = p[self.rank * grad.size(0):(self.rank + 1) * grad.size(0)]
                 grad = grad[:own.size(0)]
+            mine.append((p, own, grad))
             state = self.state[p]
             if not state:
                 state.update(step=0, exp_avg=torch.zeros_like(own, dtype=torch.float32),
                              exp_avg_sq=torch.zeros_like(own, dtype=torch.float32))
             state["step"] += 1
-            adamw_update(own, grad, state["exp_avg"], state["exp_avg_sq"], state["step"],
-                         group["lr"], group["betas"], group["eps"], group["weight_decay"])
+        mine = [m for m in mine if m[1].numel() > 0]  # a rank may own no rows of a small sharded tensor
+        if mine:  # one call per group; scalars as 0-D tensors made by a fill (no host-to-GPU copy, no sync)
+            states = [self.state[p] for p, _, _ in mine]
+            f64 = lambda x: torch.full((), x, dtype=torch.float64, device=mine[0][1].device)  # noqa: E731
+            self.adamw_update([own for _, own, _ in mine], [g for _, _, g in mine], [s["exp_avg"] for s in states],
+                              [s["exp_avg_sq"] for s in states], f64(states[0]["step"]), f64(group["lr"]),
+                              group["betas"], group["eps"], f64(group["weight_decay"]))
+        gathers = []
+        for unit in units:
             if unit["sharded"]:  # in-place all-gather: our block is already in place in `full`
+                p, k = unit["params"][0], unit["grad"].size(0)
                 full = pad_rows(p, self.world)  # p itself unless rows had to be padded
                 work = dist.all_gather_single(full, full[self.rank * k:(self.rank + 1) * k], async_op=True)
                 gathers.append((work, [(p, full[:p.size(0)])] if full.size(0) != p.size(0) else []))
@@ -253,8 +271,10 @@ class MuonAdamW(torch.optim.Optimizer):
             R, m, n = grad.shape  # NorMuon keeps one value per row (tall/square) or per column (wide)
             state.update(momentum_buffer=torch.zeros_like(grad),
                          second_moment=grad.new_zeros(R, m, 1) if m >= n else grad.new_zeros(R, 1, n))
-        muon_update(p, grad, state["momentum_buffer"], state["second_moment"], group["lr"], group["momentum"],
-                    group["beta2"], group["weight_decay"], group["ns_steps"])
+        t = lambda x, dtype=torch.float64: torch.full((), x, dtype=dtype, device=p.device)  # noqa: E731
+        self.muon_update(p, grad, state["momentum_buffer"], state["second_moment"], t(group["lr"]),
+                         t(group["momentum"], torch.float32), group["beta2"], t(group["weight_decay"]),
+                         group["ns_steps"])  # momentum: fp32 like the buffers (lerp's weight must match)
         p = p.to(like.dtype)
         if self.world == 1:
             for q, new in zip(group["params"], p):
@@ -282,37 +302,48 @@ class MuonAdamW(torch.optim.Optimizer):
     # parameter (what a single process would hold), so a run can resume on any number of ranks.
 
     def _gather_rows(self, t, k):
-        """Every rank's block t (its first dim padded with zeros to k) concatenated in rank order."""
+        """On rank 0, every rank's block t (its first dim padded with zeros to k) concatenated in rank
+        order; None elsewhere: the other ranks only send, so none of them ever holds a full tensor."""
         if t.size(0) < k:
             t = torch.cat([t, t.new_zeros(k - t.size(0), *t.shape[1:])])
         if self.world == 1:
             return t
-        full = t.new_empty(self.world * k, *t.shape[1:])
-        dist.all_gather_single(full, t.contiguous())
+        full = t.new_empty(self.world * k, *t.shape[1:]) if self.rank == 0 else None
+        dist.gather(t.contiguous(), list(full.chunk(self.world)) if full is not None else None, dst=0)
         return full
+
+    def _whole(self, t, rows):
+        """The whole tensor from this rank's block t of a tensor sharded by rows (rows=None: t is not
+        sharded, every rank holds it whole), dropping the padding rows: on CPU on rank 0, None elsewhere."""
+        if rows is not None:
+            t = self._gather_rows(t, -(-rows // self.world))
+            t = None if t is None else t[:rows]
+        return t.to("cpu", copy=True) if self.rank == 0 else None
 
     @torch.no_grad()
     def full_state_dict(self):
-        """Call on every rank (it all-gathers when world > 1); every rank gets the result. Layout as
-        torch's state_dict: state[i] for the i-th parameter of param_groups, full fp32 tensors on CPU."""
-        W, state, i = self.world, {}, 0
-        cpu = lambda t: t.to("cpu", copy=True)
+        """Call on every rank (it gathers when world > 1); rank 0 gets the result, the other ranks None
+        (gathering to every rank would cost each the whole state in host memory: 8.4 GB at d24).
+        Layout as torch's state_dict: state[i] for the i-th parameter of param_groups, full fp32
+        tensors on CPU. One tensor at a time, so rank 0's GPU holds one gathered tensor at most."""
+        W, state, i, keep = self.world, {}, 0, self.rank == 0
         for group in self.param_groups:
             ps = group["params"]
             if group["kind"] == "adamw":
                 for j, p in enumerate(ps):
-                    s = self.state.get(p)
-                    if s:  # sharded: glue the row blocks back together and drop the padding rows
-                        k = -(-p.size(0) // W) if self.unit_of[p]["sharded"] else None  # rows per block
-                        full = lambda t: t if k is None else self._gather_rows(t, k)[:p.size(0)]
-                        state[i + j] = dict(step=s["step"], exp_avg=cpu(full(s["exp_avg"])),
-                                            exp_avg_sq=cpu(full(s["exp_avg_sq"])))
+                    if s := self.state.get(p):
+                        rows = p.size(0) if self.unit_of[p]["sharded"] else None
+                        state[i + j] = dict(step=s["step"], exp_avg=self._whole(s["exp_avg"], rows),
+                                            exp_avg_sq=self._whole(s["exp_avg_sq"], rows))
             elif self.state.get(ps[0]):  # one stacked state per group, under its first matrix
                 s, R = self.state[ps[0]], -(-len(ps) // W)  # R rounds: this rank's stack has R matrices
-                full = {k: self._gather_rows(v, R) for k, v in s.items()}
-                for j in range(len(ps)):  # matrix j sits in round j // W of rank j % W; pads are never read
-                    state[i + j] = {k: cpu(v[(j % W) * R + j // W]) for k, v in full.items()}
+                for key, v in s.items():
+                    full = self._gather_rows(v, R)
+                    for j in range(len(ps)) if keep else ():  # matrix j: round j // W of rank j % W; pads unread
+                        state.setdefault(i + j, {})[key] = full[(j % W) * R + j // W].to("cpu", copy=True)
             i += len(ps)
+        if not keep:
+            return None
         index = {p: n for n, p in enumerate(p for g in self.param_groups for p in g["params"])}
         groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [index[p] for p in g["params"]]}
                   for g in self.param_groups]

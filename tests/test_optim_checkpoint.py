@@ -9,6 +9,8 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from nanochat import optim
 from optim_toy import MUON, Toy, orthogonalize_in, spawn_gloo
@@ -79,18 +81,43 @@ def assert_same_state(a, b):
                 assert a[i][k] == b[i][k], (i, k)
 
 
+class AllocatedBytes(TorchDispatchMode):
+    """Bytes of the new storages that tensor ops allocate while active (outputs that alias an input,
+    like in-place ops or the collectives' buffers, are not new)."""
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        seen = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
+                seen.add(t.untyped_storage().data_ptr())
+                self.total += t.untyped_storage().nbytes()
+        return out
+
+
+def state_bytes(state):
+    return sum(v.numel() * v.element_size() for s in state.values() for v in s.values() if torch.is_tensor(v))
+
+
 def first_half(world, rank):
-    """K steps, then the checkpoint; also checks a load(full_state_dict()) round trip changes nothing."""
+    """K steps, then the checkpoint; also checks a load(full_state_dict()) round trip changes nothing
+    (on rank 0: the only one that receives the full state) and what the gather allocates."""
     P, _ = init_params()
     opt = make_optimizer(P)
     train(P, opt, world, rank, range(K))
     before = snapshot(opt)
-    full = opt.full_state_dict()
-    opt.load_full_state_dict(full)
-    assert_same_state(snapshot(opt), before)
+    with AllocatedBytes() as allocated:
+        full = opt.full_state_dict()
+    if full is not None:
+        opt.load_full_state_dict(full)
+        assert_same_state(snapshot(opt), before)
     for p, s in opt.state.items():  # the moments stay fp32, also for the bf16 table
         assert s["exp_avg" if "exp_avg" in s else "momentum_buffer"].dtype == torch.float32
-    return dict(params=detached(P), optim=full)
+    return dict(params=detached(P), optim=full, allocated=allocated.total, own=state_bytes(opt.state))
 
 
 def _worker(rank, world, rdzv, out_dir, ckpt_path):
@@ -175,9 +202,20 @@ def test_resume_on_another_world_size_matches_uninterrupted(runs, a, b):
     print(f"\n({a}, {b}) vs uninterrupted: " + " ".join(f"{k}={v:.0e}" for k, v in dev.items()))
 
 
+def test_full_state_dict_goes_to_rank_0_only(runs):
+    # Rank 1 gets None and allocates less than the shards it already holds (only the zero-padded copy
+    # of a short last block, to send), never the full state; rank 0 allocates at least the full state.
+    rank0, rank1 = runs["ckpt"][2]
+    full = state_bytes(rank0["optim"]["state"])
+    assert rank1["optim"] is None
+    assert 0 < rank1["allocated"] < 0.5 * rank1["own"] and rank1["own"] < 0.6 * full, \
+        (rank1["allocated"], rank1["own"], full)  # measured: 8320 < 21676 < 39940 bytes
+    assert rank0["allocated"] >= full
+
+
 def test_full_state_dict_is_independent_of_world_size(runs):
-    one, twos = runs["ckpt"][1]["optim"], [r["optim"] for r in runs["ckpt"][2]]
-    for two in twos:  # every rank returns the whole thing
+    one, twos = runs["ckpt"][1]["optim"], [runs["ckpt"][2][0]["optim"]]
+    for two in twos:  # rank 0 gets the whole thing
         assert one["param_groups"] == two["param_groups"]
         assert one["state"].keys() == two["state"].keys() == set(range(len(ORDER)))
         for i, name in enumerate(ORDER):
