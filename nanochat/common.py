@@ -3,6 +3,7 @@ Shared plumbing: where files live, which device and dtype to compute in,
 distributed setup from the torchrun environment, and rank-0 printing.
 """
 import ctypes
+import datetime
 import os
 from contextlib import contextmanager
 
@@ -165,6 +166,16 @@ def set_matmul_precision():
     torch.set_float32_matmul_precision("high")
 
 
+# How long a rank waits at a collective before the process group gives up. It must exceed the longest
+# stretch one rank can work while another waits for it. The longest in base_train: a CORE eval,
+# all-reduced once per task (so a real wait is one task's share on one rank), and even a full CORE
+# (all 52,400 items of the bundle) on ONE rank at ~20 ms per item (an estimate until a GPU measures
+# it) is ~17 minutes; rank 0 writing a checkpoint (~12 GB at d24: a minute or two) and ranks compiling
+# at different speeds are shorter. Samples run on every rank, so nobody waits for them. 30 minutes
+# covers all of these, while a real hang still dies (and frees 8 GPUs) within the half hour.
+PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=30)
+
+
 def compute_init(device_type=None):
     """Pick the device, seed, and join the process group when launched by torchrun
     (nccl on CUDA, gloo otherwise). Returns (is_ddp, rank, local_rank, world_size, device).
@@ -184,7 +195,8 @@ def compute_init(device_type=None):
         keep_freed_memory()
     if is_ddp and not dist.is_initialized():
         backend = "nccl" if device_type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, device_id=device if device_type == "cuda" else None)
+        dist.init_process_group(backend=backend, device_id=device if device_type == "cuda" else None,
+                                timeout=PROCESS_GROUP_TIMEOUT)
         dist.barrier()
     return is_ddp, rank, local_rank, world_size, device
 

@@ -265,7 +265,8 @@ def log(run, record):
 
 def evaluate(run, last):
     """Val bpb, CORE and samples, each every N steps and at the end (not again at the step a run
-    resumed from: they ran before it stopped)."""
+    resumed from: they ran before it stopped). CORE and samples skip step 0: a random model scores
+    chance and babbles, so they would only cost time; val bpb at step 0 is the baseline curve's start."""
     args, model, step = run.args, run.model, run.step
     due = lambda every: every > 0 and (last or step % every == 0) and (step != run.resume_step or step == 0)  # noqa: E731
     if due(args.eval_every):
@@ -277,7 +278,7 @@ def evaluate(run, last):
         model.train()
         print0(f"step {step:05d} | val bpb {run.val_bpb:.4f} ({scored:,} tokens)")
         log(run, {"type": "val", "val_bpb": run.val_bpb, "tokens_scored": scored})
-    if due(args.core_every):
+    if due(args.core_every) and (step > 0 or last):
         bundle = get_eval_bundle_dir(args.eval_bundle)
         if os.path.isdir(bundle):
             with run.eval_mode():
@@ -287,11 +288,14 @@ def evaluate(run, last):
                       "tasks": {k: v["centered"] for k, v in core["tasks"].items()}})
         else:
             print0(f"step {step:05d} | CORE skipped: no eval bundle at {bundle} (python -m scripts.base_eval downloads it)")
-    if due(args.sample_every) and run.rank == 0:
+    if due(args.sample_every) and (step > 0 or last):
+        # Every rank samples (the same greedy texts), rank 0 prints them: no rank waits at a collective
+        # meanwhile, where a slow sample could run into the process group's timeout.
         with run.eval_mode():
             samples = sample_texts(model, run.tokenizer, max_tokens=16, sampled=False)
-        print0("\n".join(f"  {s!r}" for s in samples))
-        log(run, {"type": "sample", "samples": samples})
+        if run.rank == 0:
+            print0("\n".join(f"  {s!r}" for s in samples))
+            log(run, {"type": "sample", "samples": samples})
 
 
 def train_step(run):

@@ -12,6 +12,8 @@ and the exit status is non-zero, so `speedrun.sh` stops before training starts.
   attention     every backend that loads, against SDPA in fp32: forward, backward, windows, decode
   compile       torch.compile vs eager: forward, one optimizer step; eval and sampling at other
                 shapes must not recompile the training graph
+  optimizer     the optimizer's compiled update functions (the CUDA default) against eager at d12:
+                same parameters, no recompile as the schedules change, ms per step of each
   fp8           the fp8 Linear against the same layer in bf16 (forward and both gradients)
   steps         a few training steps with the speedrun's settings (d12, 16 x 2048, compiled,
                 bf16 then fp8): tokens/s, MFU, peak memory. On CPU: a tiny model, eagerly.
@@ -206,6 +208,56 @@ def check_compile(device):
                  "a global read inside the compiled model changes between calls: find it with "
                  "TORCH_LOGS=recompiles python -m scripts.gpu_check --only compile, or train with --compile 0")
 
+
+def scheduled_optimizer_steps(model, optimizer, steps, start=0):
+    """`steps` optimizer steps on fixed random gradients, the schedules changing every step;
+    returns the seconds per step."""
+    gen = torch.Generator(device=model.wte.weight.device).manual_seed(0)
+    grads = [torch.randn(p.shape, generator=gen, device=p.device).to(p.dtype) * 1e-2 for p in model.parameters()]
+    sync = torch.cuda.synchronize if grads[0].is_cuda else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    for step in range(start, start + steps):
+        for p, g in zip(model.parameters(), grads):
+            p.grad = g.clone()
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * (1 - step / 100)
+            if group["kind"] == "muon":
+                group["momentum"], group["weight_decay"] = 0.85 + 0.001 * step, 0.01 * (1 - step / 100)
+        optimizer.step()
+    sync()
+    return (time.perf_counter() - t0) / steps
+
+
+def check_compiled_optimizer(device):
+    """The optimizer's update functions compiled (the CUDA default) against eager: the same parameters
+    after 3 scheduled steps, no recompile in 20 more, and the time per step of each."""
+    from torch._dynamo.utils import counters
+    from nanochat.optim import MuonAdamW
+    if device.type != "cuda":  # CPU runs the optimizer eagerly; tests/test_optim_compile.py compiles it there
+        yield Result("compile optimizer", "SKIP", "eager on CPU by default (tests/test_optim_compile.py checks it)")
+        return
+    torch._dynamo.reset()
+    counters.clear()
+    moved, times = [], []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = build_model(GPTConfig.from_depth(12), device)
+        init = [p.detach().clone() for p in model.parameters()]
+        optimizer = MuonAdamW(make_optimizer(model).param_groups, compile=compiled)
+        scheduled_optimizer_steps(model, optimizer, 3)
+        graphs = counters["stats"]["unique_graphs"]
+        times.append(scheduled_optimizer_steps(model, optimizer, 20, start=3))
+        moved.append([p.detach() - p0 for p, p0 in zip(model.parameters(), init)])
+    new_graphs = counters["stats"]["unique_graphs"] - graphs
+    err = max(rel_err(a, b) for a, b in zip(moved[1], moved[0]))  # of the change the 23 steps made
+    ok = err < 2e-2 and new_graphs == 0  # bf16 Polar Express: fused kernels round differently
+    yield Result("compile optimizer", "PASS" if ok else "FAIL",
+                 f"d12: update rel err vs eager {err:.1e} after 23 steps, {new_graphs} recompiles in 20 scheduled steps; "
+                 f"step {times[0] * 1e3:.1f} ms eager, {times[1] * 1e3:.1f} ms compiled",
+                 "a scheduled value reached the compiled update as a Python number: pass it as a 0-D tensor")
+    torch._dynamo.reset()
+
 # -----------------------------------------------------------------------------
 # fp8
 
@@ -380,6 +432,7 @@ CHECKS = {  # name -> (check, what to do if it raises)
     "environment": (check_environment, "fix the environment named above before training"),
     "attention": (check_attention, "avoid the failing kernel: NANOCHAT_ATTN=sdpa"),
     "compile": (check_compile, "train with --compile 0 (slower) and report the error"),
+    "optimizer": (check_compiled_optimizer, "report the error; meanwhile MuonAdamW(..., compile=False)"),
     "fp8": (check_fp8, "train without --fp8"),
     "steps": (check_steps, "out of memory: lower --device-batch-size; otherwise report the error"),
     "collectives": (check_collectives, "run NCCL_DEBUG=INFO python -m scripts.gpu_check --only collectives, "
