@@ -36,15 +36,19 @@ def evaluate_bpb(model, batches, steps, token_bytes, return_tokens=False):
 def evaluate_split(model, tokenizer, split, tokens, B, T, device, rank=0, world_size=1):
     """(bpb, tokens scored) over the first ~`tokens` tokens of a split (all ranks together), from
     a fresh loader, and never more than one pass: asking for more than the split holds scores the
-    whole split once (and says so) instead of repeating documents."""
+    whole split once (and says so) instead of repeating documents. A small split may have fewer row
+    groups than ranks: a rank without one scores nothing, the ranks with data score its share, and
+    the all-reduced sums still give the right bpb."""
     from nanochat.dataloader import DataLoader
-    loader = DataLoader(tokenizer, B, T, split, device, rank=rank, world_size=world_size, one_pass=True)
+    loader = DataLoader(tokenizer, B, T, split, device, rank=rank, world_size=world_size, one_pass=True,
+                        allow_empty=True)
+    readers = min(world_size, max(loader.num_row_groups))  # ranks r < max row groups get some (round-robin)
     try:
-        steps = max(1, tokens // (B * T * world_size))
+        steps = max(1, tokens // (B * T * readers))
         bpb, scored = evaluate_bpb(model, loader, steps, tokenizer.token_bytes().to(device), return_tokens=True)
     finally:
         loader.close()
-    if scored < steps * B * T * world_size:
+    if scored < steps * B * T * readers:
         print0(f"note: the {split} split holds only {scored:,} tokens in batches of {B}x{T}: bpb is over those "
                f"(one pass), not the {tokens:,} asked for")
     return bpb, scored

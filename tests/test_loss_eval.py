@@ -75,3 +75,61 @@ def test_a_split_larger_than_asked_scores_what_was_asked(base_dir):
     tok = get_tokenizer()
     _, tokens = evaluate_split(Uniform(tok.vocab_size), tok, "val", 64 * 5, 2, 32, "cpu")
     assert tokens == 64 * 5
+
+
+# ---------------------------------------------------------------------------------------------
+# A val split with fewer row groups than ranks (a small local corpus on many GPUs)
+
+import random  # noqa: E402
+
+import pytest  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from nanochat.dataloader import DataLoader  # noqa: E402
+from nanochat.dataset import write_shards  # noqa: E402
+from nanochat.gpt import GPTConfig, build_model  # noqa: E402
+from nanochat.tokenizer import Tokenizer  # noqa: E402
+from optim_toy import spawn_gloo  # noqa: E402
+
+B, T = 2, 32
+
+
+@pytest.fixture
+def one_row_group_val(tmp_path, monkeypatch):
+    """Tiny shards whose val split (40 documents) is ONE row group, and a 300-token tokenizer."""
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    rng = random.Random(0)
+    words = "the of and to in is was for on that with as by at from his her an which were are".split()
+    docs = [" ".join(rng.choice(words) for _ in range(rng.randint(5, 80))) for _ in range(200)]
+    write_shards(docs, str(tmp_path / "base_data"), docs_per_shard=160, val_docs=40, row_group_size=64)
+    Tokenizer.train(iter(docs), vocab_size=300).save(str(tmp_path / "tokenizer"))
+    return tmp_path
+
+
+def split_bpb(rank, world, tokens):
+    torch.manual_seed(0)  # the same weights on every rank
+    tokenizer = get_tokenizer()
+    model = build_model(GPTConfig(sequence_len=T, vocab_size=tokenizer.vocab_size, n_layer=1, n_head=2, n_embd=32), "cpu")
+    return [evaluate_split(model, tokenizer, "val", n, B, T, "cpu", rank, world) for n in tokens]
+
+
+def _bpb_worker(rank, world, rdzv, out_dir, tokens):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rdzv}", rank=rank, world_size=world)
+    torch.save(split_bpb(rank, world, tokens), f"{out_dir}/rank{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_a_rank_without_val_row_group_scores_nothing_and_bpb_is_right(one_row_group_val, tmp_path):
+    # the training stream still refuses an empty rank; evaluation lets it contribute zeros
+    with pytest.raises(ValueError, match="data stream 1 of 2 gets no row group of the 'val' shards"):
+        DataLoader(get_tokenizer(), B, T, "val", rank=1, world_size=2)
+    assert list(DataLoader(get_tokenizer(), B, T, "val", rank=1, world_size=2, one_pass=True, allow_empty=True)) == []
+    tokens = [3 * B * T, 10 ** 6]  # part of the split (rank 0 scores all 3 batches itself), and all of it
+    one = split_bpb(0, 1, tokens)
+    (tmp_path / "two").mkdir()
+    two = spawn_gloo(_bpb_worker, 2, tmp_path / "two", tokens)
+    assert one[0][1] == 3 * B * T and one[1][1] > one[0][1]  # scored 3 batches, then the whole split
+    for r in two:  # both ranks get the all-reduced result, equal to one process's
+        assert r == one, (r, one)
