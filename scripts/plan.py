@@ -8,12 +8,14 @@ Plan a pretraining run before renting GPUs: parameters, horizon, batch, memory, 
 Nothing is allocated: the model is built on the meta device. The horizon, batch, steps, learning
 rates, weight decays and schedule come from nanochat/recipe.py, as base_train derives them (same
 defaults). Memory per GPU and the
-device batch that fits are ESTIMATES (a count of weights, grads, optimizer state and the main
-saved activations; allocator overhead, fragmentation and temporaries are covered only by the 10%
-margin). The time is total FLOPs / (gpus × bf16 peak × MFU); the MFU is --mfu, else one recorded
+device batch that fits are ESTIMATES: weights, grads and optimizer state are counted; the
+activations are what the compiled model saves for backward, MEASURED on small models on the CPU
+(about 20 s, once) and scaled to this one; allocator overhead, fragmentation and temporaries other
+than the logits' gradient are covered only by the 10% margin. The time is total FLOPs / (gpus × bf16 peak × MFU); the MFU is --mfu, else one recorded
 for this GPU in docs/PERF.md, else 0.40 (assumed, not measured).
 """
 import argparse
+import functools
 import json
 import math
 import os
@@ -25,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from nanochat.common import PEAK_BF16_FLOPS
-from nanochat.gpt import GPT
+from nanochat.gpt import GPT, GPTConfig
 from nanochat.optim import SHARD_MIN_NUMEL
 from nanochat.recipe import derive
 
@@ -39,21 +41,60 @@ DEFAULT_MFU = 0.40
 BATCH_CANDIDATES = [2 ** i for i in range(7)]  # 1..64
 PERF_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "PERF.md")
 
-# Activations saved for backward, in bf16, per token and per layer, in units of n_embd (C) elements.
-# One block (torch.compile fuses the elementwise chains, so their intermediates are not kept):
-#   attention: block input x (C), norm(x) fed to q/k/v (C), the q, k, v projections (3C),
-#              q, k after rotary + QK-norm and v after the value embedding, read by attention (3C),
-#              attention output y fed to c_proj (C)                                       = 9C
-#   residual after attention (C), norm of it fed to the MLP (C)                           = 2C
-#   MLP: hidden c_fc output h (4C, for ReLU²'s backward), ReLU²(h) fed to c_proj (4C)     = 8C
-# total 19C (the attention's logsumexp, H fp32 per token, is negligible).
-ACT_C_PER_LAYER = 19
-# Outside the blocks, per token: embedding, x0, smeared stream, mid-depth stream, final norm (~5C bf16),
-# one value-embedding row per value-embedding layer (C bf16), and the head: the lm_head output in
-# bf16 (V, for the softcap's backward), the softcapped fp32 logits saved for the cross-entropy
-# (V fp32) and their fp32 gradient during backward (V fp32); the cast and tanh are fused by compile.
-ACT_C_OUTSIDE = 5
-LOGIT_BYTES_PER_VOCAB = 2 + 2 * 4
+# Activations are MEASURED, not counted by hand: what the compiled model saves for backward depends on
+# what the compiler fuses and recomputes. measure_saved_bytes() compiles small models on the CPU with
+# the partitioner inductor uses (the "aot_eager_decomp_partition" backend: inductor's decompositions
+# and min-cut rematerialization, without generating kernels) and records every tensor the compiled
+# forward saves. Every saved per-token tensor is C, 4C or n_head wide, so the bytes per token per
+# layer grow exactly with the width at a fixed head_dim; outside the blocks they grow with C and V.
+PROBE_WIDTH, PROBE_VOCABS, PROBE_B, PROBE_T = 256, (512, 1024), 3, 40  # T, B: no model dim equals them
+# The backward's largest temporary (not saved, so not measured): the fp32 gradient of the logits.
+LOGIT_GRAD_BYTES_PER_VOCAB = 4
+
+
+def saved_for_backward(config, B=PROBE_B, T=PROBE_T):
+    """(bytes per token, other bytes) of the tensors that the compiled model (bf16, on the CPU) saves
+    for backward: each storage once, the parameters themselves not (they exist anyway). Per token:
+    the tensors with a B×T or T dimension; the rest are copies such as the bf16 casts of weights."""
+    import torch._dynamo
+    from unittest import mock
+    from nanochat.gpt import build_model
+    with mock.patch.dict(os.environ, NANOCHAT_DTYPE="bf16"):
+        torch.manual_seed(0)
+        model = build_model(config, "cpu")
+    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    per_token, other = {}, {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in own:
+            (per_token if T in t.shape or B * T in t.shape else other)[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    idx = torch.randint(0, config.vocab_size, (B, T))
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            torch.compile(model, backend="aot_eager_decomp_partition")(idx, idx)
+    finally:
+        torch._dynamo.reset()
+    return sum(per_token.values()) / (B * T), sum(other.values())
+
+
+@functools.lru_cache
+def measure_saved_bytes(head_dim, window_pattern):
+    """Saved-for-backward bytes of the compiled model per token: (per layer per n_embd element,
+    outside the blocks per n_embd element, per vocab entry), and (bytes per matmul weight element),
+    from three small models: depth 2 and 4 (their difference is two layers: one with a value
+    embedding, one without, as alternating layers have) and a second vocab size."""
+    C, (V1, V2) = PROBE_WIDTH, PROBE_VOCABS
+    cfg = lambda L, V: GPTConfig(sequence_len=PROBE_T * 2, vocab_size=V, n_layer=L, n_head=C // head_dim,  # noqa: E731
+                                 n_embd=C, window_pattern=window_pattern)
+    (s2, w2), (s4, _), (s2v, _) = [saved_for_backward(cfg(L, V)) for L, V in ((2, V1), (4, V1), (2, V2))]
+    per_layer = (s4 - s2) / 2
+    per_vocab = (s2v - s2) / (V2 - V1)
+    with torch.device("meta"):
+        matmul = sum(m.weight.numel() for m in GPT(cfg(2, V1)).modules() if isinstance(m, nn.Linear))
+    return per_layer / C, (s2 - 2 * per_layer - per_vocab * V1) / C, per_vocab, w2 / matmul
 
 
 def parse_args(argv=None):
@@ -97,10 +138,12 @@ def memory_estimate(model, device_batch_size, gpus):
         by_shape[tuple(p.shape)] += 1
     muon = sum(math.ceil(n / W) * 4 * (m * k + (m if m >= k else k)) for (m, k), n in by_shape.items())
     tokens = device_batch_size * cfg.sequence_len
-    C, L = cfg.n_embd, cfg.n_layer
-    n_ve = sum(cfg.has_value_embed(i) for i in range(L))
-    activations = tokens * (2 * C * (ACT_C_PER_LAYER * L + ACT_C_OUTSIDE + n_ve) + LOGIT_BYTES_PER_VOCAB * cfg.vocab_size)
-    parts = dict(weights=weights, grads=grads, adamw_state=adamw, muon_state=muon, activations=activations)
+    per_layer, outside, per_vocab, per_weight = measure_saved_bytes(cfg.head_dim, cfg.window_pattern)
+    matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    activations = tokens * (cfg.n_embd * (per_layer * cfg.n_layer + outside) + per_vocab * cfg.vocab_size)
+    parts = dict(weights=weights, grads=grads, adamw_state=adamw, muon_state=muon, activations=activations,
+                 weight_copies=per_weight * matmul,  # the bf16 casts of the fp32 weights, saved for backward
+                 logits_grad=tokens * LOGIT_GRAD_BYTES_PER_VOCAB * cfg.vocab_size)
     parts["total"] = sum(parts.values())
     return parts
 
@@ -180,6 +223,8 @@ def main(argv=None):
                               f"budget {budget / GB:.1f} GB (90%)"),
     ]
     rows += [(f"  {k}", f"{v / GB:.2f} GB") for k, v in mem.items()]
+    per_layer = measure_saved_bytes(config.head_dim, config.window_pattern)[0]
+    rows += [("  saved per token", f"{per_layer:.1f} bytes × n_embd per layer (measured: compiled graph, bf16)")]
     rows += [("  by device batch", "  ".join(f"{b}: {memory[b]['total'] / GB:.1f}" for b in BATCH_CANDIDATES) + " GB"),
              ("  largest that fits", f"{best_fit} (estimate)" if best_fit else "none: even 1 × seq len does not fit")]
     if mem["total"] > budget:
