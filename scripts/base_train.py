@@ -96,12 +96,15 @@ def check_flags(args):
             raise ValueError(message)
 
 
-def probe_device_batch(model, seq_len, device, world):
+def probe_device_batch(model, seq_len, device, world, compiled=False):
     """The largest power-of-two device batch whose forward + backward, plus the optimizer state
     still to be allocated (~8 bytes per parameter, sharded), fits in 90% of the GPU's memory.
-    Probed on the uncompiled model, which needs more memory than the compiled one: conservative."""
+    compiled: probe the model as training will run it (torch.compile saves less for backward than
+    eager: the eager model would pick too small a batch). One dynamic-shape compile serves every
+    probed batch; it is dropped afterwards, so training compiles its own static graph."""
     if device.type != "cuda":
         return 16  # no out-of-memory to probe for: the CPU default
+    forward = torch.compile(model, dynamic=True) if compiled else model
     total = torch.cuda.get_device_properties(device).total_memory
     optimizer_bytes = 8 * sum(p.numel() for p in model.parameters()) / world
     best = 0
@@ -110,7 +113,7 @@ def probe_device_batch(model, seq_len, device, world):
         torch.cuda.reset_peak_memory_stats(device)
         try:
             x = torch.randint(0, model.config.vocab_size, (b, seq_len), device=device)
-            model(x, x).backward()
+            forward(x, x).backward()
             fits = torch.cuda.max_memory_allocated(device) + optimizer_bytes <= 0.9 * total
         except torch.cuda.OutOfMemoryError:
             fits = False
@@ -118,6 +121,8 @@ def probe_device_batch(model, seq_len, device, world):
         if not fits:
             break
         best = b
+    if compiled:
+        torch._dynamo.reset()
     torch.cuda.empty_cache()
     if dist.is_initialized():  # every rank must run the same batch
         agreed = torch.tensor(best, device=device)
@@ -178,18 +183,18 @@ def build(args, rank, world, device):
     device_batch = 1 if args.device_batch_size == "auto" else int(args.device_batch_size)
     recipe = recipe_from_flags(args, tokenizer.vocab_size, world, device_batch)
     model = build_model(recipe.config, device)
+    use_compile = device.type == "cuda" if args.compile is None else bool(args.compile)
+    if use_compile:  # the training shape's masks exist before tracing: no recompile to pick them up
+        prepare_masks(recipe.config.window_sizes(), args.max_seq_len, device)
     if args.device_batch_size == "auto":  # the batch depends on the model's memory: probe, then re-derive
         recipe = recipe_from_flags(args, tokenizer.vocab_size, world, probe_device_batch(
-            model, args.max_seq_len, device, world))
+            model, args.max_seq_len, device, world, compiled=use_compile))
     eval_mode = nullcontext
     if args.fp8:
         from nanochat.fp8 import convert_to_float8, disable_fp8
         convert_to_float8(model.blocks)  # the head stays bf16: its softcapped logits are precision-sensitive
         eval_mode = lambda: disable_fp8(model)  # noqa: E731
     optimizer = model.setup_optimizer(recipe.param_groups)
-    use_compile = device.type == "cuda" if args.compile is None else bool(args.compile)
-    if use_compile:  # the training shape's masks exist before tracing: no recompile to pick them up
-        prepare_masks(recipe.config.window_sizes(), args.max_seq_len, device)
     step_model = torch.compile(model) if use_compile else model
     # Data: each rank runs `accum` micro-streams, stream (rank, a) being loader rank*accum + a of
     # world*accum. The global batch is then the same for any split of world × accum: 8 GPUs with
