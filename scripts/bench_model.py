@@ -7,6 +7,7 @@ against the device's bf16 peak, step-time median and spread, peak memory.
     python -m scripts.bench_model --depth 4 --head-dim 64 --seq-len 256 --vocab-size 8192 --window-pattern L
     python -m scripts.bench_model --breakdown ...   # + FLOPs and time per component (CPU or GPU)
     python -m scripts.bench_model --matrix          # every depth/backend/fp8/compile combination, one table
+    python -m scripts.bench_model --hooks ...       # + when gradient hooks fire within backward (overlap)
 
 A full step is forward + backward + optimizer (--no-optimizer to leave the optimizer out).
 """
@@ -43,6 +44,8 @@ def parse_args(argv=None):
     p.add_argument("--breakdown", action="store_true", help="also FLOPs and time per component")
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     p.add_argument("--matrix", action="store_true", help="run the standard matrix of configurations")
+    p.add_argument("--hooks", action="store_true",
+                   help="also when the gradient hooks (where a multi-GPU run starts its reductions) fire in backward")
     return p.parse_args(argv)
 
 
@@ -104,6 +107,27 @@ def breakdown(model, x, y, optimizer, timed, steps):
     return rows, total + opt_time
 
 
+def grad_hook_times(model, step_model, x, y):
+    """When each parameter's post-accumulate-grad hook fires (the optimizer starts that gradient's
+    reduce-scatter there, in a multi-GPU run), as a fraction of one backward's host time: 0 = when
+    backward starts, 1 = when it returns. Spread over [0, 1]: the reductions overlap backward. All
+    near 1: they all start after it (a compiled model is one autograd node, so its gradients all
+    become final at once, when the whole compiled backward has run)."""
+    fired = []
+    hooks = [p.register_post_accumulate_grad_hook(lambda p: fired.append(time.perf_counter()))
+             for p in model.parameters()]
+    loss = step_model(x, y)
+    if x.device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    loss.backward()
+    t1 = time.perf_counter()
+    for h in hooks:
+        h.remove()
+    model.zero_grad(set_to_none=True)
+    return sorted((t - t0) / (t1 - t0) for t in fired)
+
+
 def run(args):
     if args.attn:
         os.environ["NANOCHAT_ATTN"] = args.attn
@@ -157,6 +181,9 @@ def run(args):
         "peak_memory_gib": memory, "memory_kind": memory_kind, "steps": args.steps,
         "date": time.strftime("%Y-%m-%d"), "command": " ".join(["python -m scripts.bench_model", *sys.argv[1:]]),
     }
+    if args.hooks:
+        fractions = grad_hook_times(model, step_model, x, y)
+        result["grad_hooks"] = {"first": fractions[0], "median": median(fractions), "last": fractions[-1]}
     if args.breakdown:
         rows, total = breakdown(model, x, y, optimizer, timed, max(3, args.steps // 2))
         result["breakdown"] = [{"component": c, "flops_per_token": f, "seconds": s} for c, f, s in rows]
@@ -178,6 +205,10 @@ def print_result(r):
         ("MFU", "n/a (no peak known for this device)" if r["mfu"] is None else f"{r['mfu']:.1%}"),
         ("peak memory", f"{r['peak_memory_gib']:.2f} GiB ({r['memory_kind']})"),
     ]
+    if "grad_hooks" in r:
+        h = r["grad_hooks"]
+        rows.append(("grad hooks", f"fire at {h['first']:.2f} .. {h['last']:.2f} of backward (median {h['median']:.2f}; "
+                                   f"0 = its start, 1 = its end: reductions overlap backward only if spread out)"))
     for key, value in rows:
         print(f"{key:<12} {value}")
     if "breakdown" in r:
