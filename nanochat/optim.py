@@ -12,8 +12,11 @@ AdamW handles the rest (embeddings, lm_head, scalars), in fp32 even for bf16 par
 Distributed (ZeRO-2, no DDP wrapper): the optimizer averages the gradients itself. Each rank
 receives the averaged gradient only for its shard (reduce-scatter), updates only that shard and
 keeps optimizer state only for it, then all-gathers the new parameters. Small tensors are just
-all-reduced and updated everywhere. Communication starts inside backward: a hook on every
-parameter launches its reduction as soon as its gradient is final.
+all-reduced and updated everywhere. A hook on every parameter launches its reduction as soon as
+its gradient is final: inside backward when the model runs eagerly, but all at the end of it when
+the whole model is compiled (one autograd node, whose gradients all become final together), as
+base_train runs it on GPUs; there the reductions overlap only each other and the optimizer math
+(docs/PERF.md: measured with `bench_model --hooks`, and what it costs).
 
 Training loop contract (the loop never all-reduces anything itself):
     for micro_step in range(grad_accum_steps):
