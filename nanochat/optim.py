@@ -249,7 +249,7 @@ class MuonAdamW(torch.optim.Optimizer):
             state["step"] += 1
         mine = [m for m in mine if m[1].numel() > 0]  # a rank may own no rows of a small sharded tensor
         if mine:  # one call per group; scalars as 0-D tensors made by a fill (no host-to-GPU copy, no sync)
-            states = [self.state[p] for p, _, _ in mine]
+            states = [self.state[p] for p, _, _ in mine]  # one step count for all: every param steps every step
             f64 = lambda x: torch.full((), x, dtype=torch.float64, device=mine[0][1].device)  # noqa: E731
             self.adamw_update([own for _, own, _ in mine], [g for _, _, g in mine], [s["exp_avg"] for s in states],
                               [s["exp_avg_sq"] for s in states], f64(states[0]["step"]), f64(group["lr"]),
