@@ -385,3 +385,16 @@ def test_real_bundle_smoke(tok):
     assert res["core_label"] == "CORE over 18/22 tasks, seeded subset of 2 items per task"
     assert all(t["n_items"] == 2 and t["accuracy"] in (0.0, 0.5, 1.0) for t in res["tasks"].values())
     assert math.isfinite(res["core"]) and -2 < res["core"] <= 1
+
+
+def test_a_stop_request_ends_core_between_items(tok, tmp_path):
+    lm = [{"context": "the cat", "continuation": "sat"}] * 6
+    write_bundle(tmp_path, [("lm", "language_modeling", "a/lm.jsonl", 0, 0, lm),
+                            ("lm2", "language_modeling", "a/lm2.jsonl", 0, 0, lm)], present={"lm", "lm2"})
+    scored = []
+    original = core_eval.evaluate_item
+    core_eval_item = lambda *a: scored.append(a[3]) or original(*a)  # noqa: E731
+    import unittest.mock
+    with unittest.mock.patch.object(core_eval, "evaluate_item", core_eval_item):
+        res = core_eval.evaluate_core(mc_model(tok), tok, str(tmp_path), "cpu", should_stop=lambda: len(scored) >= 2)
+    assert res is None and len(scored) == 2  # gave up before the third of 12 items

@@ -75,3 +75,22 @@ def test_a_split_larger_than_asked_scores_what_was_asked(base_dir):
     tok = get_tokenizer()
     _, tokens = evaluate_split(Uniform(tok.vocab_size), tok, "val", 64 * 5, 2, 32, "cpu")
     assert tokens == 64 * 5
+
+
+def test_a_stop_request_ends_the_evaluation_before_the_next_batch():
+    V, served, asked = 16, [], []
+    token_bytes = torch.ones(V, dtype=torch.long)
+
+    def batches():
+        for i in range(10):
+            served.append(i)
+            yield torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 4, dtype=torch.long)
+
+    def should_stop():
+        asked.append(len(served))
+        return len(served) >= 3  # the request arrives while the third batch is loaded
+    bpb, tokens = evaluate_bpb(Uniform(V), batches(), 10, token_bytes, return_tokens=True, should_stop=should_stop)
+    assert bpb is None and served == [0, 1, 2] and tokens == 8  # two batches scored, the third given up
+    assert asked == [1, 2, 3]  # asked before every batch
+    assert evaluate_bpb(Uniform(V), batches(), 2, token_bytes, should_stop=lambda: False) == \
+        evaluate_bpb(Uniform(V), batches(), 2, token_bytes)  # no request: the same number
