@@ -246,11 +246,12 @@ def resume(run):
                              f"with the run's flags, or start a new run under another --model-tag")
         run.step = run.resume_step = meta["step"]
         run.elapsed, run.smooth_loss = meta["loop"]["elapsed"], meta["loop"]["smooth_loss"]
-        run.resume_evaluated = meta["loop"].get("evaluated", True)  # older checkpoints: saved after them
+        run.resume_evaluated = meta["loop"].get("evaluated", True)  # checkpoints from before the field: as before
         print0(f"resumed from {step_dir(run.run_dir, run.step)}")
     if run.rank == 0 and os.path.exists(run.metrics_path):
-        # kept: what led up to the checkpoint, and its step's evaluations if they are not run again
-        kept = lambda r: r["step"] < run.step or (r["step"] == run.step and (r["type"] == "train" or run.resume_evaluated))  # noqa: E731
+        def kept(record):  # what led up to the checkpoint, and its step's evaluations unless they run again
+            return record["step"] < run.step or (record["step"] == run.step and
+                                                 (record["type"] == "train" or run.resume_evaluated))
         with open(run.metrics_path) as f:
             keep = [line for line in f if line.endswith("\n") and kept(json.loads(line))]
         with atomic_write(run.metrics_path) as tmp, open(tmp, "w") as f:
@@ -306,7 +307,8 @@ def evaluate(run, last, should_stop):
     resumed from, if they ran before it stopped). Each gives up at a stop request (should_stop,
     checked between batches / items / prompts) and is then not logged. Returns whether any ran."""
     args, model, step = run.args, run.model, run.step
-    due = lambda every: every > 0 and (last or step % every == 0) and not (step == run.resume_step and run.resume_evaluated)  # noqa: E731
+    done = step == run.resume_step and run.resume_evaluated
+    due = lambda every: every > 0 and (last or step % every == 0) and not done  # noqa: E731
     ran = due(args.eval_every) or due(args.core_every) or due(args.sample_every)
     if due(args.eval_every):
         model.eval()
