@@ -94,3 +94,28 @@ def test_a_stop_request_ends_the_evaluation_before_the_next_batch():
     assert asked == [1, 2, 3]  # asked before every batch
     assert evaluate_bpb(Uniform(V), batches(), 2, token_bytes, should_stop=lambda: False) == \
         evaluate_bpb(Uniform(V), batches(), 2, token_bytes)  # no request: the same number
+
+
+def _bpb_rank_worker(rank, world, rdzv, out_dir):
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rdzv}", rank=rank, world_size=world)
+    token_bytes = torch.ones(16, dtype=torch.long)
+    batch = (torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 4, dtype=torch.long))
+    shares = [3, 1]  # uneven: rank 1's share runs out first and must keep answering, not hang
+    plain = evaluate_bpb(Uniform(16), iter([batch] * shares[rank]), 5, token_bytes, return_tokens=True)
+    checked = evaluate_bpb(Uniform(16), iter([batch] * shares[rank]), 5, token_bytes, return_tokens=True,
+                           should_stop=lambda: False)
+    stopped = evaluate_bpb(Uniform(16), iter([batch] * shares[rank]), 5, token_bytes, should_stop=lambda: rank == 1)
+    torch.save((plain, checked, stopped), f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_ranks_agree_on_a_stop_request_with_uneven_shares(tmp_path):
+    import torch.multiprocessing as mp
+    mp.spawn(_bpb_rank_worker, args=(2, str(tmp_path / "rdzv"), str(tmp_path)), nprocs=2)
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    bpb = 4 * math.log(16) / (math.log(2) * 4)  # uniform over 16 tokens of 1 byte: 4 bits per byte
+    for plain, checked, stopped in results:
+        assert plain == checked and plain[1] == 16 and math.isclose(plain[0], bpb, rel_tol=1e-6)
+        assert stopped is None  # the request reached rank 1 only: both gave up
