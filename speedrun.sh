@@ -125,6 +125,8 @@ if [ "$NUM_GPUS" -gt 0 ]; then
 fi
 
 # --- pretraining (resumes from the newest complete checkpoint; a finished run returns at once) ---
+# SIGTERM / Ctrl-C: training saves and exits non-zero (143 / 130; torchrun: 1), so set -e stops the
+# script here rather than evaluate a half-trained model: re-run it to resume.
 mark train
 # shellcheck disable=SC2086  # the argument strings are meant to split into flags
 "${LAUNCH[@]}" scripts.base_train $TRAIN_ARGS $DEVICE_ARGS --model-tag "$TAG" --eval-bundle "$BUNDLE" --resume ${NANOCHAT_TRAIN_ARGS:-}

@@ -52,7 +52,9 @@ def step_dir(run_dir, step):
 def save_checkpoint(run_dir, step, model, optimizer, meta, loader_states, rank=0, keep=2):
     """Called by every rank: the optimizer shards (to rank 0 only: no other rank ever holds the full
     state) and the ranks' data-stream states (a list per rank, rank-major = stream order) are
-    gathered, then rank 0 writes. Keeps the newest `keep`.
+    gathered, then rank 0 writes. Keeps `keep` checkpoints: this one and the newest keep - 1 before
+    it (0: all). Rotation never deletes a step newer than the one written: that is another run's
+    work (base_train refuses to write behind a newer one).
     meta: anything JSON, stored in meta.json; base_train puts the model config, the flags, the
     loop state and the tokenizer's fingerprint there (meta["tokenizer"] = tokenizer.fingerprint())."""
     optimizer_state = optimizer.full_state_dict() if optimizer is not None else None  # None on rank != 0
@@ -68,7 +70,8 @@ def save_checkpoint(run_dir, step, model, optimizer, meta, loader_states, rank=0
                  "loaders.json": streams, "meta.json": {"step": step, **meta}}
         try:
             _write_checkpoint(final, files)
-            for old in list_steps(run_dir)[:-keep] if keep else []:
+            older = [s for s in list_steps(run_dir) if s < step]
+            for old in older[:max(0, len(older) - (keep - 1))] if keep else []:
                 shutil.rmtree(step_dir(run_dir, old), ignore_errors=True)
         except Exception as e:  # noqa: BLE001 (the other ranks must hear of it, not wait forever)
             error = e
@@ -168,6 +171,9 @@ def load_meta(run_dir, step=None):
     steps = list_steps(run_dir)
     if not steps:
         raise FileNotFoundError(f"no checkpoint in {run_dir}: train one with python -m scripts.base_train")
+    if step is not None and step not in steps:
+        raise FileNotFoundError(f"{run_dir} has no checkpoint at step {step}; it has step(s) "
+                                f"{', '.join(map(str, steps))} (leave out --step for the newest)")
     step = steps[-1] if step is None else step
     return _json_load(os.path.join(step_dir(run_dir, step), "meta.json"))
 

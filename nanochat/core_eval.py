@@ -235,15 +235,26 @@ def subset_indices(n, max_items=None, seed=SUBSET_SEED):
     return order[:max_items]
 
 
-def count_correct(model, tokenizer, task, device, indices, rank=0, world_size=1):
-    """Correct answers among this rank's share of the items: indices[r], indices[r+W], ..."""
-    return sum(evaluate_item(model, tokenizer, task, i, device) for i in indices[rank::world_size])
+def count_correct(model, tokenizer, task, device, indices, rank=0, world_size=1, should_stop=None):
+    """Correct answers among this rank's share of the items: indices[r], indices[r+W], ...
+    should_stop: checked before every item, agreed by all ranks; None as soon as it is true."""
+    mine, correct = indices[rank::world_size], 0
+    for k in range(len(indices[::world_size])):  # rank 0 has the most items: all ranks loop as often
+        if should_stop is not None:
+            stop = torch.tensor(float(bool(should_stop())), device=device)
+            if dist.is_initialized():
+                dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+            if stop:
+                return None
+        if k < len(mine):
+            correct += evaluate_item(model, tokenizer, task, mine[k], device)
+    return correct
 
 
-def evaluate_task(model, tokenizer, task, device, max_items=None):
+def evaluate_task(model, tokenizer, task, device, max_items=None, should_stop=None):
     """Accuracy on a task (on a seeded subset of max_items items if given), split over all ranks.
     Few-shot examples still come from the whole task: an item is rendered the same in a subset
-    as in the full run."""
+    as in the full run. should_stop: see count_correct (None when it stopped the evaluation)."""
     indices = subset_indices(len(task["data"]), max_items)
     if not indices:
         raise ValueError(f"task {task['label']}: no items to evaluate (max_items={max_items})")
@@ -252,9 +263,11 @@ def evaluate_task(model, tokenizer, task, device, max_items=None):
     model.eval()
     try:
         with torch.no_grad():
-            correct = count_correct(model, tokenizer, task, device, indices, rank, world_size)
+            correct = count_correct(model, tokenizer, task, device, indices, rank, world_size, should_stop)
     finally:
         model.train(was_training)
+    if correct is None:
+        return None
     if dist.is_initialized():
         total = torch.tensor(correct, dtype=torch.long, device=device)
         dist.all_reduce(total)
@@ -273,11 +286,12 @@ def items_label(max_per_task):
     return "all items" if max_per_task is None else f"seeded subset of {max_per_task} items per task"
 
 
-def evaluate_core(model, tokenizer, bundle_dir, device, max_per_task=None):
+def evaluate_core(model, tokenizer, bundle_dir, device, max_per_task=None, should_stop=None):
     """CORE = mean centered accuracy over the tasks whose data is present. max_per_task
     evaluates a fixed seeded subset of K items per task: cheap enough to run during training,
     but not comparable with a full CORE score (the label says so). A missing task file is
-    skipped, not fatal (DCLM stops there), so a partial bundle still gives a labelled score."""
+    skipped, not fatal (DCLM stops there), so a partial bundle still gives a labelled score.
+    should_stop: a callable checked between items (all ranks agree); None when it stopped."""
     tasks = load_tasks(bundle_dir)
     results, skipped = {}, []
     for task in tasks:
@@ -286,7 +300,9 @@ def evaluate_core(model, tokenizer, bundle_dir, device, max_per_task=None):
             skipped.append(task["label"])
             continue
         t0 = time.time()
-        acc = evaluate_task(model, tokenizer, task, device, max_per_task)
+        acc = evaluate_task(model, tokenizer, task, device, max_per_task, should_stop)
+        if acc is None:
+            return None
         n = len(subset_indices(len(task["data"]), max_per_task))
         b = task["random_baseline"]
         results[task["label"]] = {"accuracy": acc, "centered": centered(acc, b), "random_baseline": b,

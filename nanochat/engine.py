@@ -109,13 +109,16 @@ SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is",
                   "The planets of the solar system are:", "My favorite color is"]
 
 
-def sample_texts(model, tokenizer, prompts=SAMPLE_PROMPTS, max_tokens=24, sampled=True):
+def sample_texts(model, tokenizer, prompts=SAMPLE_PROMPTS, max_tokens=24, sampled=True, should_stop=None):
     """A greedy continuation of each prompt (and, with sampled, one at temperature 1, top-50):
-    what training and evaluation print so a person can see what the model has learned."""
+    what training and evaluation print so a person can see what the model has learned.
+    should_stop: a callable checked before each prompt; None as soon as it is true."""
     engine = Engine(model, tokenizer)
     modes = [("greedy", 0, None)] + ([("t=1.0 top-50", 1.0, 50)] if sampled else [])
     out = []
     for prompt in prompts:
+        if should_stop is not None and should_stop():
+            return None
         tokens = tokenizer.encode(prompt, prepend=tokenizer.bos_token_id)
         for name, temperature, top_k in modes:
             ids = engine.generate_batch(tokens, max_tokens=max_tokens, temperature=temperature, top_k=top_k)[0]

@@ -12,14 +12,32 @@ from nanochat.common import print0
 
 
 @torch.no_grad()
-def evaluate_bpb(model, batches, steps, token_bytes, return_tokens=False):
+def evaluate_bpb(model, batches, steps, token_bytes, return_tokens=False, should_stop=None):
     """bpb over up to `steps` batches of (x, y) from `batches` (fewer if it runs out), summed over
     all ranks. Targets that are special tokens (0 bytes) or ignored (-1) count neither their loss
-    nor their bytes. return_tokens: (bpb, tokens), tokens = the target positions evaluated."""
+    nor their bytes. return_tokens: (bpb, tokens), tokens = the target positions evaluated.
+    should_stop: a callable checked before every batch (a stop signal must not wait for a long
+    evaluation); when it is true on any rank, all ranks give up and bpb is None."""
     device = token_bytes.device
     # nats, bytes, target positions: one tensor so that one all_reduce sums all three
     totals = torch.zeros(3, dtype=torch.float64, device=device)
-    for _, (x, y) in zip(range(steps), batches):
+    batches, stopped = iter(batches), False
+    for _ in range(steps):
+        batch = next(batches, None)
+        if should_stop is not None:
+            # every batch, the ranks agree: stop? anyone still has a batch? (one tiny collective;
+            # a rank whose share ran out keeps answering until all have)
+            flags = torch.tensor([float(bool(should_stop())), float(batch is not None)], device=device)
+            if dist.is_initialized():
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            stopped = bool(flags[0])
+            if stopped or not flags[1]:
+                break
+        elif batch is None:
+            break
+        if batch is None:
+            continue  # this rank's share ran out, another's has not
+        x, y = batch
         loss = model(x, y, loss_reduction="none").view(-1).double()
         y = y.view(-1)
         target_bytes = torch.where(y >= 0, token_bytes[y.clamp(min=0)], 0)
@@ -29,26 +47,28 @@ def evaluate_bpb(model, batches, steps, token_bytes, return_tokens=False):
     if dist.is_initialized():
         dist.all_reduce(totals)
     nats, nbytes, tokens = totals.tolist()
-    bpb = nats / (math.log(2) * max(1.0, nbytes))
+    bpb = None if stopped else nats / (math.log(2) * max(1.0, nbytes))
     return (bpb, int(tokens)) if return_tokens else bpb
 
 
-def evaluate_split(model, tokenizer, split, tokens, B, T, device, rank=0, world_size=1):
+def evaluate_split(model, tokenizer, split, tokens, B, T, device, rank=0, world_size=1, should_stop=None):
     """(bpb, tokens scored) over the first ~`tokens` tokens of a split (all ranks together), from
     a fresh loader, and never more than one pass: asking for more than the split holds scores the
     whole split once (and says so) instead of repeating documents. A small split may have fewer row
     groups than ranks: a rank without one scores nothing, the ranks with data score its share, and
-    the all-reduced sums still give the right bpb."""
+    the all-reduced sums still give the right bpb. should_stop: as in evaluate_bpb (bpb None when it
+    stopped the evaluation)."""
     from nanochat.dataloader import DataLoader
     loader = DataLoader(tokenizer, B, T, split, device, rank=rank, world_size=world_size, one_pass=True,
                         allow_empty=True)
     readers = min(world_size, max(loader.num_row_groups))  # ranks r < max row groups get some (round-robin)
     try:
         steps = max(1, tokens // (B * T * readers))
-        bpb, scored = evaluate_bpb(model, loader, steps, tokenizer.token_bytes().to(device), return_tokens=True)
+        bpb, scored = evaluate_bpb(model, loader, steps, tokenizer.token_bytes().to(device), return_tokens=True,
+                                   should_stop=should_stop)
     finally:
         loader.close()
-    if scored < steps * B * T * readers:
+    if bpb is not None and scored < steps * B * T * readers:
         print0(f"note: the {split} split holds only {scored:,} tokens in batches of {B}x{T}: bpb is over those "
                f"(one pass), not the {tokens:,} asked for")
     return bpb, scored

@@ -24,7 +24,8 @@ import torch
 import torch.distributed as dist
 
 from nanochat.attention import describe_backend, prepare_masks
-from nanochat.checkpoint import check_tokenizer, get_run_dir, list_steps, load_checkpoint, save_checkpoint, step_dir
+from nanochat.checkpoint import (check_tokenizer, get_run_dir, list_steps, load_checkpoint, load_meta, save_checkpoint,
+                                 step_dir)
 from nanochat.common import atomic_write, compute_cleanup, compute_init, get_peak_flops, mfu, print0
 from nanochat.core_eval import evaluate_core, get_eval_bundle_dir
 from nanochat.dataloader import DataLoader
@@ -66,8 +67,13 @@ def parse_args(argv=None):
     p.add_argument("--sample-every", type=int, default=2000, help="print samples every N steps and at the end")
     p.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (always at the end)")
     p.add_argument("--save-every-minutes", type=float, default=-1,
-                   help="checkpoint every N minutes of wall time (-1: 30 on CUDA, off elsewhere; 0: off)")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of the run dir")
+                   help="checkpoint every N minutes of wall time, so a crash costs at most that much "
+                        "(-1: 30 on CUDA, where a save of a big model takes seconds to a minute; 10 on "
+                        "CPU/MPS, where runs are small and saves cheap; 0: off)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint of the run dir (or start it, if it has none)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a run dir that holds another run: it is moved aside to <tag>.old-<time>")
     p.add_argument("--model-tag", default=None, help="run dir name under base_checkpoints (default: d<depth>)")
     p.add_argument("--run", default=None, help="wandb run name (default: no wandb; WANDB_MODE=offline works)")
     p.add_argument("--device-type", default=None, help="cuda|cpu|mps (default: autodetect)")
@@ -90,6 +96,7 @@ def check_flags(args):
          "--num-iterations and --target-flops are both set: give one training horizon"),
         (args.model_tag is not None and ("/" in args.model_tag or args.model_tag.startswith(".")),
          f"--model-tag {args.model_tag!r}: a plain directory name, not a path"),
+        (args.overwrite and args.resume, "--overwrite and --resume: give one (start afresh, or continue)"),
     ]
     for bad, message in problems:
         if bad:
@@ -167,6 +174,8 @@ class Run:
     wandb_run: object = None
     step: int = 0
     resume_step: int = 0
+    resume_evaluated: bool = False  # the checkpoint resumed from had run its step's evaluations
+    evaluated: bool = False  # this step's evaluations ran to the end (a stop request cuts them short)
     elapsed: float = 0.0  # seconds of training steps (compilation excluded)
     smooth_loss: float = 0.0
     val_bpb: float = None
@@ -206,22 +215,52 @@ def build(args, rank, world, device):
                get_run_dir(args.model_tag or f"d{args.depth}"), eval_mode)
 
 
+def claim_run_dir(run_dir, args, rank):
+    """A run without --resume must not land in a dir holding another run: that run's newer
+    checkpoints would outrank (and its rotation delete) the new ones, and metrics.jsonl would mix
+    both. Refused, or with --overwrite the old run is moved aside (never deleted)."""
+    taken = os.path.isdir(run_dir) and bool(list_steps(run_dir) or any(
+        os.path.exists(os.path.join(run_dir, name)) for name in ("metrics.jsonl", "config.json")))
+    if taken and not (args.resume or args.overwrite):
+        raise ValueError(f"{run_dir} holds another run: continue it with --resume, start this one under another "
+                         f"--model-tag, or move the old one aside with --overwrite")
+    if dist.is_initialized():  # every rank has looked before rank 0 moves it
+        dist.barrier()
+    if taken and args.overwrite and rank == 0:
+        aside = f"{run_dir}.old-{time.strftime('%Y%m%d-%H%M%S')}"
+        os.rename(run_dir, aside)
+        print0(f"--overwrite: moved the old run to {aside}")
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def resume(run):
     """--resume: load the newest checkpoint (weights, optimizer, data streams, loop state) and drop
-    what the stopped run logged after it (a kill mid-write can leave a torn last line: dropped too)."""
-    if not list_steps(run.run_dir):
+    what the stopped run logged after it, whatever it was (no checkpoint yet: everything; a kill
+    mid-write can leave a torn last line: dropped too). The horizon must be the checkpoint's: the
+    LR schedule was laid out for it, and a shorter one would run past its end."""
+    meta = load_meta(run.run_dir) if list_steps(run.run_dir) else None
+    if meta is None:
         print0(f"--resume: no checkpoint in {run.run_dir} yet, starting from scratch")
-        return
-    check_tokenizer(run.run_dir, run.tokenizer)  # a retrained tokenizer would silently remap every token
-    meta = load_checkpoint(run.run_dir, run.model, run.optimizer, run.loaders, rank=run.rank)
-    run.step = run.resume_step = meta["step"]
-    run.elapsed, run.smooth_loss = meta["loop"]["elapsed"], meta["loop"]["smooth_loss"]
+    else:
+        check_tokenizer(run.run_dir, run.tokenizer, meta)  # a retrained tokenizer would silently remap every token
+        meta = load_checkpoint(run.run_dir, run.model, run.optimizer, run.loaders, rank=run.rank, step=meta["step"])
+        if meta.get("num_iterations", run.recipe.num_iterations) != run.recipe.num_iterations:
+            raise ValueError(f"--resume: {step_dir(run.run_dir, meta['step'])} is from a run of "
+                             f"{meta['num_iterations']} steps, these flags give {run.recipe.num_iterations}: resume "
+                             f"with the run's flags, or start a new run under another --model-tag")
+        run.step = run.resume_step = meta["step"]
+        run.elapsed, run.smooth_loss = meta["loop"]["elapsed"], meta["loop"]["smooth_loss"]
+        run.resume_evaluated = meta["loop"].get("evaluated", True)  # checkpoints from before the field: as before
+        print0(f"resumed from {step_dir(run.run_dir, run.step)}")
     if run.rank == 0 and os.path.exists(run.metrics_path):
+        def kept(record):  # what led up to the checkpoint, and its step's evaluations unless they run again
+            return record["step"] < run.step or (record["step"] == run.step and
+                                                 (record["type"] == "train" or run.resume_evaluated))
         with open(run.metrics_path) as f:
-            keep = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= run.step]
+            keep = [line for line in f if line.endswith("\n") and kept(json.loads(line))]
         with atomic_write(run.metrics_path) as tmp, open(tmp, "w") as f:
             f.writelines(keep)
-    print0(f"resumed from {step_dir(run.run_dir, run.step)}")
 
 
 def start_logging(run):
@@ -252,7 +291,7 @@ def save(run):
     meta = {"model_config": asdict(run.recipe.config), "args": vars(run.args),
             "total_batch_size": run.recipe.total_batch_size, "num_iterations": run.recipe.num_iterations,
             "world_size": run.world, "tokenizer": run.tokenizer.fingerprint(),
-            "loop": {"elapsed": run.elapsed, "smooth_loss": run.smooth_loss}}
+            "loop": {"elapsed": run.elapsed, "smooth_loss": run.smooth_loss, "evaluated": run.evaluated}}
     save_checkpoint(run.run_dir, run.step, run.model, run.optimizer, meta,
                     [loader.state_dict() for loader in run.loaders], rank=run.rank)
     run.last_save = time.time()
@@ -268,39 +307,53 @@ def log(run, record):
             run.wandb_run.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=run.step)
 
 
-def evaluate(run, last):
+def evaluate(run, last, should_stop):
     """Val bpb, CORE and samples, each every N steps and at the end (not again at the step a run
-    resumed from: they ran before it stopped). CORE and samples skip step 0: a random model scores
-    chance and babbles, so they would only cost time; val bpb at step 0 is the baseline curve's start."""
+    resumed from, if they ran before it stopped). CORE and samples skip step 0: a random model scores
+    chance and babbles, so they would only cost time; val bpb at step 0 is the baseline curve's start.
+    Each gives up at a stop request (should_stop, checked between batches / items / prompts) and is
+    then not logged. Returns whether any ran."""
     args, model, step = run.args, run.model, run.step
-    due = lambda every: every > 0 and (last or step % every == 0) and (step != run.resume_step or step == 0)  # noqa: E731
+    done = step == run.resume_step and run.resume_evaluated
+    due = lambda every: every > 0 and (last or step % every == 0) and not done  # noqa: E731
+    later = step > 0 or last  # CORE and samples: not on the untrained model
+    ran = due(args.eval_every) or (later and (due(args.core_every) or due(args.sample_every)))
     if due(args.eval_every):
         model.eval()
         with run.eval_mode():
-            run.val_bpb, scored = evaluate_split(run.step_model, run.tokenizer, "val", args.eval_tokens,
-                                                 run.recipe.device_batch_size, args.max_seq_len, run.device,
-                                                 run.rank, run.world)
+            bpb, scored = evaluate_split(run.step_model, run.tokenizer, "val", args.eval_tokens,
+                                         run.recipe.device_batch_size, args.max_seq_len, run.device,
+                                         run.rank, run.world, should_stop=should_stop)
         model.train()
+        if bpb is None:
+            return ran
+        run.val_bpb = bpb
         print0(f"step {step:05d} | val bpb {run.val_bpb:.4f} ({scored:,} tokens)")
         log(run, {"type": "val", "val_bpb": run.val_bpb, "tokens_scored": scored})
-    if due(args.core_every) and (step > 0 or last):
+    if due(args.core_every) and later:
         bundle = get_eval_bundle_dir(args.eval_bundle)
         if os.path.isdir(bundle):
             with run.eval_mode():
-                core = evaluate_core(model, run.tokenizer, bundle, run.device, max_per_task=args.core_max_per_task)
+                core = evaluate_core(model, run.tokenizer, bundle, run.device, max_per_task=args.core_max_per_task,
+                                     should_stop=should_stop)
+            if core is None:
+                return ran
             print0(f"step {step:05d} | {core['core_label']}: {core['core']:.4f}")
             log(run, {"type": "core", "core": core["core"], "core_label": core["core_label"],
                       "tasks": {k: v["centered"] for k, v in core["tasks"].items()}})
         else:
             print0(f"step {step:05d} | CORE skipped: no eval bundle at {bundle} (python -m scripts.base_eval downloads it)")
-    if due(args.sample_every) and (step > 0 or last):
+    if due(args.sample_every) and later:
         # Every rank samples (the same greedy texts), rank 0 prints them: no rank waits at a collective
         # meanwhile, where a slow sample could run into the process group's timeout.
         with run.eval_mode():
-            samples = sample_texts(model, run.tokenizer, max_tokens=16, sampled=False)
-        if run.rank == 0:
-            print0("\n".join(f"  {s!r}" for s in samples))
-            log(run, {"type": "sample", "samples": samples})
+            samples = sample_texts(model, run.tokenizer, max_tokens=16, sampled=False, should_stop=should_stop)
+        if samples is None:
+            return ran
+        print0("\n".join(f"  {s!r}" for s in samples))  # print0 and log: rank 0 only
+        log(run, {"type": "sample", "samples": samples})
+    run.evaluated = True
+    return ran
 
 
 def train_step(run):
@@ -328,41 +381,58 @@ def train_step(run):
     return loss.item(), sched.lr_multiplier  # .item() syncs: fine once per step
 
 
+def save_every_minutes(args, device):
+    """The --save-every-minutes in effect: the flag, or its device default (see its help)."""
+    return args.save_every_minutes if args.save_every_minutes >= 0 else (30 if device.type == "cuda" else 10)
+
+
+def agree(run, stop_signal, train_loss, save_minutes):
+    """(stop signal number or 0, diverged, timed save), the same on every rank: a signal may reach
+    the ranks a step apart and their clocks differ, so all three are all-reduced (one tiny
+    collective per step buys lockstep; the largest signal number wins: SIGTERM over SIGINT)."""
+    timed_save = save_minutes > 0 and time.time() - run.last_save > 60 * save_minutes
+    flags = torch.tensor([float(stop_signal[0] if stop_signal else 0), float(not math.isfinite(train_loss)),
+                          float(timed_save)], device=run.device)
+    if dist.is_initialized():
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return int(flags[0]), bool(flags[1]), bool(flags[2])
+
+
 def train_loop(run, stop_signal):
+    """Evaluate, checkpoint and train until the horizon or a stop signal. Returns the signal's
+    number (0: the run reached its horizon)."""
     r = run.recipe
     sync = torch.cuda.synchronize if run.device.type == "cuda" else (lambda: None)
-    save_minutes = run.args.save_every_minutes if run.args.save_every_minutes >= 0 else \
-        (30 if run.device.type == "cuda" else 0)
+    save_minutes = save_every_minutes(run.args, run.device)
     peak, train_loss = get_peak_flops(run.device), 0.0
     while True:
-        # Agree before acting: a signal may reach the ranks a step apart and their clocks differ, so
-        # stop / diverged / timed-save are all-reduced (one tiny collective per step buys lockstep).
-        timed_save = save_minutes > 0 and time.time() - run.last_save > 60 * save_minutes
-        flags = torch.tensor([float(bool(stop_signal)), float(not math.isfinite(train_loss)), float(timed_save)],
-                             device=run.device)
-        if dist.is_initialized():
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        # Agree before acting (stop / diverged / timed save).
+        stop, diverged, timed_save = agree(run, stop_signal, train_loss, save_minutes)
         # Divergence: stop at once rather than burn GPU hours on NaNs; the weights of step - 1 gave
         # the bad loss, so any checkpoint before them is good.
-        if flags[1]:
+        if diverged:
             good = [s for s in list_steps(run.run_dir) if s < run.step - 1]
             raise RuntimeError(f"loss is not finite at step {run.step} (last loss {train_loss}): stopped. Last good "
                                f"checkpoint: {step_dir(run.run_dir, good[-1]) if good else 'none'}; resume from it "
                                f"with --resume, perhaps with a lower --matrix-lr")
-        # Stop signal: checkpoint this step (the step in flight is finished) and exit cleanly.
-        if flags[0]:
+        # Evaluate: costs steps, so only every N steps and at the end. A stop request cuts it
+        # short (a preemption notice gives a minute or two; an eval can take many): agree again.
+        last = run.step == r.num_iterations
+        if not stop and evaluate(run, last, should_stop=lambda: bool(stop_signal)):
+            stop, _, _ = agree(run, stop_signal, train_loss, 0)
+        # Stop signal: checkpoint this step (the step in flight is finished); the caller exits
+        # non-zero, so that a script running this stops too.
+        if stop:
             if run.step != run.resume_step:
                 save(run)
-            print0(f"stopped by signal at step {run.step}; checkpoint in {step_dir(run.run_dir, run.step)}; "
+            print0(f"stopped by signal {stop} at step {run.step}; checkpoint in {step_dir(run.run_dir, run.step)}; "
                    f"continue with --resume")
-            return
-        # Evaluate: costs steps, so only every N steps and at the end.
-        last = run.step == r.num_iterations
-        evaluate(run, last)
+            return stop
         # Checkpoint: at the end, every --save-every steps, every --save-every-minutes (a crash
-        # then costs at most that much); each save is a full gather of the optimizer state.
-        if (last or flags[2] or (run.args.save_every > 0 and run.step % run.args.save_every == 0)) \
-                and run.step != run.resume_step:
+        # then costs at most that much); each save is a full gather of the optimizer state. The
+        # step resumed from is saved again only if its evaluations have now run.
+        if (last or timed_save or (run.args.save_every > 0 and run.step % run.args.save_every == 0)) \
+                and (run.step != run.resume_step or not run.resume_evaluated):
             save(run)
         if last:
             break
@@ -381,6 +451,7 @@ def train_loop(run, stop_signal):
         tok_per_sec = r.total_batch_size / dt
         util = mfu(tok_per_sec / run.world, r.flops_per_token, peak)
         run.step += 1
+        run.evaluated = False
         print0(f"step {run.step:05d}/{r.num_iterations:05d} ({100 * run.step / r.num_iterations:.1f}%) | "
                f"loss {debiased:.4f} | lrm {lrm:.2f} | dt {dt * 1e3:.0f}ms | tok/s {tok_per_sec:,.0f} | "
                f"mfu {'-' if util is None else f'{util:.1%}'} | elapsed {run.elapsed / 60:.1f}m | "
@@ -390,6 +461,7 @@ def train_loop(run, stop_signal):
     print0(f"done: {r.num_iterations} steps, {run.elapsed / 60:.1f} min of training, final val bpb {run.val_bpb}")
     log(run, {"type": "final", "val_bpb": run.val_bpb, "total_tokens": run.step * r.total_batch_size,
               "total_flops": run.step * r.total_batch_size * r.flops_per_token})
+    return 0
 
 
 def train(args, stop_signal):
@@ -398,15 +470,16 @@ def train(args, stop_signal):
     _, rank, _, world, device = compute_init(args.device_type)
     run = None
     try:
+        claim_run_dir(get_run_dir(args.model_tag or f"d{args.depth}"), args, rank)
         run = build(args, rank, world, device)
         if args.resume:
             resume(run)
-        if run.step == run.recipe.num_iterations and run.step == run.resume_step > 0:
+        if run.step == run.recipe.num_iterations and run.step == run.resume_step > 0 and run.resume_evaluated:
             print0(f"training already complete ({run.step} steps in {run.run_dir})")
-            return {"val_bpb": None, "steps": run.step}
+            return {"val_bpb": None, "steps": run.step, "signal": 0}
         start_logging(run)
-        train_loop(run, stop_signal)
-        return {"val_bpb": run.val_bpb, "steps": run.step}
+        stopped_by = train_loop(run, stop_signal)
+        return {"val_bpb": run.val_bpb, "steps": run.step, "signal": stopped_by}
     finally:
         if run is not None:
             for loader in run.loaders:
@@ -417,15 +490,20 @@ def train(args, stop_signal):
 
 
 def main(argv=None):
-    # SIGTERM (preemption, torchrun shutting down) or Ctrl-C: finish the step, checkpoint, exit cleanly
+    # SIGTERM (preemption, torchrun shutting down) or Ctrl-C: finish the step (or give up an
+    # evaluation), checkpoint, clean up, then exit 128 + the signal's number (143, 130) as shells
+    # do: a stopped run is not a finished one, and a script running it (speedrun.sh) must stop.
     stop_signal = []
     previous = {sig: signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
                 for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        return train(parse_args(argv), stop_signal)
+        result = train(parse_args(argv), stop_signal)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if result["signal"]:
+        raise SystemExit(128 + result["signal"])
+    return result
 
 
 if __name__ == "__main__":

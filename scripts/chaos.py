@@ -155,7 +155,13 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    got = [signal.SIGINT]
+
     def stop(signum, frame):
+        got[0] = signum
         raise KeyboardInterrupt  # so that train()'s finally kills the child's process group
     signal.signal(signal.SIGTERM, stop)
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        raise SystemExit(128 + got[0]) from None  # 143 / 130, as shells report a stop by signal

@@ -354,8 +354,13 @@ def _rank_worker(rank, world, rdzv, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{rdzv}", rank=rank, world_size=world)
     tok = make_tokenizer()
-    acc = core_eval.evaluate_task(rank_model(tok), tok, task("language_modeling", RANK_DATA), "cpu")
-    torch.save(acc, f"{out_dir}/rank{rank}.pt")
+    m, t = rank_model(tok), task("language_modeling", RANK_DATA)
+    acc = core_eval.evaluate_task(m, tok, t, "cpu")
+    # with a stop check the ranks agree per item (3 items on rank 0, 2 on rank 1: no hang); a
+    # request seen by rank 1 only stops both
+    unstopped = core_eval.evaluate_task(m, tok, t, "cpu", should_stop=lambda: False)
+    stopped = core_eval.evaluate_task(m, tok, t, "cpu", should_stop=lambda: rank == 1)
+    torch.save((acc, unstopped, stopped), f"{out_dir}/rank{rank}.pt")
     dist.destroy_process_group()
 
 
@@ -369,7 +374,7 @@ def test_rank_split_counts(tok):
 
 def test_two_gloo_ranks_sum_to_the_whole(tmp_path):
     mp.spawn(_rank_worker, args=(2, str(tmp_path / "rdzv"), str(tmp_path)), nprocs=2)
-    assert [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)] == [0.6, 0.6]
+    assert [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)] == [(0.6, 0.6, None), (0.6, 0.6, None)]
 
 
 # -----------------------------------------------------------------------------
@@ -385,3 +390,13 @@ def test_real_bundle_smoke(tok):
     assert res["core_label"] == "CORE over 18/22 tasks, seeded subset of 2 items per task"
     assert all(t["n_items"] == 2 and t["accuracy"] in (0.0, 0.5, 1.0) for t in res["tasks"].values())
     assert math.isfinite(res["core"]) and -2 < res["core"] <= 1
+
+
+def test_a_stop_request_ends_core_between_items(tok, tmp_path, monkeypatch):
+    lm = [{"context": "the cat", "continuation": "sat"}] * 6
+    write_bundle(tmp_path, [("lm", "language_modeling", "a/lm.jsonl", 0, 0, lm),
+                            ("lm2", "language_modeling", "a/lm2.jsonl", 0, 0, lm)], present={"lm", "lm2"})
+    scored, original = [], core_eval.evaluate_item
+    monkeypatch.setattr(core_eval, "evaluate_item", lambda *a: scored.append(a[3]) or original(*a))
+    res = core_eval.evaluate_core(mc_model(tok), tok, str(tmp_path), "cpu", should_stop=lambda: len(scored) >= 2)
+    assert res is None and len(scored) == 2  # gave up before the third of 12 items

@@ -113,3 +113,19 @@ def test_stops_at_bos_and_at_cache_end(model):
     # max_tokens beyond the rotary table: prompt + output fill exactly 4 × sequence_len
     out = Engine(model).generate_batch(prompt, max_tokens=10_000, temperature=0)[0]
     assert len(prompt) + len(out) == model.cos.size(1) == 4 * 64
+
+
+def test_sampling_gives_up_between_prompts_at_a_stop_request(model):
+    from nanochat.engine import sample_texts
+
+    class Text(Tok):
+        def encode(self, text, prepend=None):
+            return [prepend, 5, 6]
+
+        def decode(self, ids):
+            return "x" * len(ids)
+    asked = []
+    out = sample_texts(model, Text(0), prompts=["a", "b", "c"], max_tokens=2, sampled=False,
+                       should_stop=lambda: asked.append(1) or len(asked) >= 2)
+    assert out is None and len(asked) == 2  # the second prompt was never sampled
+    assert len(sample_texts(model, Text(0), prompts=["a", "b"], max_tokens=2, sampled=False)) == 2

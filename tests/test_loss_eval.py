@@ -133,3 +133,47 @@ def test_a_rank_without_val_row_group_scores_nothing_and_bpb_is_right(one_row_gr
     assert one[0][1] == 3 * B * T and one[1][1] > one[0][1]  # scored 3 batches, then the whole split
     for r in two:  # both ranks get the all-reduced result, equal to one process's
         assert r == one, (r, one)
+
+
+def test_a_stop_request_ends_the_evaluation_before_the_next_batch():
+    V, served, asked = 16, [], []
+    token_bytes = torch.ones(V, dtype=torch.long)
+
+    def batches():
+        for i in range(10):
+            served.append(i)
+            yield torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 4, dtype=torch.long)
+
+    def should_stop():
+        asked.append(len(served))
+        return len(served) >= 3  # the request arrives while the third batch is loaded
+    bpb, tokens = evaluate_bpb(Uniform(V), batches(), 10, token_bytes, return_tokens=True, should_stop=should_stop)
+    assert bpb is None and served == [0, 1, 2] and tokens == 8  # two batches scored, the third given up
+    assert asked == [1, 2, 3]  # asked before every batch
+    assert evaluate_bpb(Uniform(V), batches(), 2, token_bytes, should_stop=lambda: False) == \
+        evaluate_bpb(Uniform(V), batches(), 2, token_bytes)  # no request: the same number
+
+
+def _bpb_rank_worker(rank, world, rdzv, out_dir):
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rdzv}", rank=rank, world_size=world)
+    token_bytes = torch.ones(16, dtype=torch.long)
+    batch = (torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 4, dtype=torch.long))
+    shares = [3, 1]  # uneven: rank 1's share runs out first and must keep answering, not hang
+    plain = evaluate_bpb(Uniform(16), iter([batch] * shares[rank]), 5, token_bytes, return_tokens=True)
+    checked = evaluate_bpb(Uniform(16), iter([batch] * shares[rank]), 5, token_bytes, return_tokens=True,
+                           should_stop=lambda: False)
+    stopped = evaluate_bpb(Uniform(16), iter([batch] * shares[rank]), 5, token_bytes, should_stop=lambda: rank == 1)
+    torch.save((plain, checked, stopped), f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_ranks_agree_on_a_stop_request_with_uneven_shares(tmp_path):
+    import torch.multiprocessing as mp
+    mp.spawn(_bpb_rank_worker, args=(2, str(tmp_path / "rdzv"), str(tmp_path)), nprocs=2)
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    bpb = 4 * math.log(16) / (math.log(2) * 4)  # uniform over 16 tokens of 1 byte: 4 bits per byte
+    for plain, checked, stopped in results:
+        assert plain == checked and plain[1] == 16 and math.isclose(plain[0], bpb, rel_tol=1e-6)
+        assert stopped is None  # the request reached rank 1 only: both gave up

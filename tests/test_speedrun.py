@@ -102,3 +102,26 @@ def test_speedrun_climbmix_requested_without_network_stops_fast(clone, tmp_path)
     t0 = time.monotonic()
     out = speedrun(clone, tmp_path / "base", timeout=120, NANOCHAT_DATA_SOURCE="climbmix")
     fail_fast(out, time.monotonic() - t0)
+
+
+@pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="a GPU machine would run the real recipe")
+def test_ctrl_c_during_training_stops_speedrun_before_evaluation(clone, tmp_path):
+    # Ctrl-C in a terminal sends SIGINT to the whole foreground process group: bash and training
+    base = tmp_path / "base"
+    env = {**{k: v for k, v in os.environ.items() if k not in ("NANOCHAT_DATA_SOURCE", "NANOCHAT_EVAL_BUNDLE",
+                                                                 "PYTHONPATH")},
+           "NANOCHAT_BASE_DIR": str(base), "NANOCHAT_DATA_URL": UNREACHABLE,
+           "NANOCHAT_TRAIN_ARGS": "--num-iterations 5000 --eval-every -1 --core-every -1 --sample-every -1"}
+    proc = subprocess.Popen(["bash", "speedrun.sh"], cwd=clone, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    metrics = base / "base_checkpoints" / "d4" / "metrics.jsonl"
+    deadline = time.time() + 600
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3) and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, 2)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 130, out[-3000:]  # base_train's 128 + SIGINT, passed on by set -e
+    assert "stopped by signal 2 at step" in out
+    stages = [line.split("\t")[0] for line in (base / "speedrun_stages.tsv").read_text().splitlines()]
+    assert stages[-1] == "train"  # evaluation never started
+    assert not (base / "base_checkpoints" / "d4" / "base_eval.json").exists() and not (base / "report.md").exists()
