@@ -15,7 +15,7 @@ from test_base_train import TINY
 def test_core_and_samples_skip_step_0_and_run_every_n(base_dir, tmp_path, monkeypatch):
     core_steps = []
 
-    def fake_core(model, tokenizer, bundle, device, max_per_task):
+    def fake_core(model, tokenizer, bundle, device, max_per_task, should_stop=None):
         core_steps.append(None)
         return {"core": 0.0, "core_label": "fake", "tasks": {}}
 
@@ -35,10 +35,10 @@ def test_every_rank_samples_only_rank_0_logs(monkeypatch, tmp_path):
     monkeypatch.setattr(base_train, "sample_texts", lambda *a, **k: calls.append(1) or ["text"])
     args = argparse.Namespace(eval_every=-1, core_every=-1, sample_every=2)
     for rank in (1, 0):
-        run = SimpleNamespace(args=args, model=None, step=2, resume_step=0, elapsed=0.0, eval_mode=nullcontext, tokenizer=None,
+        run = SimpleNamespace(args=args, model=None, step=2, resume_step=0, resume_evaluated=False, elapsed=0.0, eval_mode=nullcontext, tokenizer=None,
                               rank=rank, run_dir=str(tmp_path), metrics_path=str(tmp_path / "metrics.jsonl"),
                               wandb_run=None, recipe=SimpleNamespace(total_batch_size=1, flops_per_token=1))
-        base_train.evaluate(run, last=False)
+        base_train.evaluate(run, last=False, should_stop=lambda: False)
         assert len(calls) == 1 and (tmp_path / "metrics.jsonl").exists() == (rank == 0)
         calls.clear()
 
