@@ -68,9 +68,9 @@ def test_mfu_read_from_perf_md(tmp_path, monkeypatch):
     assert out["mfu"] == pytest.approx(0.525) and "measured" in out["mfu_source"]
 
 
-def test_unknown_gpu_exits_1(capsys):
+def test_unknown_gpu_is_a_flag_error(capsys):
     with pytest.raises(SystemExit) as e:
         plan.main(["--depth", "12", "--gpu", "v100"])
-    assert e.value.code == 1
+    assert e.value.code == 2
     err = capsys.readouterr().err
     assert "--gpu" in err and "h100" in err
