@@ -133,7 +133,7 @@ def run(args):
     flops_per_token = model.estimate_flops()
     optimizer = None if args.no_optimizer else model.setup_optimizer(recipe.param_groups)
     step_model = torch.compile(model) if use_compile else model
-    B, T = args.device_batch_size, args.max_seq_len
+    B, T = args.device_batch_size, args.max_seq_len  # rows, tokens per row
     x = torch.randint(0, args.vocab_size, (B, T), device=device)
     y = torch.randint(0, args.vocab_size, (B, T), device=device)
     timed = make_timer(device)
