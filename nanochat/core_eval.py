@@ -11,8 +11,8 @@ answered by comparing losses of candidate continuations under one forward pass.
                        every continuation position is the continuation token (= greedy decoding)
 
 The eval bundle (eval_bundle.zip) holds core.yaml (the tasks), eval_meta_data.csv (random
-baselines, in percent) and eval_data/**.jsonl. A task whose data file is missing is skipped with
-a warning, and the score says over how many tasks it was computed.
+baselines, in percent) and eval_data/**.jsonl. A task whose data file is missing or corrupt is
+skipped with a warning, and the score says over how many tasks it was computed.
 
 A score is only comparable with another computed the same way, so the text is rendered and
 scored as DCLM's evaluator (MosaicML llm-foundry 0.9) does it, rule by rule below; where we
@@ -52,27 +52,55 @@ def get_eval_bundle_dir(path=None):
     return path or os.path.join(get_base_dir(), "eval_bundle")
 
 
+class BundleError(ValueError):
+    """A missing or damaged file of the eval bundle: one line naming the file and the fix."""
+    def __init__(self, path, what):
+        bundle = os.path.dirname(path) if os.path.basename(path) in ("core.yaml", "eval_meta_data.csv") else \
+            os.path.dirname(os.path.dirname(path))
+        super().__init__(f"{path}: {what}; the eval bundle {bundle} is damaged: delete it and run "
+                         f"`python -m scripts.base_eval --download-only` (or pass --eval-bundle a whole copy)")
+
+
+def _read_bundle_file(path, parse):
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            return parse(f)
+    except FileNotFoundError:
+        raise BundleError(path, "missing") from None
+    except (ValueError, KeyError, TypeError, yaml.YAMLError) as e:  # JSON, YAML, csv columns, numbers
+        raise BundleError(path, f"unreadable ({type(e).__name__}: {' '.join(str(e).split())[:120]})") from None
+
+
+def _read_task_file(path):
+    """A task's records, or (None, why) if its file is missing or damaged: skipped, not fatal."""
+    if not os.path.exists(path):
+        return None, "missing"
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()], None
+    except (ValueError, UnicodeDecodeError) as e:
+        return None, f"corrupt ({' '.join(str(e).split())[:120]})"
+
+
 def load_tasks(bundle_dir):
-    """The tasks of core.yaml, in order, each a dict with its data (a list of records),
-    or data=None when the task's file is absent from eval_data/."""
-    with open(os.path.join(bundle_dir, "core.yaml")) as f:
-        config = yaml.safe_load(f)
-    with open(os.path.join(bundle_dir, "eval_meta_data.csv"), newline="", encoding="utf-8") as f:
-        baselines = {row["Eval Task"]: float(row["Random baseline"]) for row in csv.DictReader(f)}
+    """The tasks of core.yaml, in order, each a dict with its data (a list of records), or
+    data=None and `problem` saying why ("missing", "corrupt ...") when the task's file in
+    eval_data/ cannot be used. A missing or damaged core.yaml / eval_meta_data.csv raises
+    BundleError, naming the file and the fix."""
+    config = _read_bundle_file(os.path.join(bundle_dir, "core.yaml"), lambda f: yaml.safe_load(f)["icl_tasks"])
+    baselines = _read_bundle_file(os.path.join(bundle_dir, "eval_meta_data.csv"), lambda f: {
+        row["Eval Task"]: float(row["Random baseline"]) for row in csv.DictReader(f)})
     tasks = []
-    for spec in config["icl_tasks"]:
+    for spec in config:
         label, kind = spec["label"], spec["icl_task_type"]
         if kind not in TASK_TYPES:
             raise ValueError(f"core.yaml: task {label} has unknown icl_task_type {kind!r}")
         if label not in baselines:
             raise ValueError(f"eval_meta_data.csv has no random baseline for task {label}")
         path = os.path.join(bundle_dir, "eval_data", spec["dataset_uri"])
-        data = None
-        if os.path.exists(path):
-            with open(path, encoding="utf-8") as f:
-                data = [json.loads(line) for line in f if line.strip()]
+        data, problem = _read_task_file(path)
         tasks.append({
-            "label": label, "type": kind, "path": path, "data": data,
+            "label": label, "type": kind, "path": path, "data": data, "problem": problem,
             "num_fewshot": int(spec["num_fewshot"][0]),  # a list in the DCLM format; CORE uses one value
             "delimiter": spec["continuation_delimiter"],
             "random_baseline": baselines[label],  # in percent, as in the csv: 25.0 for 4 choices
@@ -293,11 +321,14 @@ def evaluate_core(model, tokenizer, bundle_dir, device, max_per_task=None, shoul
     skipped, not fatal (DCLM stops there), so a partial bundle still gives a labelled score.
     should_stop: a callable checked between items (all ranks agree); None when it stopped."""
     tasks = load_tasks(bundle_dir)
-    results, skipped = {}, []
+    results, skipped, skipped_why = {}, [], {}
     for task in tasks:
         if task["data"] is None:
-            print0(f"warning: {task['path']} is missing: skipping CORE task {task['label']}")
+            fix = "" if task["problem"] == "missing" else \
+                " (delete the eval bundle and run `python -m scripts.base_eval --download-only` to get it whole)"
+            print0(f"warning: {task['path']} is {task['problem']}: skipping CORE task {task['label']}{fix}")
             skipped.append(task["label"])
+            skipped_why[task["label"]] = task["problem"]
             continue
         t0 = time.time()
         acc = evaluate_task(model, tokenizer, task, device, max_per_task, should_stop)
@@ -316,4 +347,4 @@ def evaluate_core(model, tokenizer, bundle_dir, device, max_per_task=None, shoul
     return {"core": core, "core_label": label, "n_tasks": len(results), "n_total": len(tasks),
             "semantics": SEMANTICS, "max_per_task": max_per_task,
             "subset_seed": None if max_per_task is None else SUBSET_SEED,
-            "tasks": results, "skipped": skipped}
+            "tasks": results, "skipped": skipped, "skipped_why": skipped_why}

@@ -1,11 +1,11 @@
 """
 The pretraining data: a directory of parquet shards, each with one `text` column stored in
-row groups of 1,024 documents, and a manifest.json that records where the shards came from
+row groups (the unit a data stream reads), and a manifest.json that records where the shards came from
 and which of them are the train and the val split. The split is written down when the
 shards are made, never guessed from file names later: a lost val shard must be an error,
 not a train shard silently promoted to val (the model would be scored on its training data).
 
-    python -m nanochat.dataset -n 170                 # download 170 ClimbMix train shards + val
+    python -m nanochat.dataset -n 170                 # download 170 ClimbMix train shards + val (-n all: every one)
     python -m nanochat.dataset --demo                 # the small corpus shipped in nanochat/demo_data
     python -m nanochat.dataset --local corpus/ notes.txt --out /tmp/shards
     python -m nanochat.dataset --hf HuggingFaceFW/fineweb-edu --hf-config sample-10BT --max-docs 1000000
@@ -35,6 +35,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from nanochat.cli import ArgumentParser, check
 from nanochat.common import atomic_write, get_base_dir
 
 BASE_URL = "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main"
@@ -270,12 +271,12 @@ def _check_download_source(data_dir):
 
 
 def download(num_train_shards=8, data_dir=None, workers=8, retries=5, backoff=2.0):
-    """Download train shards 0..n-1 (n = -1: all of them) plus the validation shard, several
+    """Download train shards 0..n-1 (n = None: all of them) plus the validation shard, several
     at a time. Shards already present are skipped, so re-running resumes an interrupted download.
     Once all are in, the manifest lists every ClimbMix shard present: the val one, and train the rest."""
     data_dir = data_dir or get_data_dir()
     _check_download_source(data_dir)
-    n = MAX_SHARD if num_train_shards < 0 else min(num_train_shards, MAX_SHARD)
+    n = MAX_SHARD if num_train_shards is None else min(num_train_shards, MAX_SHARD)
     indices = list(range(n)) + [MAX_SHARD]
     print(f"downloading {n} train shards + 1 val shard to {data_dir}", flush=True)
     errors = {}
@@ -304,7 +305,18 @@ def download(num_train_shards=8, data_dir=None, workers=8, retries=5, backoff=2.
 # -----------------------------------------------------------------------------
 # Building shards from other sources
 
-def _write_shard(path, texts, row_group_size):
+# Automatic row groups: at most 1,024 documents each (a row group is read whole, so this bounds
+# the memory of a read), and at least 64 per train shard and 8 in the val shard, so that even a
+# small corpus gives every data stream its own row groups: a run reads the train split with
+# processes × gradient-accumulation streams (16 for a d12 run on one GPU, 64 for 8 GPUs × 8
+# micro-steps) and the val split with one stream per process.
+MAX_ROW_GROUP = 1024
+MIN_ROW_GROUPS = {"train": 64, "val": 8}
+
+
+def _write_shard(path, texts, row_group_size, split):
+    if row_group_size is None:
+        row_group_size = max(1, min(MAX_ROW_GROUP, -(-len(texts) // MIN_ROW_GROUPS[split])))
     table = pa.table({"text": pa.array(texts, type=pa.string())})
     with atomic_write(path) as tmp:
         pq.write_table(table, tmp, row_group_size=row_group_size, compression="zstd")
@@ -324,10 +336,11 @@ def _refuse_existing(out_dir, source):
                      f"or delete {out_dir}")
 
 
-def write_shards(texts, out_dir, docs_per_shard=50_000, val_docs=10_000, row_group_size=1024, source="write_shards"):
+def write_shards(texts, out_dir, docs_per_shard=50_000, val_docs=10_000, row_group_size=None, source="write_shards"):
     """Write an iterable of documents as shards in out_dir: the first `val_docs` documents
     become the last shard (the val split), the rest shard_00000, shard_00001, ...; then the
-    manifest, which records the split and `source`. Returns the paths."""
+    manifest, which records the split and `source`. row_group_size: documents per row group
+    (None: automatic, see MIN_ROW_GROUPS). Returns the paths."""
     _refuse_existing(out_dir, source)
     if val_docs < 1 or docs_per_shard < 1:
         raise ValueError(f"val_docs and docs_per_shard must be >= 1, got {val_docs} and {docs_per_shard}")
@@ -337,11 +350,12 @@ def write_shards(texts, out_dir, docs_per_shard=50_000, val_docs=10_000, row_gro
     paths = []
     try:
         while batch := list(itertools.islice(docs, docs_per_shard)):
-            paths.append(_write_shard(os.path.join(out_dir, f"shard_{len(paths):05d}.parquet"), batch, row_group_size))
+            paths.append(_write_shard(os.path.join(out_dir, f"shard_{len(paths):05d}.parquet"), batch, row_group_size,
+                                       "train"))
             print(f"wrote {os.path.basename(paths[-1])}: {len(batch):,} train docs", flush=True)
         if not paths:
             raise ValueError(f"only {len(val)} documents: need more than val_docs={val_docs} to leave some for training")
-        paths.append(_write_shard(os.path.join(out_dir, f"shard_{len(paths):05d}.parquet"), val, row_group_size))
+        paths.append(_write_shard(os.path.join(out_dir, f"shard_{len(paths):05d}.parquet"), val, row_group_size, "val"))
         print(f"wrote {os.path.basename(paths[-1])}: {len(val):,} val docs", flush=True)
         names = [os.path.basename(p) for p in paths]
         write_manifest(out_dir, source, names[:-1], names[-1:])  # last: shards without it are never used
@@ -468,27 +482,42 @@ def already_built(out_dir, source):
     return True
 
 
+def shard_count(text):
+    """-n: a number of shards, or 'all' (None); -1, the old spelling of all, is accepted too."""
+    if text in ("all", "-1"):
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number of shards >= 1, or 'all'")
+    return int(text)
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m nanochat.dataset",
-                                     description="Download pretraining shards, or build them from local files, "
-                                                 "a Hugging Face dataset or the built-in demo corpus.")
-    parser.add_argument("-n", "--num-shards", type=int, default=8, help="train shards to download, plus val (-1: all)")
+    parser = ArgumentParser("python -m nanochat.dataset", __doc__)
+    parser.add_argument("-n", "--num-shards", type=shard_count, default=8, metavar="N",
+                        help=f"ClimbMix train shards to download (1 to {MAX_SHARD}, or 'all'), plus the val shard")
     parser.add_argument("-w", "--workers", type=int, default=8, help="parallel downloads")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--local", nargs="+", metavar="PATH",
                         help=".jsonl / .txt / .parquet files (or .jsonl.gz / .txt.gz) or directories")
     source.add_argument("--hf", metavar="NAME", help="Hugging Face dataset name or local path")
-    source.add_argument("--demo", action="store_true", help=f"the small corpus shipped in {DEMO_CORPUS} (offline)")
-    parser.add_argument("--hf-config", default=None, help="dataset config (subset) name")
-    parser.add_argument("--hf-split", default="train")
-    parser.add_argument("--text-column", default="text")
-    parser.add_argument("--max-docs", type=int, default=None, help="stop after this many documents (--hf)")
-    parser.add_argument("--docs-per-shard", type=int, default=50_000)
-    parser.add_argument("--val-docs", type=int, default=10_000)
-    parser.add_argument("--row-group-size", type=int, default=1024)
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--out", default=None, help="output dir (default: $NANOCHAT_BASE_DIR/base_data)")
+    source.add_argument("--demo", action="store_true", help="the small corpus shipped in nanochat/demo_data (offline)")
+    parser.add_argument("--hf-config", default=None, help="dataset config (subset) name (default: none)")
+    parser.add_argument("--hf-split", default="train", help="the dataset split to read (--hf)")
+    parser.add_argument("--text-column", default="text", help="the column holding the documents (--hf)")
+    parser.add_argument("--max-docs", type=int, default=None, help="stop after this many documents (--hf; default: all)")
+    parser.add_argument("--docs-per-shard", type=int, default=50_000, help="train documents per shard")
+    parser.add_argument("--val-docs", type=int, default=10_000,
+                        help="documents in the val shard (at most a tenth of a --local / --demo corpus)")
+    parser.add_argument("--row-group-size", type=int, default=None,
+                        help=f"documents per row group (default: auto, at most {MAX_ROW_GROUP} and at least "
+                             f"{MIN_ROW_GROUPS['train']} row groups per train shard, {MIN_ROW_GROUPS['val']} in "
+                             f"the val shard, so that every data stream gets some)")
+    parser.add_argument("--seed", type=int, default=42, help="seed of the document shuffle (--local, --demo, --hf)")
+    parser.add_argument("--out", default=None, metavar="DIR", help="output dir (default: $NANOCHAT_BASE_DIR/base_data)")
     args = parser.parse_args(argv)
+    check(parser, [(value is not None and value < 1, f"{flag} {value}: must be >= 1") for flag, value in [
+        ("--workers", args.workers), ("--max-docs", args.max_docs), ("--docs-per-shard", args.docs_per_shard),
+        ("--val-docs", args.val_docs), ("--row-group-size", args.row_group_size)]])
     out_dir = args.out or get_data_dir()
     shard_kwargs = dict(docs_per_shard=args.docs_per_shard, val_docs=args.val_docs, row_group_size=args.row_group_size)
     try:

@@ -1,8 +1,8 @@
 """
 Fast sampling with a KV cache.
 
-GPT.generate recomputes the whole sequence for every new token: O(T²) work per token. Here
-the prompt goes through the model once (the "prefill"), every layer's keys and values are kept
+Sampling by running the model on the whole sequence for every new token costs O(T²) work per
+token (tests/test_engine.py keeps such a naive loop as the reference). Here the prompt goes through the model once (the "prefill"), every layer's keys and values are kept
 in a cache, and each later step feeds only the newest token (the "decode"), whose query attends
 over the cached keys. What the cache must carry, besides k and v:
 - the position: rotary angles of new tokens start at `pos`, not 0 (GPT.forward offsets them)

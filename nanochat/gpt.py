@@ -272,24 +272,6 @@ class GPT(nn.Module):
         assert sum(len(g["params"]) for g in out) == len(list(self.parameters())), "a parameter has no group"
         return MuonAdamW(out)
 
-    # --- sampling (plain: recomputes the whole sequence per token; engine.py has the KV cache) ---
-
-    @torch.no_grad()
-    def generate(self, tokens, max_tokens, temperature=1.0, top_k=None, seed=42):
-        idx = torch.tensor([tokens], dtype=torch.long, device=self.wte.weight.device)
-        rng = torch.Generator(device=idx.device).manual_seed(seed)
-        for _ in range(max_tokens):
-            logits = self(idx[:, -self.config.sequence_len:])[:, -1, :]
-            if top_k is not None:
-                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, -float("inf"))
-            if temperature == 0:
-                next_id = logits.argmax(dim=-1, keepdim=True)
-            else:
-                next_id = torch.multinomial(F.softmax(logits / temperature, dim=-1), 1, generator=rng)
-            idx = torch.cat([idx, next_id], dim=1)
-            yield next_id.item()
-
 
 def build_model(config, device):
     """Create the model on the meta device (no memory, no wasted init), then materialize it on

@@ -8,7 +8,6 @@ writes $NANOCHAT_BASE_DIR/report.md and $NANOCHAT_BASE_DIR/report/*.png. Every i
 a stage whose output file is missing is reported as "not run", so the report can be written
 after any stage, or after a crash, to see how far a run got.
 """
-import argparse
 import datetime
 import json
 import os
@@ -21,6 +20,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from nanochat.checkpoint import get_run_dir, newest_model_tag
+from nanochat.cli import ArgumentParser
 from nanochat.common import atomic_write, get_base_dir
 
 # Aggregate CORE of the original GPT-2 models (all 22 tasks), the numbers a run is measured against.
@@ -255,7 +255,8 @@ def bpb_lines(cfg, metrics, final, ev):
     """The two val bpb figures: measured during training, and by base_eval on the final checkpoint.
     They differ in how many tokens were scored, so both say it."""
     val = final or (metrics.get("val") or [{}])[-1]
-    train_tokens = ((cfg or {}).get("args") or {}).get("eval_tokens")
+    args = (cfg or {}).get("args") or {}
+    train_tokens = args.get("bpb_tokens", args.get("eval_tokens"))  # eval_tokens: the flag's old name
     L = [f"- val bpb during training: {fmt(val.get('val_bpb'), '.4f', 'not run')}"
          + (f" at step {val['step']:,}" if val.get("step") is not None and val.get("val_bpb") is not None else "")
          + (f", over {fmt(val.get('tokens_scored') or train_tokens)} tokens" if val.get("val_bpb") is not None else "")]
@@ -432,10 +433,11 @@ def compare_runs(tags, base_dir=None):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m nanochat.report", description="Write report.md and plots for a run, "
-                                "or compare runs (--compare baseline my-idea)")
+    p = ArgumentParser("python -m nanochat.report", "Write report.md and plots for a run, or compare runs "
+                       "(--compare baseline my-idea).")
     p.add_argument("--model-tag", default=None, help="run under base_checkpoints/ (default: the newest)")
-    p.add_argument("--start-time", type=float, default=None, help="epoch seconds the run started (default: speedrun_start file)")
+    p.add_argument("--start-time", type=float, default=None,
+                   help="epoch seconds the run started (default: the speedrun_start file of the base dir)")
     p.add_argument("--gpu-hour-cost", type=float, default=3.0, help="dollars per GPU-hour for the cost estimate")
     p.add_argument("--compare", nargs="+", metavar="TAG", default=None,
                    help="compare these runs instead (val bpb curves, final val bpb, CORE, time; the first is the baseline)")

@@ -4,10 +4,10 @@ val text, and a few samples. Results go to <run_dir>/base_eval.json, which the r
 
     python -m scripts.base_eval                                   # newest run, newest step
     torchrun --nproc_per_node=8 -m scripts.base_eval --model-tag d24
-    python -m scripts.base_eval --max-per-task 100 --bpb-tokens 524288   # quick look
+    python -m scripts.base_eval --core-max-per-task 100 --bpb-tokens 524288   # quick look
     python -m scripts.base_eval --hf-path openai-community/gpt2-xl      # any Hugging Face causal LM
 
---max-per-task K scores a fixed seeded subset of K items per task (the same items in every run):
+--core-max-per-task K scores a fixed seeded subset of K items per task (the same items in every run):
 cheaper, but not comparable with a full score; the label and base_eval.json say which it was.
 A Hugging Face model (pip install -e '.[hf]') is scored by the same CORE and bpb code with its
 own tokenizer; its results go to <base dir>/hf_eval/<model>/base_eval.json.
@@ -15,7 +15,6 @@ own tokenizer; its results go to <base dir>/hf_eval/<model>/base_eval.json.
 The eval bundle is downloaded to $NANOCHAT_BASE_DIR/eval_bundle on first use (or pass
 --eval-bundle PATH to an unzipped copy; NANOCHAT_EVAL_BUNDLE_URL points at a mirror).
 """
-import argparse
 import math
 import os
 import re
@@ -27,9 +26,10 @@ import zlib
 
 import torch.distributed as dist
 
+from nanochat.cli import DEVICE_TYPES, ArgumentParser, check
 from nanochat.checkpoint import get_run_dir, load_model, newest_model_tag, save_json
 from nanochat.common import compute_cleanup, compute_init, get_base_dir, print0
-from nanochat.core_eval import evaluate_core, get_eval_bundle_dir
+from nanochat.core_eval import BundleError, evaluate_core, get_eval_bundle_dir
 from nanochat.dataset import download_file, list_shards
 from nanochat.engine import SAMPLE_PROMPTS, sample_texts
 from nanochat.loss_eval import evaluate_split
@@ -107,7 +107,8 @@ def print_results(result):
     for label, t in result["tasks"].items():
         print(f"{label:<34} {t['accuracy']:>9.4f} {t['centered']:>9.4f} {t['n_items']:>6}")
     for label in result["skipped"]:
-        print(f"{label:<34} {'-':>9} {'-':>9}  (data file missing)")
+        why = result.get("skipped_why", {}).get(label, "missing")
+        print(f"{label:<34} {'-':>9} {'-':>9}  (data file {why.split(' (')[0]})")
     print(f"{result['core_label']} ({result['semantics']}): {result['core']:.4f}   (GPT-2 1.5B: 0.2565 over all 22)")
     for split, value in result["bpb"].items():
         print(f"{split} bpb: {value:.4f}" + ("" if math.isfinite(value) else "  (not finite!)"))
@@ -115,33 +116,46 @@ def print_results(result):
         print("-" * 40 + "\n" + s)
 
 
+def parse_args(argv=None):
+    p = ArgumentParser("python -m scripts.base_eval", __doc__)
+    p.add_argument("--model-tag", default=None, help="run under base_checkpoints/ (default: the newest)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+    p.add_argument("--hf-path", default=None,
+                   help="evaluate a Hugging Face causal LM instead: a model id or a local dir (needs the hf extra)")
+    p.add_argument("--eval-bundle", default=None,
+                   help="unzipped eval bundle dir (default: <base dir>/eval_bundle, downloaded if absent)")
+    p.add_argument("--core-max-per-task", type=int, default=None,
+                   help="a fixed seeded subset of N items of each CORE task, not comparable with a full score "
+                        "(default: all items)")
+    p.add_alias("--max-per-task", "core_max_per_task")  # old name
+    p.add_argument("--bpb-tokens", type=int, default=10 * 524288,
+                   help="tokens of train and of val text for bpb; 0: off")
+    p.add_alias("--eval-tokens", "bpb_tokens")  # base_train's old name
+    p.add_argument("--device-batch-size", type=int, default=16, help="rows per forward pass for bpb")
+    p.add_argument("--device-type", default=None, choices=DEVICE_TYPES, help="default: autodetect")
+    p.add_argument("--samples", type=int, default=4,
+                   help="prompts to sample continuations of (none for --hf-path); 0: off")
+    p.add_argument("--download-only", action="store_true", help="fetch the eval bundle if absent, then exit")
+    args = p.parse_args(argv)
+    check(p, [
+        (args.core_max_per_task is not None and args.core_max_per_task < 1,
+         f"--core-max-per-task {args.core_max_per_task}: must be >= 1 (leave it out for all items)"),
+        (args.bpb_tokens < 0, f"--bpb-tokens {args.bpb_tokens}: must be >= 0 (0: off)"),
+        (args.samples < 0, f"--samples {args.samples}: must be >= 0 (0: off)"),
+        (args.device_batch_size < 1, f"--device-batch-size {args.device_batch_size}: must be >= 1"),
+        (args.hf_path and (args.model_tag or args.step is not None),
+         "--hf-path evaluates a Hugging Face model: drop --model-tag/--step"),
+    ])
+    return args
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model-tag", default=None, help="run under base_checkpoints/ (default: the newest)")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
-    parser.add_argument("--hf-path", default=None,
-                        help="evaluate a Hugging Face causal LM instead (model id or local dir; needs the hf extra)")
-    parser.add_argument("--eval-bundle", default=None,
-                        help="unzipped eval bundle dir (default: <base dir>/eval_bundle, downloaded if absent)")
-    parser.add_argument("--max-per-task", type=int, default=None,
-                        help="a fixed seeded subset of K items of each task (not comparable with a full CORE score)")
-    parser.add_argument("--bpb-tokens", type=int, default=10 * 524288,
-                        help="tokens of train and of val text for bpb (0: skip)")
-    parser.add_argument("--device-batch-size", type=int, default=16, help="rows per forward for bpb")
-    parser.add_argument("--device-type", default=None, choices=["cuda", "mps", "cpu"], help="default: autodetect")
-    parser.add_argument("--samples", type=int, default=4,
-                        help="prompts to sample continuations of (0: none; none for --hf-path)")
-    parser.add_argument("--download-only", action="store_true", help="fetch the eval bundle if absent, then exit")
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     if args.download_only:
         try:
             return ensure_eval_bundle(get_eval_bundle_dir(args.eval_bundle))
         except RuntimeError as e:
             raise SystemExit(f"error: {e}") from None
-    if args.max_per_task is not None and args.max_per_task < 1:
-        parser.error("--max-per-task must be >= 1")
-    if args.hf_path and (args.model_tag or args.step is not None):
-        parser.error("--hf-path evaluates a Hugging Face model: drop --model-tag/--step")
 
     if args.bpb_tokens > 0:
         try:
@@ -149,10 +163,10 @@ def main(argv=None):
         except FileNotFoundError as e:
             raise SystemExit(f"error: {e} (or pass --bpb-tokens 0 to skip bpb)") from None
 
-    _, rank, _, world_size, device = compute_init(args.device_type)
+    _, rank, _, world, device = compute_init(args.device_type)
     model, tokenizer, out_dir, subject = load_subject(args, device)
     print0(f"evaluating {subject['model']}" + (f" at step {subject['step']}" if subject["step"] is not None else "")
-           + f" on {world_size} x {device.type}")
+           + f" on {world} x {device.type}")
 
     bundle = get_eval_bundle_dir(args.eval_bundle)
     try:
@@ -160,7 +174,10 @@ def main(argv=None):
     except RuntimeError as e:
         raise SystemExit(f"error: {e}") from None
     t0 = time.time()
-    core = evaluate_core(model, tokenizer, bundle, device, args.max_per_task)
+    try:
+        core = evaluate_core(model, tokenizer, bundle, device, args.core_max_per_task)
+    except BundleError as e:
+        raise SystemExit(f"error: {e}") from None
     print0(f"CORE took {time.time() - t0:.0f}s")
 
     model.eval()
@@ -169,7 +186,7 @@ def main(argv=None):
         for split in ("train", "val"):
             bpb[split], bpb_tokens[split] = evaluate_split(model, tokenizer, split, args.bpb_tokens,
                                                            args.device_batch_size, model.config.sequence_len,
-                                                           device, rank, world_size)
+                                                           device, rank, world)
     # sampling uses our model's KV cache: a Hugging Face model gets none
     samples = sample_texts(model, tokenizer, SAMPLE_PROMPTS[:args.samples]) if rank == 0 and not args.hf_path else []
 

@@ -6,7 +6,7 @@ Pretrain the base model.
 
 --depth sets the model and, through it, every default: the training horizon (tokens =
 ratio × (matrix + lm_head params)), the total batch size, the learning rates and the weight
-decay. Each rank processes --device-batch-size × seq-len tokens per micro-step and
+decay. Each rank processes --device-batch-size × --max-seq-len tokens per micro-step and
 accumulates gradients up to the total batch. Metrics go to <run dir>/metrics.jsonl (and
 wandb with --run); checkpoints to <run dir>/step_NNNNNN; --resume continues exactly.
 """
@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat.attention import describe_backend, prepare_masks
+from nanochat.cli import DEVICE_TYPES, ArgumentParser, check, every
 from nanochat.checkpoint import (check_tokenizer, get_run_dir, list_steps, load_checkpoint, load_meta, save_checkpoint,
                                  step_dir)
 from nanochat.common import atomic_write, compute_cleanup, compute_init, get_peak_flops, mfu, print0
@@ -37,70 +38,104 @@ from nanochat.recipe import derive
 from nanochat.tokenizer import get_tokenizer
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser("python -m scripts.base_train", __doc__)
     # model
-    p.add_argument("--depth", type=int, default=20, help="the one dial: width, heads and defaults follow from it")
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--max-seq-len", type=int, default=2048)
-    p.add_argument("--window-pattern", default="SSSL", help="S = short window, L = long; tiled over layers")
-    p.add_argument("--fp8", action="store_true", help="fp8 matmuls for the large Linears (CUDA SM89+)")
-    # horizon: the first of these that is set wins
-    p.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps")
-    p.add_argument("--target-flops", type=float, default=-1, help="total training FLOPs")
-    p.add_argument("--target-param-data-ratio", type=float, default=12, help="tokens per (matrix + lm_head) param")
+    p.add_argument("--depth", type=int, default=20,
+                   help="layers: the one dial; width, heads and every auto value follow from it")
+    p.add_argument("--head-dim", type=int, default=128, help="channels per attention head (even: rotary rotates pairs)")
+    p.add_argument("--max-seq-len", type=int, default=2048,
+                   help="context length: tokens per training row, the most the model ever attends to")
+    p.add_alias("--seq-len", "max_seq_len")  # the old spelling of the bench scripts
+    p.add_argument("--window-pattern", default="SSSL", help="S = short window (a quarter of the context), L = long; "
+                   "tiled over the layers, the last layer always long")
+    p.add_argument("--fp8", action="store_true", help="fp8 matmuls in the blocks (CUDA, compute capability 8.9+)")
+    # horizon: --num-iterations, else --target-flops, else --target-param-data-ratio
+    p.add_argument("--num-iterations", type=int, default=None,
+                   help="optimizer steps (default: auto, from --target-flops or --target-param-data-ratio)")
+    p.add_argument("--target-flops", type=float, default=None,
+                   help="total training FLOPs (default: auto, from --target-param-data-ratio)")
+    p.add_argument("--target-param-data-ratio", type=float, default=12,
+                   help="training tokens per (matrix + lm_head) parameter")
     # batch
     p.add_argument("--device-batch-size", default="16",
-                   help="sequences per rank per micro-step, or 'auto': the largest power of two that fits (CUDA)")
-    p.add_argument("--total-batch-size", type=int, default=-1, help="tokens per optimizer step (-1: auto)")
+                   help="rows per process per micro-step, or 'auto': the largest power of two that fits (CUDA)")
+    p.add_argument("--total-batch-size", type=int, default=None,
+                   help="tokens per optimizer step; the rest is gradient accumulation (default: auto, from the "
+                        "depth and horizon)")
     # optimization
-    p.add_argument("--matrix-lr", type=float, default=0.02, help="Muon LR at 2^19 tokens per step (scaled by √batch like every LR)")
-    p.add_argument("--weight-decay", type=float, default=-1, help="Muon weight decay (-1: auto from batch and horizon)")
-    p.add_argument("--warmup-steps", type=int, default=40)
-    p.add_argument("--warmdown-ratio", type=float, default=0.65)
-    p.add_argument("--final-lr-frac", type=float, default=0.05)
-    # evaluation, logging, checkpoints
-    p.add_argument("--eval-every", type=int, default=250, help="val bpb every N steps (and at the end)")
-    p.add_argument("--eval-tokens", type=int, default=10 * 524288, help="val tokens per bpb evaluation")
-    p.add_argument("--core-every", type=int, default=2000, help="CORE (subset) every N steps and at the end; -1: never")
-    p.add_argument("--core-max-per-task", type=int, default=500, help="items per CORE task during training")
+    p.add_argument("--matrix-lr", type=float, default=0.02,
+                   help="Muon LR at 2^19 tokens per step; every LR is scaled by sqrt(batch / 2^19), the usual "
+                        "rule for adaptive optimizers")
+    p.add_argument("--weight-decay", type=float, default=None,
+                   help="Muon weight decay (default: auto, from the batch and the horizon)")
+    p.add_argument("--warmup-steps", type=int, default=40, help="steps of linear LR warmup from 0")
+    p.add_argument("--warmdown-ratio", type=float, default=0.65, help="fraction of the steps over which the LR decays at the end")
+    p.add_argument("--final-lr-frac", type=float, default=0.05, help="the LR at the last step, as a fraction of the peak")
+    # evaluation, logging, checkpoints (every N steps: 0 = off)
+    p.add_argument("--eval-every", type=every, default=250, help="val bpb every N steps and at the end; 0: off")
+    p.add_argument("--bpb-tokens", type=int, default=10 * 524288, help="val tokens per bpb evaluation")
+    p.add_alias("--eval-tokens", "bpb_tokens")  # old name
+    p.add_argument("--core-every", type=every, default=2000,
+                   help="CORE (a subset, see --core-max-per-task) every N steps and at the end; 0: off")
+    p.add_argument("--core-max-per-task", type=int, default=500,
+                   help="CORE items per task during training (a fixed seeded subset)")
+    p.add_alias("--max-per-task", "core_max_per_task")  # base_eval's old name
     p.add_argument("--eval-bundle", default=None, help="CORE eval bundle dir (default: <base dir>/eval_bundle)")
-    p.add_argument("--sample-every", type=int, default=2000, help="print samples every N steps and at the end")
-    p.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (always at the end)")
-    p.add_argument("--save-every-minutes", type=float, default=-1,
+    p.add_argument("--sample-every", type=every, default=2000, help="print greedy samples every N steps and at the end; 0: off")
+    p.add_argument("--save-every", type=every, default=0, help="checkpoint every N steps (always at the end); 0: off")
+    p.add_argument("--save-every-minutes", type=float, default=None,
                    help="checkpoint every N minutes of wall time, so a crash costs at most that much "
-                        "(-1: 30 on CUDA, where a save of a big model takes seconds to a minute; 10 on "
-                        "CPU/MPS, where runs are small and saves cheap; 0: off)")
+                        "(default: auto: 30 on CUDA, where a save of a big model takes seconds to a minute; "
+                        "10 on CPU/MPS, where runs are small and saves cheap; 0: off)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest checkpoint of the run dir (or start it, if it has none)")
     p.add_argument("--overwrite", action="store_true",
                    help="start afresh in a run dir that holds another run: it is moved aside to <tag>.old-<time>")
-    p.add_argument("--model-tag", default=None, help="run dir name under base_checkpoints (default: d<depth>)")
+    p.add_argument("--model-tag", default=None, help="run dir name under base_checkpoints/ (default: d<depth>)")
     p.add_argument("--run", default=None, help="wandb run name (default: no wandb; WANDB_MODE=offline works)")
-    p.add_argument("--device-type", default=None, help="cuda|cpu|mps (default: autodetect)")
-    p.add_argument("--compile", type=int, default=None, help="torch.compile (default: 1 on CUDA)")
-    return p.parse_args(argv)
+    p.add_argument("--device-type", default=None, choices=DEVICE_TYPES, help="default: autodetect")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model (default: on with CUDA, off elsewhere)")
+    args = p.parse_args(argv)
+    check_flags(p, args)
+    return args
 
 
-def check_flags(args):
-    """Impossible or conflicting flag values: one clear line each, before anything is built."""
-    problems = [
+def check_flags(parser, args):
+    """Impossible or conflicting flag values: one line each (argparse's `error:`, exit 2), before
+    anything is built. A value that only makes sense as "auto" is refused, not taken as auto:
+    auto is leaving the flag out."""
+    auto = "leave the flag out for auto"
+    check(parser, [
+        (args.depth < 1, f"--depth {args.depth}: must be >= 1 (the number of layers)"),
         (args.device_batch_size != "auto" and not (args.device_batch_size.isdigit() and int(args.device_batch_size) > 0),
          f"--device-batch-size {args.device_batch_size}: expected a positive integer or 'auto'"),
         (not args.window_pattern or set(args.window_pattern) - set("SL"),
          f"--window-pattern {args.window_pattern!r}: use the letters S (short window) and L (long), e.g. SSSL"),
         (args.head_dim < 2 or args.head_dim % 2, f"--head-dim {args.head_dim}: must be even (rotary rotates pairs)"),
         (args.max_seq_len < 1, f"--max-seq-len {args.max_seq_len}: must be positive"),
+        (args.num_iterations is not None and args.num_iterations < 1,
+         f"--num-iterations {args.num_iterations}: must be >= 1 ({auto})"),
+        (args.target_flops is not None and not args.target_flops > 0,
+         f"--target-flops {args.target_flops}: must be > 0 ({auto})"),
+        (not args.target_param_data_ratio > 0, f"--target-param-data-ratio {args.target_param_data_ratio}: must be > 0"),
+        (args.total_batch_size is not None and args.total_batch_size < 1,
+         f"--total-batch-size {args.total_batch_size}: must be >= 1 tokens ({auto})"),
+        (args.weight_decay is not None and args.weight_decay < 0,
+         f"--weight-decay {args.weight_decay}: must be >= 0 ({auto})"),
+        (not args.matrix_lr > 0, f"--matrix-lr {args.matrix_lr}: must be > 0"),
+        (args.warmup_steps < 0, f"--warmup-steps {args.warmup_steps}: must be >= 0"),
         (not 0 <= args.warmdown_ratio <= 1, f"--warmdown-ratio {args.warmdown_ratio}: must be in [0, 1]"),
         (not 0 <= args.final_lr_frac <= 1, f"--final-lr-frac {args.final_lr_frac}: must be in [0, 1]"),
-        (args.num_iterations > 0 and args.target_flops > 0,
+        (args.bpb_tokens < 1, f"--bpb-tokens {args.bpb_tokens}: must be >= 1 (--eval-every 0 turns bpb off)"),
+        (args.core_max_per_task < 1,
+         f"--core-max-per-task {args.core_max_per_task}: must be >= 1 (--core-every 0 turns CORE off)"),
+        (args.num_iterations is not None and args.target_flops is not None,
          "--num-iterations and --target-flops are both set: give one training horizon"),
         (args.model_tag is not None and ("/" in args.model_tag or args.model_tag.startswith(".")),
          f"--model-tag {args.model_tag!r}: a plain directory name, not a path"),
         (args.overwrite and args.resume, "--overwrite and --resume: give one (start afresh, or continue)"),
-    ]
-    for bad, message in problems:
-        if bad:
-            raise ValueError(message)
+    ])
 
 
 def probe_device_batch(model, seq_len, device, world, compiled=False):
@@ -143,15 +178,12 @@ def probe_device_batch(model, seq_len, device, world, compiled=False):
 
 
 def recipe_from_flags(args, vocab_size, world, device_batch_size):
-    """The run's recipe (nanochat/recipe.py) from the flags; -1 means "derive it"."""
-    given = lambda value, ok: value if ok else None  # noqa: E731
+    """The run's recipe (nanochat/recipe.py) from the flags; None (a flag left out) means "derive it"."""
     return derive(depth=args.depth, vocab_size=vocab_size, sequence_len=args.max_seq_len, head_dim=args.head_dim,
                   window_pattern=args.window_pattern, processes=world, device_batch_size=device_batch_size,
                   ratio=args.target_param_data_ratio,
-                  num_iterations=given(args.num_iterations, args.num_iterations > 0),
-                  target_flops=given(args.target_flops, args.target_flops > 0),
-                  total_batch_size=given(args.total_batch_size, args.total_batch_size > 0),
-                  matrix_lr=args.matrix_lr, weight_decay=given(args.weight_decay, args.weight_decay >= 0),
+                  num_iterations=args.num_iterations, target_flops=args.target_flops,
+                  total_batch_size=args.total_batch_size, matrix_lr=args.matrix_lr, weight_decay=args.weight_decay,
                   warmup_steps=args.warmup_steps, warmdown_ratio=args.warmdown_ratio,
                   final_lr_frac=args.final_lr_frac)
 
@@ -298,8 +330,9 @@ def save(run):
 
 
 def log(run, record):
-    B, fpt = run.recipe.total_batch_size, run.recipe.flops_per_token
-    record = {"step": run.step, "elapsed": run.elapsed, "tokens": run.step * B, "flops": run.step * B * fpt, **record}
+    tokens = run.step * run.recipe.total_batch_size  # the total batch counts tokens, not rows
+    record = {"step": run.step, "elapsed": run.elapsed, "tokens": tokens, "flops": tokens * run.recipe.flops_per_token,
+              **record}
     if run.rank == 0:
         with open(run.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -321,7 +354,7 @@ def evaluate(run, last, should_stop):
     if due(args.eval_every):
         model.eval()
         with run.eval_mode():
-            bpb, scored = evaluate_split(run.step_model, run.tokenizer, "val", args.eval_tokens,
+            bpb, scored = evaluate_split(run.step_model, run.tokenizer, "val", args.bpb_tokens,
                                          run.recipe.device_batch_size, args.max_seq_len, run.device,
                                          run.rank, run.world, should_stop=should_stop)
         model.train()
@@ -383,7 +416,10 @@ def train_step(run):
 
 def save_every_minutes(args, device):
     """The --save-every-minutes in effect: the flag, or its device default (see its help)."""
-    return args.save_every_minutes if args.save_every_minutes >= 0 else (30 if device.type == "cuda" else 10)
+    minutes = args.save_every_minutes
+    if minutes is None or minutes < 0:  # auto (-1: the old spelling of auto)
+        return 30 if device.type == "cuda" else 10
+    return minutes
 
 
 def agree(run, stop_signal, train_loss, save_minutes):
@@ -466,7 +502,6 @@ def train_loop(run, stop_signal):
 
 def train(args, stop_signal):
     """recipe -> model -> resume -> loop; one exit path, which always cleans up."""
-    check_flags(args)
     _, rank, _, world, device = compute_init(args.device_type)
     run = None
     try:

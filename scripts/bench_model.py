@@ -4,7 +4,7 @@ against the device's bf16 peak, step-time median and spread, peak memory.
 
     python -m scripts.bench_model --depth 12 --device-batch-size 32          # GPU: compiled, bf16
     python -m scripts.bench_model --depth 24 --fp8 --attn flex --json out.json
-    python -m scripts.bench_model --depth 4 --head-dim 64 --seq-len 256 --vocab-size 8192 --window-pattern L
+    python -m scripts.bench_model --depth 4 --head-dim 64 --max-seq-len 256 --vocab-size 8192 --window-pattern L
     python -m scripts.bench_model --breakdown ...   # + FLOPs and time per component (CPU or GPU)
     python -m scripts.bench_model --matrix          # every depth/backend/fp8/compile combination, one table
     python -m scripts.bench_model --hooks ...       # + when gradient hooks fire within backward (overlap)
@@ -21,32 +21,42 @@ import time
 
 import torch
 
+from nanochat.attention import BACKENDS
+from nanochat.cli import DEVICE_TYPES, ArgumentParser, check
 from nanochat.common import autodetect_device_type, compute_dtype, compute_init, get_peak_flops, mfu
 from nanochat.gpt import build_model, norm
 from nanochat.recipe import derive
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--depth", type=int, default=12)
-    p.add_argument("--device-batch-size", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--vocab-size", type=int, default=32768)
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--window-pattern", default="SSSL")
+    p = ArgumentParser("python -m scripts.bench_model", __doc__)
+    p.add_argument("--depth", type=int, default=12, help="layers, as base_train --depth")
+    p.add_argument("--device-batch-size", type=int, default=16, help="rows per step")
+    p.add_argument("--max-seq-len", type=int, default=2048, help="tokens per row (the context length)")
+    p.add_alias("--seq-len", "max_seq_len")  # old name
+    p.add_argument("--vocab-size", type=int, default=32768, help="vocabulary size (random tokens below it)")
+    p.add_argument("--head-dim", type=int, default=128, help="channels per attention head, as base_train")
+    p.add_argument("--window-pattern", default="SSSL", help="S = short window, L = long, as base_train")
     p.add_argument("--steps", type=int, default=10, help="timed steps (after --warmup)")
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first: compilation, allocator warm-up")
     p.add_argument("--no-optimizer", action="store_true", help="forward + backward only")
-    p.add_argument("--compile", type=int, default=None, help="torch.compile (default: 1 on CUDA, 0 elsewhere)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model (default: on with CUDA, off elsewhere)")
     p.add_argument("--fp8", action="store_true", help="fp8 matmuls in the blocks, as base_train --fp8 (CUDA SM89+)")
-    p.add_argument("--attn", default=None, help="force an attention backend: fa3|fa4|flex|sdpa (NANOCHAT_ATTN)")
-    p.add_argument("--device-type", default=None, help="cuda|cpu|mps (default: autodetect)")
+    p.add_argument("--attn", default=None, choices=list(BACKENDS),
+                   help="force an attention backend, as NANOCHAT_ATTN does (default: the best that loads)")
+    p.add_argument("--device-type", default=None, choices=DEVICE_TYPES, help="default: autodetect")
     p.add_argument("--breakdown", action="store_true", help="also FLOPs and time per component")
-    p.add_argument("--json", default=None, help="write the results to this JSON file")
+    p.add_argument("--json", default=None, metavar="FILE", help="write the results to this JSON file (default: none)")
     p.add_argument("--matrix", action="store_true", help="run the standard matrix of configurations")
     p.add_argument("--hooks", action="store_true",
                    help="also when the gradient hooks (where a multi-GPU run starts its reductions) fire in backward")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check(p, [(value < low, f"{flag} {value}: must be >= {low}") for flag, value, low in [
+        ("--depth", args.depth, 1), ("--device-batch-size", args.device_batch_size, 1),
+        ("--max-seq-len", args.max_seq_len, 1), ("--vocab-size", args.vocab_size, 1), ("--head-dim", args.head_dim, 2),
+        ("--steps", args.steps, 1), ("--warmup", args.warmup, 0)]])
+    return args
 
 
 def make_timer(device):
@@ -70,7 +80,7 @@ def median(values):
 
 
 def breakdown(model, x, y, optimizer, timed, steps):
-    """FLOPs per token (SPEC formula, split by component) and fwd+bwd time per step of each
+    """FLOPs per token (GPT.estimate_flops' count, split by component) and fwd+bwd time per step of each
     component measured in isolation at the same shapes; 'rest' is the full step minus the parts
     (embeddings, norms, residual scalars, head, loss). Attention scores count only the keys each
     layer attends to, so short windows show up as fewer FLOPs."""
@@ -135,9 +145,9 @@ def run(args):
     _, _, _, _, device = compute_init(device_type)
     use_compile = (device.type == "cuda") if args.compile is None else bool(args.compile)
     # the training recipe for one micro-step per step (what is timed here): model and optimizer groups
-    recipe = derive(depth=args.depth, vocab_size=args.vocab_size, sequence_len=args.seq_len, head_dim=args.head_dim,
+    recipe = derive(depth=args.depth, vocab_size=args.vocab_size, sequence_len=args.max_seq_len, head_dim=args.head_dim,
                     window_pattern=args.window_pattern, device_batch_size=args.device_batch_size,
-                    total_batch_size=args.device_batch_size * args.seq_len, num_iterations=1)
+                    total_batch_size=args.device_batch_size * args.max_seq_len, num_iterations=1)
     config = recipe.config
     model = build_model(config, device)
     if args.fp8:
@@ -147,7 +157,7 @@ def run(args):
     flops_per_token = model.estimate_flops()
     optimizer = None if args.no_optimizer else model.setup_optimizer(recipe.param_groups)
     step_model = torch.compile(model) if use_compile else model
-    B, T = args.device_batch_size, args.seq_len
+    B, T = args.device_batch_size, args.max_seq_len  # rows, tokens per row
     x = torch.randint(0, args.vocab_size, (B, T), device=device)
     y = torch.randint(0, args.vocab_size, (B, T), device=device)
     timed = make_timer(device)
@@ -225,9 +235,9 @@ def print_result(r):
 # (a fresh compile cache, a fresh backend choice, a clean allocator).
 GPU_MATRIX = [f"--depth {d} --device-batch-size {b} --attn {a}{fp8}"
               for d, b in ((12, 32), (24, 16)) for a in ("fa3", "flex") for fp8 in ("", " --fp8")] + \
-             ["--depth 12 --device-batch-size 32 --attn sdpa", "--depth 12 --device-batch-size 32 --compile 0"]
-CPU_MATRIX = ["--depth 4 --head-dim 64 --seq-len 256 --vocab-size 8192 --window-pattern L",
-              "--depth 4 --head-dim 64 --seq-len 256 --vocab-size 8192 --window-pattern L --no-optimizer"]
+             ["--depth 12 --device-batch-size 32 --attn sdpa", "--depth 12 --device-batch-size 32 --no-compile"]
+CPU_MATRIX = ["--depth 4 --head-dim 64 --max-seq-len 256 --vocab-size 8192 --window-pattern L",
+              "--depth 4 --head-dim 64 --max-seq-len 256 --vocab-size 8192 --window-pattern L --no-optimizer"]
 
 
 def run_matrix(device_type, timeout=600):

@@ -11,7 +11,6 @@ Flags after `--` go to base_train, replacing the same-named flags of the tiny co
 keeping the rest. Each invocation starts from scratch: the runs `chaos` and `chaos-reference`
 of the base dir are deleted first.
 """
-import argparse
 import ctypes
 import os
 import random
@@ -24,11 +23,12 @@ import time
 
 import torch
 
+from nanochat.cli import ArgumentParser, check
 from nanochat.checkpoint import get_run_dir, list_steps, load_training_state, load_weights
 
 TINY = ["--depth", "1", "--head-dim", "16", "--max-seq-len", "32", "--device-batch-size", "4",
-        "--total-batch-size", "128", "--num-iterations", "40", "--save-every", "2", "--eval-every", "-1",
-        "--core-every", "-1", "--sample-every", "-1", "--device-type", "cpu"]
+        "--total-batch-size", "128", "--num-iterations", "40", "--save-every", "2", "--eval-every", "0",
+        "--core-every", "0", "--sample-every", "0", "--device-type", "cpu"]
 TAGS = ("chaos-reference", "chaos")
 
 
@@ -118,10 +118,11 @@ def compare(step):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     ours, extra = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser("python -m scripts.chaos", __doc__)
     parser.add_argument("--kills", type=int, default=5, help="SIGKILLs to make (each needs ~3 checkpoints of progress)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the kill moments")
     args = parser.parse_args(ours)
+    check(parser, [(args.kills < 1, f"--kills {args.kills}: must be >= 1")])
     train_args = merge_flags(TINY, extra)
     rng = random.Random(args.seed)
     for tag in TAGS:  # an earlier invocation's runs would make this one resume instead of test

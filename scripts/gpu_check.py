@@ -20,7 +20,6 @@ and the exit status is non-zero, so `speedrun.sh` stops before training starts.
   collectives   reduce-scatter, all-gather and all-reduce (AVG) across every local GPU with NCCL
                 (two processes with gloo on CPU), checked for the right values
 """
-import argparse
 import os
 import socket
 import time
@@ -32,6 +31,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from nanochat import attention as attn
+from nanochat.cli import ArgumentParser
 from nanochat.common import (autodetect_device_type, compute_init, get_peak_flops, mfu,
                              nvidia_driver_version)
 from nanochat.gpt import GPTConfig, build_model
@@ -194,19 +194,19 @@ def check_compile(device):
     with torch.no_grad():
         err = rel_err(step_model(x), eager(x))
     yield Result("compile forward", "PASS" if err < tol else "FAIL", f"logits rel err vs eager {err:.1e} (tolerance {tol:.0e})",
-                 "train with --compile 0 (slower) and report the mismatch")
+                 "train with --no-compile (slower) and report the mismatch")
     err = rel_err(one_step_update(model, step_model, x, y), one_step_update(eager, eager, x, y))
     # Muon's Newton-Schulz iteration runs in bf16 even on CPU, and it and Adam's division amplify
     # small gradient differences: measured 4e-3 on CPU in fp32
     tol_step = 1e-1 if device.type == "cuda" else 2e-2
     yield Result("compile optimizer step", "PASS" if err < tol_step else "FAIL",
                  f"parameter update rel err vs eager {err:.1e} (tolerance {tol_step:.0e})",
-                 "train with --compile 0 (slower) and report the mismatch")
+                 "train with --no-compile (slower) and report the mismatch")
     n = recompiles_after_eval_rounds(model, step_model, graphs, x, y)
     torch._dynamo.reset()  # free the compiled graphs before the next check
     yield Result("compile recompiles", "PASS" if n == 0 else "FAIL", f"{n} new graphs after 3 eval/sample rounds",
                  "a global read inside the compiled model changes between calls: find it with "
-                 "TORCH_LOGS=recompiles python -m scripts.gpu_check --only compile, or train with --compile 0")
+                 "TORCH_LOGS=recompiles python -m scripts.gpu_check --only compile, or train with --no-compile")
 
 
 def scheduled_optimizer_steps(model, optimizer, steps, start=0):
@@ -348,7 +348,7 @@ def check_steps(device):
         yield Result(f"steps {label}", "PASS" if ok else "FAIL",
                      f"{B} x {config.sequence_len}: {tok:,.0f} tok/s, MFU {util_text}, peak memory {memory}, "
                      f"loss {losses[0]:.3f} -> {losses[-1]:.3f}",
-                     "non-finite loss on random tokens: report it (and try without --fp8 / --compile 0)")
+                     "non-finite loss on random tokens: report it (and try without --fp8 / --no-compile)")
         torch._dynamo.reset()  # free the compiled graphs (and the model they hold) before the next run
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -431,7 +431,7 @@ def check_collectives(device):
 CHECKS = {  # name -> (check, what to do if it raises)
     "environment": (check_environment, "fix the environment named above before training"),
     "attention": (check_attention, "avoid the failing kernel: NANOCHAT_ATTN=sdpa"),
-    "compile": (check_compile, "train with --compile 0 (slower) and report the error"),
+    "compile": (check_compile, "train with --no-compile (slower) and report the error"),
     "optimizer": (check_compiled_optimizer, "report the error; meanwhile MuonAdamW(..., compile=False)"),
     "fp8": (check_fp8, "train without --fp8"),
     "steps": (check_steps, "out of memory: lower --device-batch-size; otherwise report the error"),
@@ -456,9 +456,9 @@ def run_checks(device, names):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser("python -m scripts.gpu_check", __doc__)
     p.add_argument("--cpu", action="store_true", help="run the CPU checks even on a GPU machine")
-    p.add_argument("--only", default=",".join(CHECKS), help=f"comma-separated subset of: {', '.join(CHECKS)}")
+    p.add_argument("--only", default=",".join(CHECKS), help="comma-separated subset of the checks")
     args = p.parse_args(argv)
     args.only = args.only.split(",")
     unknown = [n for n in args.only if n not in CHECKS]

@@ -1,7 +1,7 @@
 """
 Plan a pretraining run before renting GPUs: parameters, horizon, batch, memory, time and cost.
 
-    python -m scripts.plan --depth 24 --gpus 8 --gpu h100 --target-param-data-ratio 8 --fp8
+    python -m scripts.plan --depth 24 --target-param-data-ratio 8 --device-batch-size 16 --fp8 --gpus 8 --gpu h100
 
     python -m scripts.plan --depth 24 --target-param-data-ratio 8 --json     # the derived recipe as JSON
 
@@ -14,18 +14,17 @@ activations are what the compiled model saves for backward, MEASURED on small mo
 than the logits' gradient are covered only by the 10% margin. The time is total FLOPs / (gpus × bf16 peak × MFU); the MFU is --mfu, else one recorded
 for this GPU in docs/PERF.md, else 0.40 (assumed, not measured).
 """
-import argparse
 import functools
 import json
 import math
 import os
 import re
-import sys
 from collections import defaultdict
 
 import torch
 import torch.nn as nn
 
+from nanochat.cli import ArgumentParser, check
 from nanochat.common import PEAK_BF16_FLOPS
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.optim import SHARD_MIN_NUMEL
@@ -98,19 +97,35 @@ def measure_saved_bytes(head_dim, window_pattern):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--depth", type=int, default=20, help="model depth")
+    p = ArgumentParser("python -m scripts.plan", __doc__)
+    p.add_argument("--depth", type=int, default=20, help="layers, as base_train --depth")
     p.add_argument("--gpus", type=int, default=8, help="number of GPUs (data-parallel processes)")
-    p.add_argument("--gpu", default="h100", help="GPU kind: " + ", ".join(GPUS))
-    p.add_argument("--target-param-data-ratio", type=float, default=12, help="tokens per (matrix + lm_head) param")
+    p.add_argument("--gpu", type=str.lower, default="h100", choices=list(GPUS), help="GPU kind")
+    p.add_argument("--target-param-data-ratio", type=float, default=12,
+                   help="training tokens per (matrix + lm_head) parameter, as base_train")
     p.add_argument("--fp8", action="store_true", help="as base_train --fp8; FLOPs and memory are counted in bf16")
-    p.add_argument("--device-batch-size", default="auto", help="auto (largest power of two that fits) or N")
-    p.add_argument("--max-seq-len", type=int, default=2048)
-    p.add_argument("--vocab-size", type=int, default=32768)
-    p.add_argument("--mfu", type=float, default=None, help="model FLOPs utilization (default: docs/PERF.md or 0.40)")
-    p.add_argument("--gpu-hour-cost", type=float, default=3.0, help="$ per GPU-hour")
+    p.add_argument("--device-batch-size", default="auto",
+                   help="rows per GPU per micro-step, or 'auto': the largest power of two estimated to fit")
+    p.add_argument("--max-seq-len", type=int, default=2048, help="context length, as base_train")
+    p.add_alias("--seq-len", "max_seq_len")  # old name of the bench scripts
+    p.add_argument("--vocab-size", type=int, default=32768, help="tokenizer vocabulary size")
+    p.add_argument("--mfu", type=float, default=None,
+                   help="model FLOPs utilization (default: recorded in docs/PERF.md for this GPU, else 0.40)")
+    p.add_argument("--gpu-hour-cost", type=float, default=3.0, help="dollars per GPU-hour")
     p.add_argument("--json", action="store_true", help="print the derived recipe as JSON instead of the table")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check(p, [
+        (args.depth < 1, f"--depth {args.depth}: must be >= 1 (the number of layers)"),
+        (args.gpus < 1, f"--gpus {args.gpus}: must be >= 1"),
+        (not args.target_param_data_ratio > 0, f"--target-param-data-ratio {args.target_param_data_ratio}: must be > 0"),
+        (args.device_batch_size != "auto" and not (args.device_batch_size.isdigit() and int(args.device_batch_size) > 0),
+         f"--device-batch-size {args.device_batch_size}: expected a positive integer or 'auto'"),
+        (args.max_seq_len < 1, f"--max-seq-len {args.max_seq_len}: must be >= 1"),
+        (args.vocab_size < 1, f"--vocab-size {args.vocab_size}: must be >= 1"),
+        (args.mfu is not None and not 0 < args.mfu <= 1, f"--mfu {args.mfu}: must be in (0, 1]"),
+        (args.gpu_hour_cost < 0, f"--gpu-hour-cost {args.gpu_hour_cost}: must be >= 0"),
+    ])
+    return args
 
 
 def plan_recipe(args, device_batch_size):
@@ -166,10 +181,7 @@ def recorded_mfu(gpu_key, path=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.gpu.lower() not in GPUS:
-        print(f"error: --gpu {args.gpu!r} is unknown; known: {', '.join(GPUS)}", file=sys.stderr)
-        sys.exit(1)
-    peak_key, mem_gb = GPUS[args.gpu.lower()]
+    peak_key, mem_gb = GPUS[args.gpu]
     peak = PEAK_BF16_FLOPS[peak_key]
     budget = mem_gb * 1e9 * SAFETY
 
@@ -190,7 +202,7 @@ def main(argv=None):
 
     recipe = plan_recipe(args, device_batch)
     counts, flops_per_token, horizon_params = recipe.num_params, recipe.flops_per_token, recipe.horizon_params
-    B, steps, accum, tokens = recipe.total_batch_size, recipe.num_iterations, recipe.grad_accum_steps, recipe.tokens
+    batch, steps, accum, tokens = recipe.total_batch_size, recipe.num_iterations, recipe.grad_accum_steps, recipe.tokens
     total_flops = tokens * flops_per_token
     if args.json:
         print(json.dumps(recipe.to_json(), indent=2))
@@ -212,7 +224,7 @@ def main(argv=None):
     rows += [
         ("horizon params", f"{horizon_params:,} (matrices + lm_head)"),
         ("tokens", f"{tokens:,} ({tokens:.3e}, {tokens / horizon_params:.2f} per horizon param)"),
-        ("total batch", f"{B:,} tokens (2^{math.log2(B):g})" if B & (B - 1) == 0 else f"{B:,} tokens"),
+        ("total batch", f"{batch:,} tokens (2^{math.log2(batch):g})" if batch & (batch - 1) == 0 else f"{batch:,} tokens"),
         ("steps", f"{steps:,}"),
         ("device batch", f"{device_batch} × {T}" + (" (auto)" if args.device_batch_size == "auto" else "")),
         ("grad accumulation", f"{accum} micro-steps × {args.gpus} GPUs"),
@@ -244,7 +256,7 @@ def main(argv=None):
 
     return {
         "config": config, "num_params": counts, "horizon_params": horizon_params, "tokens": tokens,
-        "total_batch_size": B, "num_iterations": steps, "grad_accum_steps": accum, "recipe": recipe,
+        "total_batch_size": batch, "num_iterations": steps, "grad_accum_steps": accum, "recipe": recipe,
         "muon_weight_decay": recipe.muon_weight_decay,
         "device_batch_size": device_batch, "max_fitting_device_batch_size": best_fit,
         "flops_per_token": flops_per_token, "total_flops": total_flops,

@@ -8,9 +8,9 @@ Talk to a pretrained model: stream a completion of a prompt through the KV-cache
 A base model continues text; it does not answer questions. Give it the start of something
 ("The capital of France is") rather than a question. --temperature 0 is greedy decoding.
 """
-import argparse
 import sys
 
+from nanochat.cli import DEVICE_TYPES, ArgumentParser, check
 from nanochat.checkpoint import get_run_dir, load_model, newest_model_tag
 from nanochat.common import compute_init
 from nanochat.engine import Engine
@@ -18,8 +18,7 @@ from nanochat.tokenizer import get_tokenizer
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m scripts.sample", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser("python -m scripts.sample", __doc__)
     p.add_argument("--model-tag", default=None, help="run under base_checkpoints/ (default: the newest)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
     p.add_argument("--prompt", default=None, help="text to continue (default with -i: ask for one)")
@@ -29,16 +28,12 @@ def parse_args(argv=None):
     p.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens; 0 = all (default: 50)")
     p.add_argument("--num-samples", type=int, default=1, help="completions per prompt (default: 1)")
     p.add_argument("--seed", type=int, default=42, help="sampling seed (default: 42)")
-    p.add_argument("--device-type", default=None, choices=["cuda", "mps", "cpu"], help="default: autodetect")
+    p.add_argument("--device-type", default=None, choices=DEVICE_TYPES, help="default: autodetect")
     args = p.parse_args(argv)
-    if args.prompt is None and not args.interactive:
-        p.error("give --prompt TEXT, or -i for a prompt loop")
-    for flag, value, low in [("--max-tokens", args.max_tokens, 1), ("--num-samples", args.num_samples, 1),
-                             ("--top-k", args.top_k, 0)]:
-        if value < low:
-            p.error(f"{flag} {value}: must be >= {low}")
-    if args.temperature < 0:
-        p.error(f"--temperature {args.temperature}: must be >= 0")
+    check(p, [(args.prompt is None and not args.interactive, "give --prompt TEXT, or -i for a prompt loop")] +
+          [(value < low, f"{flag} {value}: must be >= {low}") for flag, value, low in [
+              ("--max-tokens", args.max_tokens, 1), ("--num-samples", args.num_samples, 1), ("--top-k", args.top_k, 0),
+              ("--temperature", args.temperature, 0)]])
     return args
 
 

@@ -6,11 +6,11 @@ training step. The reference tokenizers are used only if a copy is available off
 
     python -m scripts.tok_eval --gpt2 path/to/gpt2.tiktoken
 """
-import argparse
 import hashlib
 import os
 import tempfile
 
+from nanochat.cli import ArgumentParser
 from nanochat.checkpoint import save_json
 from nanochat.dataset import iter_documents
 from nanochat.tokenizer import Tokenizer, get_tokenizer, get_tokenizer_dir
@@ -45,9 +45,11 @@ def sample_text(split, max_chars):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--gpt2", help="GPT-2 ranks file (r50k_base .tiktoken)")
-    parser.add_argument("--cl100k", help="GPT-4 ranks file (cl100k_base .tiktoken)")
+    parser = ArgumentParser("python -m scripts.tok_eval", __doc__)
+    parser.add_argument("--gpt2", metavar="FILE",
+                        help="GPT-2 ranks file, r50k_base .tiktoken (default: tiktoken's cache, else skipped)")
+    parser.add_argument("--cl100k", metavar="FILE",
+                        help="GPT-4 ranks file, cl100k_base .tiktoken (default: tiktoken's cache, else skipped)")
     parser.add_argument("--max-chars", type=int, default=10_000_000, help="characters of text per split")
     args = parser.parse_args(argv)
 

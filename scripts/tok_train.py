@@ -3,13 +3,13 @@ Train the BPE tokenizer on the first --max-chars characters of the training shar
 
     python -m scripts.tok_train --vocab-size 32768 --max-chars 2000000000
 """
-import argparse
 import os
 import time
 
+from nanochat.cli import ArgumentParser, check
 from nanochat.checkpoint import checkpoints_using, save_json
 from nanochat.dataset import iter_documents
-from nanochat.tokenizer import Tokenizer, get_tokenizer, get_tokenizer_dir
+from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer, get_tokenizer, get_tokenizer_dir
 
 
 def capped_texts(max_chars, doc_cap):
@@ -42,13 +42,18 @@ def refuse_to_orphan_checkpoints(force):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser("python -m scripts.tok_train", __doc__)
     parser.add_argument("--vocab-size", type=int, default=32768, help="vocab size including special tokens")
     parser.add_argument("--max-chars", type=int, default=2_000_000_000, help="characters of training text to use")
     parser.add_argument("--doc-cap", type=int, default=10_000, help="characters kept from each document")
     parser.add_argument("--force", action="store_true",
                         help="replace the tokenizer even if checkpoints were trained with it (they become unusable)")
     args = parser.parse_args(argv)
+    smallest = 256 + len(SPECIAL_TOKENS)  # every byte is a token, and the specials come on top
+    check(parser, [(args.vocab_size < smallest, f"--vocab-size {args.vocab_size}: must be >= {smallest} "
+                                                f"(256 byte tokens + {len(SPECIAL_TOKENS)} specials)"),
+                   (args.max_chars < 1, f"--max-chars {args.max_chars}: must be >= 1"),
+                   (args.doc_cap < 1, f"--doc-cap {args.doc_cap}: must be >= 1")])
     refuse_to_orphan_checkpoints(args.force)
 
     t0 = time.time()

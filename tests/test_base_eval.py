@@ -121,7 +121,7 @@ def test_main_end_to_end(base_dir, server, monkeypatch, capsys):
     url, routes, _ = server
     routes["/bundle.zip"] = [(200, bundle_zip())]
     monkeypatch.setenv("NANOCHAT_EVAL_BUNDLE_URL", url + "/bundle.zip")
-    res = base_eval.main(["--max-per-task", "2", "--bpb-tokens", "512", "--device-batch-size", "2",
+    res = base_eval.main(["--core-max-per-task", "2", "--bpb-tokens", "512", "--device-batch-size", "2",
                           "--samples", "2", "--device-type", "cpu"])
     assert (base_dir / "eval_bundle" / "core.yaml").exists()  # downloaded to the default place, then used
     with open(get_run_dir("d1") + "/base_eval.json") as f:
@@ -164,7 +164,7 @@ def test_main_uses_given_bundle_and_newest_tag(base_dir, tmp_path):
     bundle = tmp_path / "my_bundle"
     only_copa = lambda d, names: [n for n in names if n.endswith(".jsonl") and n != "copa.jsonl"]  # noqa: E731
     shutil.copytree(BUNDLE, bundle, ignore=only_copa)
-    res = base_eval.main(["--eval-bundle", str(bundle), "--max-per-task", "3", "--bpb-tokens", "0",
+    res = base_eval.main(["--eval-bundle", str(bundle), "--core-max-per-task", "3", "--bpb-tokens", "0",
                           "--samples", "0", "--device-type", "cpu"])
     assert res["step"] == 7 and res["n_tasks"] == 1 and res["tasks"]["copa"]["n_items"] == 3
     assert res["bpb"] == {} and res["samples"] == []

@@ -10,7 +10,7 @@ import torch
 from scripts import base_train
 
 TINY = ["--depth", "1", "--head-dim", "16", "--max-seq-len", "32", "--device-batch-size", "4",
-        "--eval-every", "3", "--eval-tokens", "256", "--core-every", "-1", "--sample-every", "-1",
+        "--eval-every", "3", "--bpb-tokens", "256", "--core-every", "0", "--sample-every", "0",
         "--device-type", "cpu"]
 
 
@@ -77,7 +77,7 @@ def test_wandb_offline(base_dir, monkeypatch):
 def test_sigterm_checkpoints_and_resume_matches(base_dir):
     import signal
     import time
-    args = TINY + ["--num-iterations", "60", "--total-batch-size", "128", "--eval-every", "-1"]
+    args = TINY + ["--num-iterations", "60", "--total-batch-size", "128", "--eval-every", "0"]
     base_train.main(args + ["--model-tag", "straight"])
     proc = subprocess.Popen([sys.executable, "-m", "scripts.base_train", *args, "--model-tag", "killed"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=os.getcwd())
@@ -162,20 +162,38 @@ def test_out_of_memory_names_the_flag_to_try(base_dir, monkeypatch):
         base_train.main(TINY + ["--num-iterations", "2", "--total-batch-size", "128"])
 
 
-def test_bad_device_batch_size_is_a_clear_error(base_dir):
-    with pytest.raises(ValueError, match="--device-batch-size lots"):
-        base_train.main(TINY + ["--num-iterations", "2", "--device-batch-size", "lots"])
-
-
 @pytest.mark.parametrize("flags, message", [
+    (["--device-batch-size", "lots"], "--device-batch-size lots: expected a positive integer or 'auto'"),
     (["--window-pattern", "SSXL"], "--window-pattern 'SSXL'"),
     (["--head-dim", "15"], "--head-dim 15"),
     (["--warmdown-ratio", "1.5"], "--warmdown-ratio 1.5"),
     (["--target-flops", "1e12"], "--num-iterations and --target-flops"),
     (["--model-tag", "../elsewhere"], "--model-tag '../elsewhere'"),
+    (["--device-type", "gpu"], "argument --device-type: invalid choice: 'gpu'"),
+    (["--eval-every", "-5"], "argument --eval-every: -5: expected N >= 1 steps, or 0 for off"),
+    # values that used to mean "auto" (or crash) by accident: auto is leaving the flag out
+    (["--num-iterations", "0"], "--num-iterations 0: must be >= 1 (leave the flag out for auto)"),
+    (["--total-batch-size", "0"], "--total-batch-size 0: must be >= 1 tokens (leave the flag out for auto)"),
+    (["--total-batch-size", "-512"], "--total-batch-size -512: must be >= 1 tokens"),
+    (["--depth", "0"], "--depth 0: must be >= 1"),
+    (["--depth", "-3"], "--depth -3: must be >= 1"),
+    (["--weight-decay", "-1"], "--weight-decay -1.0: must be >= 0 (leave the flag out for auto)"),
 ])
-def test_incompatible_flags_are_one_line_errors(base_dir, flags, message):
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")) as e:
+def test_bad_flags_are_one_line_errors(base_dir, flags, message, capsys):
+    with pytest.raises(SystemExit) as e:
         base_train.main(TINY + ["--num-iterations", "2", *flags])
-    assert "\n" not in str(e.value)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1  # argparse's exit status, one line, no traceback
+    assert err.startswith("python -m scripts.base_train: error: ") and message in err, err
     assert not (base_dir / "base_checkpoints").exists()  # nothing was written
+
+
+def test_auto_flags_and_old_spellings():
+    auto = base_train.parse_args([])
+    assert (auto.num_iterations, auto.total_batch_size, auto.target_flops, auto.weight_decay, auto.compile) == \
+        (None, None, None, None, None)
+    assert (auto.save_every, auto.max_seq_len, auto.bpb_tokens, auto.core_max_per_task) == (0, 2048, 5242880, 500)
+    old = base_train.parse_args(["--eval-tokens", "64", "--seq-len", "128", "--max-per-task", "7", "--core-every", "-1",
+                                 "--sample-every", "-1", "--eval-every", "-1", "--save-every", "-1", "--no-compile"])
+    assert (old.bpb_tokens, old.max_seq_len, old.core_max_per_task) == (64, 128, 7)
+    assert (old.core_every, old.sample_every, old.eval_every, old.save_every, old.compile) == (0, 0, 0, 0, False)

@@ -4,7 +4,7 @@ import pytest
 
 from scripts import bench_model
 
-TINY = ["--depth", "2", "--head-dim", "16", "--seq-len", "32", "--vocab-size", "64", "--device-batch-size", "2",
+TINY = ["--depth", "2", "--head-dim", "16", "--max-seq-len", "32", "--vocab-size", "64", "--device-batch-size", "2",
         "--steps", "3", "--warmup", "1", "--device-type", "cpu"]
 
 
@@ -23,7 +23,7 @@ def test_result_json_and_arithmetic(tmp_path, monkeypatch, capsys):
 def test_breakdown_adds_up(capsys):
     r = bench_model.main(TINY + ["--breakdown"])
     rows = {row["component"].split(" ")[0]: row for row in r["breakdown"]}
-    assert sum(row["flops_per_token"] for row in r["breakdown"]) == r["flops_per_token"]  # SPEC formula, split
+    assert sum(row["flops_per_token"] for row in r["breakdown"]) == r["flops_per_token"]  # estimate_flops, split
     assert rows["MLP"]["flops_per_token"] == 6 * 8 * 128 * 128 * 2
     assert all(row["seconds"] > 0 for name, row in rows.items() if name != "rest:")
     assert "component" in capsys.readouterr().out

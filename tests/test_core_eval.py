@@ -325,6 +325,40 @@ def test_evaluate_core_aggregates_and_skips_missing(tok, tmp_path, capsys):
     assert (sub["max_per_task"], sub["subset_seed"]) == (1, core_eval.SUBSET_SEED)
 
 
+def test_damaged_bundle_files_are_one_line_errors_naming_file_and_fix(tmp_path):
+    mc = [{"query": "Q", "choices": ["a", "b"], "gold": 1}]
+    write_bundle(tmp_path, [("mc", "multiple_choice", "b/mc.jsonl", 0, 50, mc)], present={"mc"})
+    fix = "python -m scripts.base_eval --download-only"
+    (tmp_path / "eval_meta_data.csv").rename(tmp_path / "meta.bak")
+    with pytest.raises(core_eval.BundleError) as e:
+        core_eval.load_tasks(str(tmp_path))
+    msg = str(e.value)
+    assert msg.startswith(f"{tmp_path / 'eval_meta_data.csv'}: missing;") and fix in msg and "\n" not in msg
+    (tmp_path / "meta.bak").rename(tmp_path / "eval_meta_data.csv")
+    (tmp_path / "core.yaml").write_text("icl_tasks: [unclosed")
+    with pytest.raises(core_eval.BundleError, match=r"core\.yaml: unreadable \(ParserError") as e:
+        core_eval.load_tasks(str(tmp_path))
+    assert fix in str(e.value) and "\n" not in str(e.value)
+    (tmp_path / "core.yaml").unlink()
+    with pytest.raises(core_eval.BundleError, match=r"core\.yaml: missing; the eval bundle .* is damaged: delete it"):
+        core_eval.load_tasks(str(tmp_path))
+
+
+def test_a_corrupt_task_file_is_skipped_and_labelled(tok, tmp_path, capsys):
+    mc = [{"query": "Q", "choices": ["red", "green dog mat"], "gold": 1}] * 4
+    write_bundle(tmp_path, [("mc", "multiple_choice", "b/mc.jsonl", 0, 50, mc),
+                            ("bad", "multiple_choice", "b/bad.jsonl", 0, 25, mc)], present={"mc", "bad"})
+    (tmp_path / "eval_data" / "b" / "bad.jsonl").write_text('{"query": "Q\x01 unterminated\n')
+    tasks = core_eval.load_tasks(str(tmp_path))
+    assert [t["problem"] for t in tasks] == [None, tasks[1]["problem"]] and tasks[1]["data"] is None
+    assert tasks[1]["problem"].startswith("corrupt (")
+    res = core_eval.evaluate_core(mc_model(tok), tok, str(tmp_path), "cpu")
+    out = capsys.readouterr().out
+    assert res["skipped"] == ["bad"] and res["skipped_why"]["bad"].startswith("corrupt (")
+    assert "bad.jsonl is corrupt (" in out and "--download-only" in out
+    assert res["core_label"] == "CORE over 1/2 tasks, all items"
+
+
 def test_load_tasks_real_bundle_layout():
     if not os.path.isdir(BUNDLE):
         pytest.skip("shared/eval_bundle not present")

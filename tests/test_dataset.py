@@ -465,6 +465,38 @@ def test_demo_build(tmp_path, capsys):
     found = list(dataset.iter_documents("train", str(out))) + list(dataset.iter_documents("val", str(out)))
     assert Counter(found) == Counter(dataset.read_local_documents([dataset.DEMO_CORPUS]))
     assert capsys.readouterr().out.splitlines()[-1] == f"done: 1 train shard(s) + 1 val shard in {out}"
+    # automatic row groups: 64 in the train shard, 8 in the val shard (with 1,024 documents per row
+    # group, as before, it had 8 and 1, and the README's d12 run, 16 data streams, stopped at once)
+    groups = {name: [g.num_rows for g in map(pq.read_metadata(str(out / name)).row_group,
+                                              range(pq.read_metadata(str(out / name)).num_row_groups))]
+              for name in manifest["docs"]}
+    assert [len(groups["shard_00000.parquet"]), len(groups["shard_00001.parquet"])] == [64, 8]
+    assert max(groups["shard_00000.parquet"]) == 113 and max(groups["shard_00001.parquet"]) == 100
+
+
+def test_demo_shards_feed_every_data_stream_of_the_readme_commands(tmp_path, monkeypatch):
+    # `python -m scripts.base_train --depth 12` on one process: 16 micro-steps, so 16 train streams;
+    # 8 GPUs × 8 micro-steps: 64. Every stream must get row groups; val is read by one stream per process.
+    from nanochat.dataloader import DataLoader
+    from nanochat.recipe import derive
+    from nanochat.tokenizer import Tokenizer
+    assert derive(depth=12, vocab_size=8192, sequence_len=2048, processes=1, device_batch_size=16).grad_accum_steps == 16
+    out = tmp_path / "base_data"
+    dataset.build_local([dataset.DEMO_CORPUS], str(out), source="demo")
+    tok = Tokenizer.train(iter(list(dataset.iter_documents("train", str(out)))[:50]), vocab_size=300)
+    for split, streams in (("train", 64), ("val", 8)):
+        loader = DataLoader(tok, 2, 32, split, data_dir=str(out), rank=streams - 1, world_size=streams)
+        x, _ = next(loader)
+        loader.close()
+        assert x.shape == (2, 32)
+    with pytest.raises(ValueError, match="data stream 8 of 9 gets no row group of the 'val' shards"):
+        DataLoader(tok, 2, 32, "val", data_dir=str(out), rank=8, world_size=9)
+
+
+def test_explicit_row_group_size_is_kept(tmp_path):
+    paths = dataset.write_shards([f"doc {i}" for i in range(300)], str(tmp_path), docs_per_shard=200, val_docs=50,
+                                 row_group_size=128)
+    assert [pq.read_metadata(p).num_row_groups for p in paths] == [2, 1, 1]  # 200 = 128 + 72, 50, 50
 
 
 def test_demo_eval_bundle():

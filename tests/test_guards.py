@@ -240,7 +240,7 @@ def test_other_os_errors_are_still_retried(tmp_path, monkeypatch):
 # 5. incompatible base_train flags (the checks that exist today)
 
 TINY = ["--depth", "1", "--head-dim", "16", "--max-seq-len", "32", "--device-batch-size", "4",
-        "--eval-every", "-1", "--core-every", "-1", "--sample-every", "-1", "--device-type", "cpu"]
+        "--eval-every", "0", "--core-every", "0", "--sample-every", "0", "--device-type", "cpu"]
 
 
 @pytest.fixture

@@ -130,7 +130,7 @@ def test_base_eval_hf_path(saved, base_dir, tmp_path):
     bundle = tmp_path / "bundle"
     write_bundle(bundle, [("lm", "language_modeling", "a/lm.jsonl", 0, 0,
                            [{"context": "the cat sat on the", "continuation": "mat."}] * 4)], present={"lm"})
-    res = base_eval.main(["--hf-path", saved, "--eval-bundle", str(bundle), "--max-per-task", "3",
+    res = base_eval.main(["--hf-path", saved, "--eval-bundle", str(bundle), "--core-max-per-task", "3",
                           "--bpb-tokens", "128", "--device-batch-size", "2", "--device-type", "cpu"])
     out = base_dir / "hf_eval" / saved.strip("/").replace("/", "--") / "base_eval.json"
     with open(out) as f:

@@ -68,10 +68,10 @@ def test_mfu_read_from_perf_md(tmp_path, monkeypatch):
     assert out["mfu"] == pytest.approx(0.525) and "measured" in out["mfu_source"]
 
 
-def test_unknown_gpu_exits_1(capsys):
+def test_unknown_gpu_is_a_flag_error(capsys):
     with pytest.raises(SystemExit) as e:
         plan.main(["--depth", "12", "--gpu", "v100"])
-    assert e.value.code == 1
+    assert e.value.code == 2
     err = capsys.readouterr().err
     assert "--gpu" in err and "h100" in err
 
@@ -96,3 +96,22 @@ def test_d24_batch_16_memory_is_the_measured_one(d24):
     m = plan.main(D24 + ["--fp8", "--device-batch-size", "16"])["memory"]
     assert 45e9 < m["activations"] < 55e9  # the hand count of saved activations said 58.4 GB (67.9 GB in all)
     assert 60e9 < m["total"] < 70e9
+
+
+def test_readme_plan_example_is_the_speedruns_and_its_numbers_are_what_plan_prints(monkeypatch):
+    import os
+    import re
+    import shlex
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    readme = open(os.path.join(root, "README.md"), encoding="utf-8").read()
+    command = re.search(r"^python -m scripts\.plan (--depth 24 .*)$", readme, re.M).group(1)
+    argv = shlex.split(command)
+    # the speedrun's own flags on an 8×H100 node (speedrun.sh: TRAIN_ARGS with BATCH=16 and --fp8)
+    assert argv == ["--depth", "24", "--target-param-data-ratio", "8", "--device-batch-size", "16", "--fp8",
+                    "--gpus", "8", "--gpu", "h100"]
+    monkeypatch.setattr(plan, "recorded_mfu", lambda key, path=None: None)  # the README quotes the assumed MFU
+    out = plan.main(argv)
+    shown = readme[readme.index(command):][:400]
+    assert f"steps {out['num_iterations']:,};" in shown
+    assert f"training time {out['hours']:.2f} h" in shown and f"cost ${out['cost']:,.2f}" in shown
+    assert f"{out['hours']:.2f} h and ${out['cost']:,.2f}" in readme  # the headline paragraph

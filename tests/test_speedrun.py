@@ -43,9 +43,9 @@ def speedrun(repo, base_dir, timeout=900, path_prefix=None, **env):
 def test_speedrun_cpu_smoke(clone, tmp_path):
     base = tmp_path / "base"
     smoke = dict(  # smoke sizes, as environment overrides of the same script users run
-        NANOCHAT_TRAIN_ARGS="--num-iterations 4 --eval-every 2 --eval-tokens 8192 --sample-every 4 "
+        NANOCHAT_TRAIN_ARGS="--num-iterations 4 --eval-every 2 --bpb-tokens 8192 --sample-every 4 "
                             "--core-every 4 --core-max-per-task 2",
-        NANOCHAT_EVAL_ARGS="--max-per-task 2 --bpb-tokens 8192")
+        NANOCHAT_EVAL_ARGS="--core-max-per-task 2 --bpb-tokens 8192")
     out = speedrun(clone, base, **smoke)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "data: source demo" in out.stdout and "downloading" not in out.stdout + out.stderr
@@ -111,7 +111,7 @@ def test_ctrl_c_during_training_stops_speedrun_before_evaluation(clone, tmp_path
     env = {**{k: v for k, v in os.environ.items() if k not in ("NANOCHAT_DATA_SOURCE", "NANOCHAT_EVAL_BUNDLE",
                                                                  "PYTHONPATH")},
            "NANOCHAT_BASE_DIR": str(base), "NANOCHAT_DATA_URL": UNREACHABLE,
-           "NANOCHAT_TRAIN_ARGS": "--num-iterations 5000 --eval-every -1 --core-every -1 --sample-every -1"}
+           "NANOCHAT_TRAIN_ARGS": "--num-iterations 5000 --eval-every 0 --core-every 0 --sample-every 0"}
     proc = subprocess.Popen(["bash", "speedrun.sh"], cwd=clone, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     metrics = base / "base_checkpoints" / "d4" / "metrics.jsonl"
