@@ -179,6 +179,19 @@ def recorded_mfu(gpu_key, path=None):
     return None
 
 
+def time_and_cost(args, peak_key, peak, total_flops):
+    """(MFU, where it comes from, training seconds, dollars): total FLOPs at that fraction of the
+    GPUs' bf16 peak. The MFU is --mfu, else one measured on this GPU (docs/PERF.md), else assumed."""
+    if args.mfu is not None:
+        mfu, mfu_source = args.mfu, "given (--mfu)"
+    elif (recorded := recorded_mfu(peak_key)) is not None:
+        mfu, mfu_source = recorded, "measured, docs/PERF.md"
+    else:
+        mfu, mfu_source = DEFAULT_MFU, "assumed, not measured"
+    seconds = total_flops / (args.gpus * peak * mfu)
+    return mfu, mfu_source, seconds, seconds / 3600 * args.gpus * args.gpu_hour_cost
+
+
 def main(argv=None):
     args = parse_args(argv)
     peak_key, mem_gb = GPUS[args.gpu]
@@ -207,15 +220,8 @@ def main(argv=None):
     if args.json:
         print(json.dumps(recipe.to_json(), indent=2))
 
-    if args.mfu is not None:
-        mfu, mfu_source = args.mfu, "given (--mfu)"
-    elif (recorded := recorded_mfu(peak_key)) is not None:
-        mfu, mfu_source = recorded, "measured, docs/PERF.md"
-    else:
-        mfu, mfu_source = DEFAULT_MFU, "assumed, not measured"
-    seconds = total_flops / (args.gpus * peak * mfu)
+    mfu, mfu_source, seconds, cost = time_and_cost(args, peak_key, peak, total_flops)
     hours = seconds / 3600
-    cost = hours * args.gpus * args.gpu_hour_cost
 
     GB = 1e9
     rows = [("model", f"d{config.n_layer}: {config.n_embd} wide, {config.n_head} heads × {config.head_dim}, "

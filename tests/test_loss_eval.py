@@ -80,15 +80,13 @@ def test_a_split_larger_than_asked_scores_what_was_asked(base_dir):
 # ---------------------------------------------------------------------------------------------
 # A val split with fewer row groups than ranks (a small local corpus on many GPUs)
 
-import random  # noqa: E402
 
 import pytest  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from nanochat.dataloader import DataLoader  # noqa: E402
-from nanochat.dataset import write_shards  # noqa: E402
 from nanochat.gpt import GPTConfig, build_model  # noqa: E402
-from nanochat.tokenizer import Tokenizer  # noqa: E402
+from conftest import write_tiny_base  # noqa: E402
 from optim_toy import spawn_gloo  # noqa: E402
 
 B, T = 2, 32
@@ -98,12 +96,7 @@ B, T = 2, 32
 def one_row_group_val(tmp_path, monkeypatch):
     """Tiny shards whose val split (40 documents) is ONE row group, and a 300-token tokenizer."""
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
-    rng = random.Random(0)
-    words = "the of and to in is was for on that with as by at from his her an which were are".split()
-    docs = [" ".join(rng.choice(words) for _ in range(rng.randint(5, 80))) for _ in range(200)]
-    write_shards(docs, str(tmp_path / "base_data"), docs_per_shard=160, val_docs=40, row_group_size=64)
-    Tokenizer.train(iter(docs), vocab_size=300).save(str(tmp_path / "tokenizer"))
-    return tmp_path
+    return write_tiny_base(tmp_path, n_docs=200, docs_per_shard=160, row_group_size=64)
 
 
 def split_bpb(rank, world, tokens):

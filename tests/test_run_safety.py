@@ -48,7 +48,7 @@ def test_rotation_never_deletes_a_newer_checkpoint(tmp_path):
     assert list_steps(tmp_path) == [40, 50, 60]
 
 
-def test_a_tag_that_holds_a_run_is_refused_without_resume_and_overwrite_moves_it_aside(base_dir):
+def test_a_tag_that_holds_a_run_is_refused_without_resume_and_overwrite_moves_it_aside(base_dir, capsys):
     base_train.main(TINY + ["--num-iterations", "2", "--model-tag", "t"])
     with pytest.raises(ValueError, match=r"holds another run: continue it with --resume, start this one under "
                                          r"another --model-tag, or move the old one aside with --overwrite"):
@@ -59,8 +59,9 @@ def test_a_tag_that_holds_a_run_is_refused_without_resume_and_overwrite_moves_it
     assert len(old) == 1 and list_steps(base_dir / "base_checkpoints" / old[0]) == [2]  # moved, not deleted
     assert list_steps(run_dir(base_dir, "t")) == [3, 4] or list_steps(run_dir(base_dir, "t")) == [4]
     assert [r["step"] for r in records(base_dir, "t") if r["type"] == "train"] == [1, 2, 3, 4]
-    with pytest.raises(ValueError, match="--overwrite and --resume"):
+    with pytest.raises(SystemExit) as e:  # a flag conflict: argparse's one-line error, exit 2
         base_train.main(TINY + ["--num-iterations", "4", "--model-tag", "t", "--overwrite", "--resume"])
+    assert e.value.code == 2 and "--overwrite and --resume" in capsys.readouterr().err
     base_train.main(TINY + ["--num-iterations", "2", "--model-tag", "new", "--resume"])  # nothing to resume: starts
     assert list_steps(run_dir(base_dir, "new")) == [2]
 
