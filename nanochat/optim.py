@@ -4,7 +4,7 @@ Muon + AdamW in one optimizer, for one process or many.
 Muon (for the 2-D matrices inside the blocks) replaces each update by the nearest semi-orthogonal
 matrix, so every direction in the matrix's input/output space moves by the same amount: the rare
 directions a raw gradient barely touches learn as fast as the dominant ones. Per step it does
-  Nesterov momentum -> MuonEq row equilibration -> Polar Express orthogonalization (both bf16)
+  Nesterov momentum -> MuonEq row equilibration -> Polar Express orthogonalization (both bf16 on GPU)
   -> Muon+ rescale -> NorMuon per-row step sizes -> cautious weight decay
   -> p -= lr * sqrt(max(1, rows/cols)) * update.
 AdamW handles the rest (embeddings, lm_head, scalars), in fp32 even for bf16 parameters.
@@ -31,6 +31,8 @@ Training loop contract (the loop never all-reduces anything itself):
 import torch
 import torch.distributed as dist
 
+from nanochat.common import compute_dtype
+
 # Tensors with at least this many elements are sharded across ranks; smaller ones are all-reduced
 # (sharding a vector of 12 layer scalars would save nothing and cost a collective each way).
 SHARD_MIN_NUMEL = 1 << 20
@@ -49,9 +51,10 @@ POLAR_EXPRESS_COEFFS = [
 ]
 
 
-# The dtype of Muon's orthogonalization (MuonEq + Polar Express): bf16 matmuls, since this is Muon's
-# main cost and the result needs little precision. Tests set fp32 to compare without bf16 noise.
-ORTHO_DTYPE = torch.bfloat16
+# The dtype of Muon's orthogonalization (MuonEq + Polar Express). None: the device's compute dtype,
+# bf16 on GPUs (Muon's main cost, and the result needs little precision), fp32 on CPUs, where bf16
+# matmuls are emulated (~45x slower than fp32 on the 2-core dev VM). Tests pin it to compare runs.
+ORTHO_DTYPE = None
 
 
 def muon_eq(X):
@@ -95,13 +98,13 @@ def normuon(U, second_moment, beta2):
     return V * (U.norm(dim=(-2, -1), keepdim=True) / V.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-10))
 
 
-def muon_update(p, grad, momentum_buffer, second_moment, lr, momentum, beta2, weight_decay, ns_steps):
+def muon_update(p, grad, momentum_buffer, second_moment, lr, momentum, beta2, weight_decay, ns_steps, ortho_dtype):
     """One Muon step, in place, on a fp32 stack p (R, m, n) of same-shape matrices. lr, momentum and
     weight_decay are 0-D tensors: the schedules change them every step without a recompile."""
     # Nesterov momentum: the buffer averages gradients; step along the gradient pulled toward it
     momentum_buffer.lerp_(grad, 1 - momentum)
     U = grad.lerp(momentum_buffer, momentum)
-    U = polar_express(muon_eq(U.to(ORTHO_DTYPE)), ns_steps).float()
+    U = polar_express(muon_eq(U.to(ortho_dtype)), ns_steps).float()
     U = normuon(muon_plus(U), second_moment, beta2)
     # Under an orthogonal update, a tall (out > in) matrix maps inputs of RMS 1 to outputs of RMS
     # sqrt(in/out) < 1 only; sqrt(rows/cols) restores a full-size step there (e.g. the MLP's c_fc).
@@ -277,7 +280,8 @@ class MuonAdamW(torch.optim.Optimizer):
         t = lambda x, dtype=torch.float64: torch.full((), x, dtype=dtype, device=p.device)  # noqa: E731
         self.muon_update(p, grad, state["momentum_buffer"], state["second_moment"], t(group["lr"]),
                          t(group["momentum"], torch.float32), group["beta2"], t(group["weight_decay"]),
-                         group["ns_steps"])  # momentum: fp32 like the buffers (lerp's weight must match)
+                         group["ns_steps"],  # momentum: fp32 like the buffers (lerp's weight must match)
+                         ORTHO_DTYPE or compute_dtype(p.device.type))
         p = p.to(like.dtype)
         if self.world == 1:
             for q, new in zip(group["params"], p):

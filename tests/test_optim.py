@@ -250,11 +250,25 @@ def test_muon_steps_match_float64(shape):
     p = ps[0].detach().clone().requires_grad_()
     p.grad = torch.randn(*shape, generator=gen)
     before = p.detach().double()
-    MuonAdamW([dict(kind="muon", params=[p], lr=0.05, momentum=0.9, weight_decay=0.0)]).step()
+    with orthogonalize_in(torch.bfloat16):
+        MuonAdamW([dict(kind="muon", params=[p], lr=0.05, momentum=0.9, weight_decay=0.0)]).step()
     fresh = {k: torch.zeros_like(v) for k, v in states[0].items()}
     expected = before - ref_muon_step(before, p.grad.double(), fresh, 0.05, 0.9, 0.0)
     got = before - p.detach().double()
     assert torch.nn.functional.cosine_similarity(got.flatten(), expected.flatten(), dim=0) > 0.99
+
+
+def test_orthogonalization_runs_in_the_devices_compute_dtype(monkeypatch):
+    # fp32 on a CPU (bf16 matmuls are emulated there, ~45x slower), bf16 where compute_dtype says so
+    seen = []
+    real = optim.polar_express
+    monkeypatch.setattr(optim, "polar_express", lambda X, steps=5: seen.append(X.dtype) or real(X, steps))
+    p = torch.randn(8, 16, requires_grad=True)
+    p.grad = torch.randn(8, 16)
+    MuonAdamW([dict(kind="muon", params=[p], lr=0.05)]).step()
+    monkeypatch.setenv("NANOCHAT_DTYPE", "bf16")  # what compute_dtype answers on a GPU
+    MuonAdamW([dict(kind="muon", params=[p], lr=0.05)]).step()
+    assert seen == [torch.float32, torch.bfloat16]
 
 
 def test_muon_cautious_mask_includes_zero_products():
