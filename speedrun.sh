@@ -8,8 +8,8 @@
 #   NANOCHAT_DATA_SOURCE=demo bash speedrun.sh           # the demo corpus in nanochat/demo_data, offline
 #
 # It picks a configuration from the hardware: 8 H100/H200-class GPUs run the reference recipe
-# (d24, 8 tokens per parameter, fp8, device batch 16; scripts.plan estimates 2.45 h at an assumed
-# 40% MFU, the target is under 2 h) on ClimbMix and the full CORE eval
+# (d24, 8 tokens per parameter, fp8, device batch 16; scripts.plan estimates 2.18 h at an assumed
+# 45% MFU, the target is under 2 h) on ClimbMix and the full CORE eval
 # bundle, both downloaded; fewer or smaller GPUs run the same model with gradient accumulation; no
 # GPU runs a small demo of every stage, fully offline, on the data shipped in nanochat/demo_data
 # (a small web + Shakespeare corpus and 50 items of each CORE task). Environment overrides:

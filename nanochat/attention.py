@@ -108,6 +108,18 @@ def _flash(q, k, v, window):
 
 
 def _flex(q, k, v, window):
+    # The compiled flex kernel specializes on every new shape. Uncompiled callers at shapes other
+    # than training's (CORE's variable lengths, every KV-cache decode step) would recompile it per
+    # call until dynamo's limit of 8, after which flex runs unfused and materializes every score
+    # (seen on an H200, torch 2.11: the in-training CORE took 6-10 s per 50-item task). SDPA takes
+    # any shape without compiling and applies the same mask rule, so those calls go there. The
+    # training shapes are the ones in _traced_masks (prepare_masks, or the first compiled trace).
+    if not torch.compiler.is_compiling() and (_block_mask, window, q.size(1), k.size(1), q.device) not in _traced_masks:
+        return _sdpa(q, k, v, window)
+    return _flex_kernel(q, k, v, window)
+
+
+def _flex_kernel(q, k, v, window):
     block_mask = _cached(_block_mask, window, q.size(1), k.size(1), q.device)
     out = _flex_fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask)
     return out.transpose(1, 2)

@@ -225,8 +225,9 @@ def build(args, rank, world, device):
     recipe = recipe_from_flags(args, tokenizer.vocab_size, world, device_batch)
     model = build_model(recipe.config, device)
     use_compile = device.type == "cuda" if args.compile is None else bool(args.compile)
-    if use_compile:  # the training shape's masks exist before tracing: no recompile to pick them up
-        prepare_masks(recipe.config.window_sizes(), args.max_seq_len, device)
+    # the training shape's masks exist before tracing (no recompile to pick them up), and mark the
+    # training shape for flex, which sends every other uncompiled shape to SDPA
+    prepare_masks(recipe.config.window_sizes(), args.max_seq_len, device)
     if args.device_batch_size == "auto":  # the batch depends on the model's memory: probe, then re-derive
         recipe = recipe_from_flags(args, tokenizer.vocab_size, world, probe_device_batch(
             model, args.max_seq_len, device, world, compiled=use_compile))

@@ -8,6 +8,7 @@ against the device's bf16 peak, step-time median and spread, peak memory.
     python -m scripts.bench_model --breakdown ...   # + FLOPs and time per component (CPU or GPU)
     python -m scripts.bench_model --matrix          # every depth/backend/fp8/compile combination, one table
     python -m scripts.bench_model --hooks ...       # + when gradient hooks fire within backward (overlap)
+    python -m scripts.bench_model --profile ...     # + the optimizer step alone, and the top kernels of one step
 
 A full step is forward + backward + optimizer (--no-optimizer to leave the optimizer out).
 """
@@ -21,7 +22,7 @@ import time
 
 import torch
 
-from nanochat.attention import BACKENDS
+from nanochat.attention import BACKENDS, prepare_masks
 from nanochat.cli import DEVICE_TYPES, ArgumentParser, check
 from nanochat.common import autodetect_device_type, compute_dtype, compute_init, get_peak_flops, mfu
 from nanochat.gpt import build_model, norm
@@ -51,6 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--matrix", action="store_true", help="run the standard matrix of configurations")
     p.add_argument("--hooks", action="store_true",
                    help="also when the gradient hooks (where a multi-GPU run starts its reductions) fire in backward")
+    p.add_argument("--profile", action="store_true",
+                   help="also time the optimizer step alone, and list the top kernels of one step (torch.profiler)")
     args = p.parse_args(argv)
     check(p, [(value < low, f"{flag} {value}: must be >= {low}") for flag, value, low in [
         ("--depth", args.depth, 1), ("--device-batch-size", args.device_batch_size, 1),
@@ -138,6 +141,35 @@ def grad_hook_times(model, step_model, x, y):
     return sorted((t - t0) / (t1 - t0) for t in fired)
 
 
+def optimizer_share(step_model, model, optimizer, x, y, timed, steps):
+    """Seconds of the optimizer step alone (median), after a real backward each time, so every
+    parameter has its gradient: the part of a step that a multi-GPU run cannot hide behind backward."""
+    times = []
+    for _ in range(steps):
+        step_model(x, y).backward()
+        times.append(timed(optimizer.step))
+        model.zero_grad(set_to_none=True)
+    return median(times)
+
+
+def profile_step(step, device, rows=20):
+    """Top kernels (device time; CPU time on a CPU) of one training step under torch.profiler:
+    where the time goes, as (name, ms, share of the step, calls)."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    # kernels (ops on CPU) only: a user annotation such as Optimizer.step spans kernels counted already
+    events = [e for e in prof.key_averages() if not getattr(e, "is_user_annotation", False)
+              and e.device_type.name == ("CUDA" if device.type == "cuda" else "CPU")]
+    self_time = (lambda e: e.self_device_time_total) if device.type == "cuda" else (lambda e: e.self_cpu_time_total)
+    total = sum(self_time(e) for e in events) or 1
+    top = sorted(events, key=self_time, reverse=True)[:rows]
+    return [{"kernel": e.key, "ms": self_time(e) / 1e3, "share": self_time(e) / total, "calls": e.count} for e in top]
+
+
 def run(args):
     if args.attn:
         os.environ["NANOCHAT_ATTN"] = args.attn
@@ -150,6 +182,7 @@ def run(args):
                     total_batch_size=args.device_batch_size * args.max_seq_len, num_iterations=1)
     config = recipe.config
     model = build_model(config, device)
+    prepare_masks(config.window_sizes(), args.max_seq_len, device)  # as base_train: flex runs at this shape
     if args.fp8:
         from nanochat.fp8 import convert_to_float8
         convert_to_float8(model.blocks)
@@ -194,6 +227,13 @@ def run(args):
     if args.hooks:
         fractions = grad_hook_times(model, step_model, x, y)
         result["grad_hooks"] = {"first": fractions[0], "median": median(fractions), "last": fractions[-1]}
+    if args.profile:
+        if optimizer is not None:
+            result["optimizer_ms_median"] = optimizer_share(step_model, model, optimizer, x, y, timed, args.steps) * 1e3
+        try:  # a profiler that fails on some driver must not cost the measurement above
+            result["profile"] = profile_step(step, device)
+        except Exception as e:
+            print(f"bench_model: profiler failed: {e!r}", file=sys.stderr)
     if args.breakdown:
         rows, total = breakdown(model, x, y, optimizer, timed, max(3, args.steps // 2))
         result["breakdown"] = [{"component": c, "flops_per_token": f, "seconds": s} for c, f, s in rows]
@@ -219,8 +259,15 @@ def print_result(r):
         h = r["grad_hooks"]
         rows.append(("grad hooks", f"fire at {h['first']:.2f} .. {h['last']:.2f} of backward (median {h['median']:.2f}; "
                                    f"0 = its start, 1 = its end: reductions overlap backward only if spread out)"))
+    if "optimizer_ms_median" in r:
+        ms = r["optimizer_ms_median"]
+        rows.append(("optimizer", f"{ms:.1f} ms alone (median), {ms / r['step_ms_median']:.1%} of the step"))
     for key, value in rows:
         print(f"{key:<12} {value}")
+    if "profile" in r:
+        print(f"\n{'top kernels of one step (self time)':<90} {'ms':>8} {'share':>6} {'calls':>6}")
+        for k in r["profile"]:
+            print(f"{k['kernel'][:90]:<90} {k['ms']:>8.2f} {k['share']:>6.1%} {k['calls']:>6}")
     if "breakdown" in r:
         total_flops, total_s = r["flops_per_token"], r["breakdown_total_seconds"]
         tokens = r["batch"][0] * r["batch"][1]

@@ -1,5 +1,5 @@
 """
-A self-check before a GPU run spends money (about 2 minutes on one GPU):
+A self-check before a GPU run spends money (a few minutes on one GPU, most of it compiling):
 
     python -m scripts.gpu_check            # on a GPU node: what the speedrun will run, small
     python -m scripts.gpu_check --cpu      # the same checks that make sense on a CPU (CI runs this)
@@ -115,6 +115,7 @@ def check_attention(device):
         for name, (what, loader) in attn.BACKENDS.items():
             try:
                 kernel = loader(device, dtype)
+                kernel = attn._flex_kernel if kernel is attn._flex else kernel  # not its router to SDPA at untrained shapes
             except Exception as e:
                 yield Result(f"attention {name}", "SKIP", f"{what} cannot run here: {str(e).splitlines()[0][:120]}")
                 continue
@@ -297,6 +298,7 @@ def timed_steps(device, config, B, use_fp8, use_compile, steps, warmup):
     """Build, (convert,) compile, warm up, then time `steps` full steps. Returns (tok/s, MFU, GiB, losses)."""
     torch.manual_seed(0)
     model = build_model(config, device)
+    attn.prepare_masks(config.window_sizes(), config.sequence_len, device)
     if use_fp8:
         from nanochat.fp8 import convert_to_float8
         convert_to_float8(model.blocks)

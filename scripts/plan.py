@@ -12,7 +12,7 @@ device batch that fits are ESTIMATES: weights, grads and optimizer state are cou
 activations are what the compiled model saves for backward, MEASURED on small models on the CPU
 (about 20 s, once) and scaled to this one; allocator overhead, fragmentation and temporaries other
 than the logits' gradient are covered only by the 10% margin. The time is total FLOPs / (gpus × bf16 peak × MFU); the MFU is --mfu, else one recorded
-for this GPU in docs/PERF.md, else 0.40 (assumed, not measured).
+for this GPU, depth and precision in docs/PERF.md, else 0.45 (assumed; see DEFAULT_MFU).
 """
 import functools
 import json
@@ -36,7 +36,11 @@ GPUS = {
     "b200": ("B200", 180), "l4": ("L4", 24), "4090": ("RTX 4090", 24),
 }
 SAFETY = 0.9  # use at most 90% of the GPU's memory
-DEFAULT_MFU = 0.40
+# Measured on one H200 (docs/PERF.md, 2026-11-26): d24 at 16 x 2048, compiled, FlexAttention, the whole
+# optimizer on that one GPU: 49.1 % with fp8, 42.0 % in bf16. Assumed for other GPUs and runs: 45 %,
+# below the fp8 figure because an H100 has less memory bandwidth for the elementwise kernels and an
+# 8-GPU run adds communication (unmeasured), above the bf16 one because 8 GPUs shard the optimizer.
+DEFAULT_MFU = 0.45
 BATCH_CANDIDATES = [2 ** i for i in range(7)]  # 1..64
 PERF_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "PERF.md")
 
@@ -110,7 +114,8 @@ def parse_args(argv=None):
     p.add_alias("--seq-len", "max_seq_len")  # old name of the bench scripts
     p.add_argument("--vocab-size", type=int, default=32768, help="tokenizer vocabulary size")
     p.add_argument("--mfu", type=float, default=None,
-                   help="model FLOPs utilization (default: recorded in docs/PERF.md for this GPU, else 0.40)")
+                   help="model FLOPs utilization (default: recorded in docs/PERF.md for this GPU, depth and "
+                        "precision, else 0.45)")
     p.add_argument("--gpu-hour-cost", type=float, default=3.0, help="dollars per GPU-hour")
     p.add_argument("--json", action="store_true", help="print the derived recipe as JSON instead of the table")
     args = p.parse_args(argv)
@@ -163,18 +168,22 @@ def memory_estimate(model, device_batch_size, gpus):
     return parts
 
 
-def recorded_mfu(gpu_key, path=None):
-    """An MFU measured on this GPU kind, from a table row of docs/PERF.md naming the GPU and an
-    'MFU xx%' / 'xx% MFU' figure; None if there is none."""
+def recorded_mfu(gpu_key, depth, fp8, path=None):
+    """An MFU measured on this GPU kind at this depth and precision, from a table row of docs/PERF.md
+    naming the GPU and 'd<depth>', saying 'fp8' exactly when fp8 is on, with an 'MFU xx%' / 'xx% MFU'
+    figure; None if there is none."""
     try:
         with open(path or PERF_PATH) as f:
             lines = f.readlines()
     except OSError:
         return None
     name = re.compile(r"(?<![\w-])" + re.escape(gpu_key) + r"(?![\w-])", re.IGNORECASE)
+    model = re.compile(rf"(?<![\w-])d{depth}(?![\w-])")
     figure = re.compile(r"MFU\D{0,3}?(\d+(?:\.\d+)?)\s*%|(\d+(?:\.\d+)?)\s*%\s*MFU", re.IGNORECASE)
     for line in lines:
-        if line.startswith("|") and name.search(line) and (m := figure.search(line)):
+        if not (line.startswith("|") and name.search(line) and model.search(line)):
+            continue
+        if ("fp8" in line.lower()) == fp8 and (m := figure.search(line)):
             return float(m.group(1) or m.group(2)) / 100
     return None
 
@@ -184,7 +193,7 @@ def time_and_cost(args, peak_key, peak, total_flops):
     GPUs' bf16 peak. The MFU is --mfu, else one measured on this GPU (docs/PERF.md), else assumed."""
     if args.mfu is not None:
         mfu, mfu_source = args.mfu, "given (--mfu)"
-    elif (recorded := recorded_mfu(peak_key)) is not None:
+    elif (recorded := recorded_mfu(peak_key, args.depth, args.fp8)) is not None:
         mfu, mfu_source = recorded, "measured, docs/PERF.md"
     else:
         mfu, mfu_source = DEFAULT_MFU, "assumed, not measured"

@@ -13,9 +13,10 @@ pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without to
 def load(name):
     """The kernel of one backend, bypassing the once-per-process choice."""
     try:
-        return attn.BACKENDS[name][1](CPU, torch.float32)
+        kernel = attn.BACKENDS[name][1](CPU, torch.float32)
     except Exception as e:
         pytest.skip(f"{name} cannot load on CPU: {e}")
+    return attn._flex_kernel if kernel is attn._flex else kernel  # the kernel itself, not its router
 
 
 BACKENDS_HERE = ["sdpa", "flex"]
@@ -320,3 +321,19 @@ def test_describe_backend(fresh_choice):
     fresh_choice.delenv("NANOCHAT_ATTN", raising=False)
     attn.get_backend(CPU, torch.float32)
     assert attn.describe_backend() == "sdpa (PyTorch SDPA)"
+
+
+def test_flex_runs_training_shapes_and_sends_other_uncompiled_shapes_to_sdpa(monkeypatch):
+    # Compiled flex specializes on every shape: CORE's variable lengths and each decode step would
+    # recompile it until dynamo's limit, after which it runs unfused. Only training shapes use it.
+    flex_calls = []
+    kernel = load("flex")
+    monkeypatch.setattr(attn, "_flex_kernel", lambda *a: flex_calls.append(a[0].shape) or kernel(*a))
+    monkeypatch.setattr(attn, "_traced_masks", {})
+    monkeypatch.setattr(attn, "_chosen", ("flex", attn._flex))
+    assert attn.prepare_masks([4, 16], 16, "cpu") == 2
+    for Tq, Tk, window in [(16, 16, 4), (16, 16, 16), (12, 12, 4), (1, 16, 4), (5, 16, 16)]:
+        q, k, v = qkv(Tq=Tq, Tk=Tk)
+        torch.testing.assert_close(attn.attention(q, k, v, window).double(), reference(q, k, v, window),
+                                   atol=4e-6, rtol=1e-5)
+    assert flex_calls == [(2, 16, 3, 8), (2, 16, 3, 8)]  # the two training shapes only

@@ -54,3 +54,15 @@ def test_grad_hooks_fire_during_eager_backward_but_after_compiled_backward():
     assert len(eager) == len(compiled) == n
     assert eager[0] < 0.5 and eager[n // 4] < 0.8  # spread through backward (measured: medians 0.45-0.84)
     assert compiled[0] > 0.9  # all at the end (measured: 0.99-1.00)
+
+
+def test_profile_times_the_optimizer_and_lists_kernels(capsys):
+    r = bench_model.main(TINY + ["--profile"])
+    assert 0 < r["optimizer_ms_median"] < r["step_ms_max"] * 10
+    kernels = r["profile"]
+    assert kernels and all(k["ms"] >= 0 and k["calls"] >= 1 for k in kernels)
+    assert [k["ms"] for k in kernels] == sorted((k["ms"] for k in kernels), reverse=True)
+    assert sum(k["share"] for k in kernels) <= 1 + 1e-9
+    assert not any(k["kernel"].startswith("Optimizer.step") for k in kernels)  # an annotation, not a kernel
+    out = capsys.readouterr().out
+    assert "top kernels" in out and "of the step" in out

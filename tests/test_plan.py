@@ -48,23 +48,29 @@ def test_explicit_device_batch_is_used():
 
 
 def test_time_scales_with_gpus_and_mfu(d24):
-    assert d24["mfu"] == 0.40 and d24["mfu_source"] == "assumed, not measured"
+    assert d24["mfu"] == 0.45 and d24["mfu_source"] == "assumed, not measured"
     half_gpus = plan.main(["--depth", "24", "--gpus", "4", "--gpu", "h100", "--target-param-data-ratio", "8",
                            "--device-batch-size", str(d24["device_batch_size"])])
     assert half_gpus["total_flops"] == d24["total_flops"]
     assert half_gpus["hours"] == pytest.approx(2 * d24["hours"])
-    faster = plan.main(D24 + ["--mfu", "0.8"])
+    faster = plan.main(D24 + ["--mfu", "0.9"])
     assert faster["hours"] == pytest.approx(d24["hours"] / 2)
     assert faster["cost"] == pytest.approx(faster["hours"] * 8 * 3.0)
 
 
 def test_mfu_read_from_perf_md(tmp_path, monkeypatch):
     perf = tmp_path / "PERF.md"
-    perf.write_text("| date | device | MFU |\n|---|---|---|\n| 2026-12-01 | 8×H100 SXM | MFU 52.5% |\n")
+    perf.write_text("| date | device | config | MFU |\n|---|---|---|---|\n"
+                    "| 2026-12-01 | 8×H100 SXM | d12, bf16 | MFU 38.0% |\n"
+                    "| 2026-12-01 | 8×H100 SXM | d24, bf16 | MFU 44.0% |\n"
+                    "| 2026-12-01 | 8×H100 SXM | d24, fp8 | MFU 52.5% |\n")
     monkeypatch.setattr(plan, "PERF_PATH", str(perf))
-    assert plan.recorded_mfu("H100") == pytest.approx(0.525)
-    assert plan.recorded_mfu("H200") is None
-    out = plan.main(D24)
+    assert plan.recorded_mfu("H100", 24, fp8=True) == pytest.approx(0.525)
+    assert plan.recorded_mfu("H100", 24, fp8=False) == pytest.approx(0.44)
+    assert plan.recorded_mfu("H100", 12, fp8=False) == pytest.approx(0.38)
+    assert plan.recorded_mfu("H100", 2, fp8=False) is None  # not d24's or d12's figure
+    assert plan.recorded_mfu("H200", 24, fp8=True) is None
+    out = plan.main(D24 + ["--fp8"])
     assert out["mfu"] == pytest.approx(0.525) and "measured" in out["mfu_source"]
 
 
@@ -109,7 +115,7 @@ def test_readme_plan_example_is_the_speedruns_and_its_numbers_are_what_plan_prin
     # the speedrun's own flags on an 8×H100 node (speedrun.sh: TRAIN_ARGS with BATCH=16 and --fp8)
     assert argv == ["--depth", "24", "--target-param-data-ratio", "8", "--device-batch-size", "16", "--fp8",
                     "--gpus", "8", "--gpu", "h100"]
-    monkeypatch.setattr(plan, "recorded_mfu", lambda key, path=None: None)  # the README quotes the assumed MFU
+    monkeypatch.setattr(plan, "recorded_mfu", lambda *a, **k: None)  # the README quotes the assumed MFU
     out = plan.main(argv)
     shown = readme[readme.index(command):][:400]
     assert f"steps {out['num_iterations']:,};" in shown
