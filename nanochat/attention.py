@@ -56,9 +56,10 @@ def _cached(build, window, Tq, Tk, device):
 
 
 def prepare_masks(windows, T, device):
-    """Build the masks of a training shape (one sequence length T, these per-layer windows) for
-    compiled code, before torch.compile traces the model: the first compiled call then finds
-    them and does not recompile once to pick them up. Returns how many masks were built."""
+    """Build the masks of a training shape (one sequence length T, these per-layer windows) before
+    torch.compile traces the model: the first compiled call then finds them and does not recompile
+    once to pick them up. They also mark the training shape for flex, which runs uncompiled calls
+    at this shape only (see _flex). Returns how many masks were built."""
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:  # q.device always carries the index
         device = torch.device("cuda", torch.cuda.current_device())

@@ -132,6 +132,12 @@ def adamw_update(ps, grads, exp_avgs, exp_avg_sqs, step, lr, betas, eps, weight_
             p.copy_(p32)
 
 
+def scalar(x, device, dtype=torch.float64):
+    """x as a 0-D tensor on device, made by a fill (no host-to-GPU copy, no sync): what the compiled
+    update functions take for the values the schedules change, so a new value never recompiles."""
+    return torch.full((), x, dtype=dtype, device=device)
+
+
 def pad_rows(t, world):
     """t with zero rows appended so dim 0 splits evenly into `world` blocks (t itself if it does)."""
     extra = -t.size(0) % world
@@ -251,12 +257,13 @@ class MuonAdamW(torch.optim.Optimizer):
                              exp_avg_sq=torch.zeros_like(own, dtype=torch.float32))
             state["step"] += 1
         mine = [m for m in mine if m[1].numel() > 0]  # a rank may own no rows of a small sharded tensor
-        if mine:  # one call per group; scalars as 0-D tensors made by a fill (no host-to-GPU copy, no sync)
+        if mine:  # one call per group
             states = [self.state[p] for p, _, _ in mine]  # one step count for all: every param steps every step
-            f64 = lambda x: torch.full((), x, dtype=torch.float64, device=mine[0][1].device)  # noqa: E731
+            device = mine[0][1].device
             self.adamw_update([own for _, own, _ in mine], [g for _, _, g in mine], [s["exp_avg"] for s in states],
-                              [s["exp_avg_sq"] for s in states], f64(states[0]["step"]), f64(group["lr"]),
-                              group["betas"], group["eps"], f64(group["weight_decay"]))
+                              [s["exp_avg_sq"] for s in states], scalar(states[0]["step"], device),
+                              scalar(group["lr"], device), group["betas"], group["eps"],
+                              scalar(group["weight_decay"], device))
         gathers = []
         for unit in units:
             if unit["sharded"]:  # in-place all-gather: our block is already in place in `full`
@@ -277,10 +284,9 @@ class MuonAdamW(torch.optim.Optimizer):
             R, m, n = grad.shape  # NorMuon keeps one value per row (tall/square) or per column (wide)
             state.update(momentum_buffer=torch.zeros_like(grad),
                          second_moment=grad.new_zeros(R, m, 1) if m >= n else grad.new_zeros(R, 1, n))
-        t = lambda x, dtype=torch.float64: torch.full((), x, dtype=dtype, device=p.device)  # noqa: E731
-        self.muon_update(p, grad, state["momentum_buffer"], state["second_moment"], t(group["lr"]),
-                         t(group["momentum"], torch.float32), group["beta2"], t(group["weight_decay"]),
-                         group["ns_steps"],  # momentum: fp32 like the buffers (lerp's weight must match)
+        self.muon_update(p, grad, state["momentum_buffer"], state["second_moment"], scalar(group["lr"], p.device),
+                         scalar(group["momentum"], p.device, torch.float32),  # fp32 like the buffers it lerps
+                         group["beta2"], scalar(group["weight_decay"], p.device), group["ns_steps"],
                          ORTHO_DTYPE or compute_dtype(p.device.type))
         p = p.to(like.dtype)
         if self.world == 1:

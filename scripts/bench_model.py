@@ -105,8 +105,8 @@ def breakdown(model, x, y, optimizer, timed, steps):
     mlp_time = L * fwd_bwd(lambda: model.blocks[0].mlp(norm(h)))
     head_time = fwd_bwd(lambda: model.lm_head(norm(h)))
     total = median([timed(lambda: model(x, y).backward()) for _ in range(steps)])
-    opt_time = median([timed(optimizer.step) for _ in range(steps)]) if optimizer else 0.0
     model.zero_grad(set_to_none=True)
+    opt_time = optimizer_share(model, model, optimizer, x, y, timed, steps) if optimizer else 0.0
     scores = sum(12 * H * D * min(w, T) for w in windows)
     gates = 6 * 12 * H * len(model.value_embeds)  # value-embedding gates live in the attention modules
     rows = [  # (component, FLOPs per token, seconds per step)
