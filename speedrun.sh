@@ -24,9 +24,8 @@ set -euo pipefail
 cd "$(dirname "$0")"
 export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
 mkdir -p "$NANOCHAT_BASE_DIR"
-# the first start is kept (a re-run resumes the same run); each stage's start is logged, so the
-# report's wall time sums the stages that actually ran, over every re-run
-[ -f "$NANOCHAT_BASE_DIR/speedrun_start" ] || date +%s > "$NANOCHAT_BASE_DIR/speedrun_start"
+# each stage's start is appended (a re-run resumes the same run, so the first start is kept), and
+# the report's wall time sums the stages that actually ran, over every re-run
 mark() { printf '%s\t%s\n' "$1" "$(date +%s)" >> "$NANOCHAT_BASE_DIR/speedrun_stages.tsv"; }
 mark start
 

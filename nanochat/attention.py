@@ -15,6 +15,7 @@ process; NANOCHAT_ATTN=<name> forces one and fails loudly if it cannot run here.
   flex  FlexAttention, any CUDA GPU: block-sparse, so short windows skip whole tiles
   sdpa  F.scaled_dot_product_attention, anywhere; the default off CUDA
 """
+import functools
 import os
 
 import torch
@@ -100,11 +101,15 @@ _flex_fn = None   # flex_attention, compiled on CUDA
 
 
 def _flash(q, k, v, window):
+    return _flash_with(_flash_fn, _no_window, q, k, v, window)
+
+
+def _flash_with(flash_fn, no_window, q, k, v, window):
     # flash-attn aligns causality to the end of the keys by itself. "No window" picks the plain
     # causal kernel instead of the (slower) local one; flash-attn 4 reads a left window of -1 with
     # a right one of 0 as a local window, so it gets None.
-    left = window if window < k.size(1) else _no_window
-    out = _flash_fn(q, k, v, causal=True, window_size=(left, 0))
+    left = window if window < k.size(1) else no_window
+    out = flash_fn(q, k, v, causal=True, window_size=(left, 0))
     return out[0] if isinstance(out, tuple) else out  # some versions also return the log-sum-exp
 
 
@@ -121,8 +126,12 @@ def _flex(q, k, v, window):
 
 
 def _flex_kernel(q, k, v, window):
+    return _flex_with(_flex_fn, q, k, v, window)
+
+
+def _flex_with(flex_fn, q, k, v, window):
     block_mask = _cached(_block_mask, window, q.size(1), k.size(1), q.device)
-    out = _flex_fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask)
+    out = flex_fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask)
     return out.transpose(1, 2)
 
 
@@ -183,6 +192,26 @@ BACKENDS = {  # name -> (what it is, loader), in auto-selection order
     "sdpa": ("PyTorch SDPA", _load_sdpa),
 }
 
+
+def load_kernel(name, device, dtype):
+    """The kernel of one backend, for checking it against others (tests, gpu_check), without
+    touching the process's choice: the globals the loader sets are restored, and the returned
+    kernel carries its own flash-attn / flex function. For flex it is the kernel itself, not the
+    router that sends untrained shapes to SDPA. Raises like the loader if it cannot run here."""
+    global _flash_fn, _no_window, _flex_fn
+    saved = _flash_fn, _no_window, _flex_fn
+    try:
+        kernel = BACKENDS[name][1](device, dtype)  # looked up on each call: tests swap in broken loaders
+        flash_fn, no_window, flex_fn = _flash_fn, _no_window, _flex_fn
+    finally:
+        _flash_fn, _no_window, _flex_fn = saved
+    if kernel is _flash:
+        return functools.partial(_flash_with, flash_fn, no_window)
+    if kernel is _flex:
+        return functools.partial(_flex_with, flex_fn)
+    return kernel
+
+
 _chosen = None  # (name, kernel) once picked
 
 # torch==2.13.0 from PyPI is a CUDA 13 build, hence flash-attn-4's cu13 extra
@@ -200,12 +229,17 @@ def _auto_choose(device, dtype):
     raise AssertionError("sdpa always loads")
 
 
-def _warn_if_slow(device, name, why_not):
-    """On Hopper and Blackwell the flash-attn kernels are the fast path; FlexAttention there costs
-    roughly 5-10 % of the step time. Say so where nobody can miss it."""
+def is_slow_fallback(device, name):
+    """True where backend `name` stands in for flash-attn on the GPUs flash-attn targets (Hopper,
+    Blackwell): FlexAttention there costs roughly 5-10 % of the step time."""
     if device.type != "cuda" or name in ("fa3", "fa4"):
-        return
-    if torch.cuda.get_device_capability(device)[0] not in (9, 10):
+        return False
+    return torch.cuda.get_device_capability(device)[0] in (9, 10)
+
+
+def _warn_if_slow(device, name, why_not):
+    """Say so where nobody can miss it when the fast kernel did not load."""
+    if not is_slow_fallback(device, name):
         return
     print0(f"WARNING: attention falls back to {name} on this {torch.cuda.get_device_name(device)} "
            f"because flash-attn 4 did not load ({why_not.get('fa4')}); install it: {FAST_KERNEL_INSTALL}")

@@ -225,9 +225,9 @@ def check_tokenizer(run_dir, tokenizer, meta=None):
     if saved is None:
         warnings.warn(f"checkpoint {step_dir(run_dir, meta['step'])} does not record its tokenizer: cannot "
                       f"check that {_tokenizer_path(tokenizer)} is the one it was trained with", stacklevel=2)
-    elif saved != tokenizer.fingerprint():
+    elif saved != (current := tokenizer.fingerprint()):
         raise ValueError(f"checkpoint {step_dir(run_dir, meta['step'])} was trained with tokenizer {saved} but "
-                         f"{_tokenizer_path(tokenizer)} is tokenizer {tokenizer.fingerprint()}: put back the "
+                         f"{_tokenizer_path(tokenizer)} is tokenizer {current}: put back the "
                          f"tokenizer.json the model was trained with, or use another NANOCHAT_BASE_DIR")
 
 
@@ -235,15 +235,14 @@ def checkpoints_using(tokenizer, base_dir=None):
     """The newest checkpoint of every run under base_checkpoints/ trained with this tokenizer
     (runs from before fingerprints were stored: those with its vocab size)."""
     root = os.path.join(base_dir or get_base_dir(), "base_checkpoints")
+    fingerprint = tokenizer.fingerprint()  # hashes every merge: once, not twice per run
     found = []
     for tag in sorted(os.listdir(root)) if os.path.isdir(root) else []:
-        steps = list_steps(os.path.join(root, tag))
         try:
-            meta = load_meta(os.path.join(root, tag)) if steps else None
-        except (ValueError, FileNotFoundError):  # a damaged meta.json: cannot tell
+            meta = load_meta(os.path.join(root, tag))
+        except (FileNotFoundError, ValueError):  # no checkpoint, or a damaged meta.json: cannot tell
             continue
-        if meta and meta.get("tokenizer", tokenizer.fingerprint()) == tokenizer.fingerprint() \
-                and meta["model_config"]["vocab_size"] == tokenizer.vocab_size:
+        if meta.get("tokenizer", fingerprint) == fingerprint and meta["model_config"]["vocab_size"] == tokenizer.vocab_size:
             found.append(step_dir(os.path.join(root, tag), meta["step"]))
     return found
 

@@ -57,8 +57,9 @@ def autodetect_device_type():
         return "cuda"
     if torch.backends.mps.is_available():
         return "mps"
-    if nvidia_driver_version() is not None:  # a GPU node whose torch cannot use it: never train on CPU by accident
-        raise SystemExit(f"a GPU driver is present but torch cannot use CUDA: {cuda_unusable_reason()} "
+    driver = nvidia_driver_version()
+    if driver is not None:  # a GPU node whose torch cannot use it: never train on CPU by accident
+        raise SystemExit(f"a GPU driver is present but torch cannot use CUDA: {cuda_unusable_reason(driver)} "
                          f"(or pass --device-type cpu to run on the CPU anyway)")
     return "cpu"
 
@@ -88,6 +89,18 @@ def dist_info():
 
 def get_rank():
     return dist.get_rank() if dist.is_initialized() else dist_info()[1]
+
+
+def any_rank(flags, device):
+    """True where any rank's flag is true: a bool, or a tuple of bools agreed in one collective.
+    One process: the flags themselves, with no tensor and no device sync."""
+    single = isinstance(flags, bool)
+    flags = (flags,) if single else tuple(bool(f) for f in flags)
+    if dist.is_initialized():
+        t = torch.tensor([float(f) for f in flags], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        flags = tuple(bool(v) for v in t.tolist())
+    return flags[0] if single else flags
 
 
 def print0(*args, **kwargs):
@@ -135,10 +148,11 @@ def _driver_tuple(version):
     return tuple(int(part) for part in version.split(".")[:2])
 
 
-def cuda_unusable_reason():
+def cuda_unusable_reason(driver=None):
     """One line saying why torch cannot use CUDA here and how to fix it. The usual cause on a
-    rented node: the torch wheel was built for a newer CUDA than the node's driver supports."""
-    driver, built = nvidia_driver_version(), torch.version.cuda
+    rented node: the torch wheel was built for a newer CUDA than the node's driver supports.
+    driver: the version nvidia_driver_version() already read (it runs nvidia-smi, up to 30 s)."""
+    driver, built = driver or nvidia_driver_version(), torch.version.cuda
     install = "pip install torch=={v} --index-url https://download.pytorch.org/whl/cu{c}"
     version = torch.__version__.split("+")[0]
     if built is None:

@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 
-from nanochat.common import get_base_dir, print0
+from nanochat.common import any_rank, get_base_dir, print0
 
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
 FEWSHOT_SEED = 1234
@@ -269,10 +269,7 @@ def count_correct(model, tokenizer, task, device, indices, rank=0, world_size=1,
     mine, correct = indices[rank::world_size], 0
     for k in range(len(indices[::world_size])):  # rank 0 has the most items: all ranks loop as often
         if should_stop is not None:
-            stop = torch.tensor(float(bool(should_stop())), device=device)
-            if dist.is_initialized():
-                dist.all_reduce(stop, op=dist.ReduceOp.MAX)
-            if stop:
+            if any_rank(bool(should_stop()), device):
                 return None
         if k < len(mine):
             correct += evaluate_item(model, tokenizer, task, mine[k], device)
@@ -321,20 +318,19 @@ def evaluate_core(model, tokenizer, bundle_dir, device, max_per_task=None, shoul
     skipped, not fatal (DCLM stops there), so a partial bundle still gives a labelled score.
     should_stop: a callable checked between items (all ranks agree); None when it stopped."""
     tasks = load_tasks(bundle_dir)
-    results, skipped, skipped_why = {}, [], {}
+    results, skipped_why = {}, {}
     for task in tasks:
         if task["data"] is None:
             fix = "" if task["problem"] == "missing" else \
                 " (delete the eval bundle and run `python -m scripts.base_eval --download-only` to get it whole)"
             print0(f"warning: {task['path']} is {task['problem']}: skipping CORE task {task['label']}{fix}")
-            skipped.append(task["label"])
             skipped_why[task["label"]] = task["problem"]
             continue
         t0 = time.time()
         acc = evaluate_task(model, tokenizer, task, device, max_per_task, should_stop)
         if acc is None:
             return None
-        n = len(subset_indices(len(task["data"]), max_per_task))
+        n = len(task["data"]) if max_per_task is None else min(max_per_task, len(task["data"]))
         b = task["random_baseline"]
         results[task["label"]] = {"accuracy": acc, "centered": centered(acc, b), "random_baseline": b,
                                   "n_items": n}
@@ -347,4 +343,4 @@ def evaluate_core(model, tokenizer, bundle_dir, device, max_per_task=None, shoul
     return {"core": core, "core_label": label, "n_tasks": len(results), "n_total": len(tasks),
             "semantics": SEMANTICS, "max_per_task": max_per_task,
             "subset_seed": None if max_per_task is None else SUBSET_SEED,
-            "tasks": results, "skipped": skipped, "skipped_why": skipped_why}
+            "tasks": results, "skipped": list(skipped_why), "skipped_why": skipped_why}

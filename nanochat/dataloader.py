@@ -34,7 +34,7 @@ from nanochat.dataset import list_shards, open_shard, read_row_group
 
 class DataLoader:
     def __init__(self, tokenizer, B, T, split, device="cpu", rank=0, world_size=1,
-                 data_dir=None, buffer_size=1000, prefetch=8, threads=1, one_pass=False, allow_empty=False):
+                 data_dir=None, buffer_size=1000, prefetch=8, threads=1, one_pass=False):
         self.tokenizer, self.B, self.T, self.split = tokenizer, B, T, split
         self.one_pass = one_pass  # evaluation: stop after the split's documents, never repeat them
         self.device = torch.device(device)
@@ -44,9 +44,9 @@ class DataLoader:
         self.bos = tokenizer.bos_token_id
         self.paths = list_shards(split, data_dir)
         self.num_row_groups = [open_shard(p).num_row_groups for p in self.paths]  # fails early on a bad shard
-        # Evaluation may leave a rank without a row group (allow_empty: it yields no batch and adds
+        # Evaluation (one_pass) may leave a rank without a row group (it yields no batch and adds
         # zero to the all-reduced sums); a training stream without one would have nothing to train on.
-        if all(n <= rank for n in self.num_row_groups) and not allow_empty:
+        if all(n <= rank for n in self.num_row_groups) and not one_pass:
             # base_train runs processes × micro-steps streams: each needs a row group of its own
             raise ValueError(f"data stream {rank} of {world_size} gets no row group of the {split!r} shards "
                              f"({sum(self.num_row_groups)} row groups in {len(self.paths)} shards; a training run "

@@ -40,6 +40,7 @@ from nanochat.common import atomic_write, get_base_dir
 
 BASE_URL = "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main"
 MAX_SHARD = 6542  # shards 0..6542 exist upstream; the last one is the validation split
+VAL_SHARD = f"shard_{MAX_SHARD:05d}.parquet"
 CHUNK_SIZE = 1 << 20
 SHARD_RE = re.compile(r"shard_\d+\.parquet")  # full match, so .partial / .tmp files never count
 MANIFEST = "manifest.json"
@@ -103,7 +104,7 @@ def _legacy_splits(data_dir):
     """Shards without a manifest: only a ClimbMix download (from before manifests existed) can be
     split safely, because its val shard has a known index. Anything else is an error."""
     paths = _shard_paths(data_dir)
-    val = os.path.join(data_dir, f"shard_{MAX_SHARD:05d}.parquet")
+    val = os.path.join(data_dir, VAL_SHARD)
     if len(paths) >= 2 and val in paths:
         return {"train": [p for p in paths if p != val], "val": [val]}
     if len(paths) < 2:
@@ -112,7 +113,7 @@ def _legacy_splits(data_dir):
             f"`python -m nanochat.dataset -n 8` or `python -m nanochat.dataset --local PATH`")
     raise FileNotFoundError(
         f"{data_dir} holds {len(paths)} shards but no {MANIFEST} saying which is the val split (and no "
-        f"ClimbMix val shard shard_{MAX_SHARD:05d}.parquet): delete {data_dir} and build it again with "
+        f"ClimbMix val shard {VAL_SHARD}): delete {data_dir} and build it again with "
         f"`python -m nanochat.dataset --local PATH` (or `-n 8` to download ClimbMix)")
 
 
@@ -268,38 +269,48 @@ def _check_download_source(data_dir):
     if manifest is not None and manifest["source"] != CLIMBMIX:
         raise ValueError(f"{data_dir} holds shards built from {manifest['source']}, not {CLIMBMIX}: set "
                          f"NANOCHAT_BASE_DIR to another dir (or --out), or delete {data_dir} to download")
+    # no manifest: only an interrupted download may be resumed, and download() fetches the val
+    # shard first, so shards without it came from elsewhere (an old --local build) and would be
+    # relabelled as ClimbMix train data by the manifest written at the end
+    paths = _shard_paths(data_dir)
+    if manifest is None and paths and os.path.join(data_dir, VAL_SHARD) not in paths:
+        raise ValueError(f"{data_dir} holds {len(paths)} shards with no {MANIFEST} and no ClimbMix val shard "
+                         f"{VAL_SHARD}, so they are not an interrupted ClimbMix download: set NANOCHAT_BASE_DIR "
+                         f"to another dir (or --out), or delete {data_dir} to download")
 
 
 def download(num_train_shards=8, data_dir=None, workers=8, retries=5, backoff=2.0):
-    """Download train shards 0..n-1 (n = None: all of them) plus the validation shard, several
-    at a time. Shards already present are skipped, so re-running resumes an interrupted download.
+    """Download the validation shard, then train shards 0..n-1 (n = None: all of them) several at
+    a time. Shards already present are skipped, so re-running resumes an interrupted download.
     Once all are in, the manifest lists every ClimbMix shard present: the val one, and train the rest."""
     data_dir = data_dir or get_data_dir()
     _check_download_source(data_dir)
     n = MAX_SHARD if num_train_shards is None else min(num_train_shards, MAX_SHARD)
-    indices = list(range(n)) + [MAX_SHARD]
+    total = n + 1
     print(f"downloading {n} train shards + 1 val shard to {data_dir}", flush=True)
+
+    def progress(done, path):
+        print(f"[{done}/{total}] {os.path.basename(path)} ({os.path.getsize(path) / 1e6:.1f} MB)", flush=True)
+    # the val shard first, alone: any shard here without it is then known not to be from a download
+    progress(1, download_shard(MAX_SHARD, data_dir, retries, backoff))
     errors = {}
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = {pool.submit(download_shard, i, data_dir, retries, backoff): i for i in indices}
-        for done, future in enumerate(as_completed(futures), 1):
+        futures = {pool.submit(download_shard, i, data_dir, retries, backoff): i for i in range(n)}
+        for done, future in enumerate(as_completed(futures), 2):
             try:
-                path = future.result()
-                print(f"[{done}/{len(indices)}] {os.path.basename(path)} "
-                      f"({os.path.getsize(path) / 1e6:.1f} MB)", flush=True)
+                progress(done, future.result())
             except HostUnreachable:  # every other shard would fail the same way: stop now
                 for f in futures:
                     f.cancel()
                 raise
             except RuntimeError as e:
                 errors[futures[future]] = e
-                print(f"[{done}/{len(indices)}] failed: {e}", flush=True)
+                print(f"[{done}/{total}] failed: {e}", flush=True)
     if errors:
         first = errors[min(errors)]
-        raise RuntimeError(f"{first} ({len(errors)} of {len(indices)} shards failed; run again to resume)")
-    val = f"shard_{MAX_SHARD:05d}.parquet"
-    train = [os.path.basename(p) for p in _shard_paths(data_dir) if os.path.basename(p) != val]
-    write_manifest(data_dir, CLIMBMIX, train, [val])
+        raise RuntimeError(f"{first} ({len(errors)} of {total} shards failed; run again to resume)")
+    train = [os.path.basename(p) for p in _shard_paths(data_dir) if os.path.basename(p) != VAL_SHARD]
+    write_manifest(data_dir, CLIMBMIX, train, [VAL_SHARD])
 
 
 # -----------------------------------------------------------------------------

@@ -85,10 +85,10 @@ def convert_to_float8(model, linear_cls=nn.Linear, min_features=128):
     >= min_features and divisible by 16 for a Float8Linear holding the SAME Parameter object,
     so optimizer groups, init and checkpoints cannot tell the difference. Small layers stay in
     bf16: the scaling overhead outweighs the faster matmul. Returns the number swapped."""
-    if not fp8_supported() and not torch.cuda.is_available():  # not the GPU's fault: torch cannot use CUDA
-        from nanochat.common import cuda_unusable_reason
-        raise RuntimeError(f"--fp8 needs CUDA, and {cuda_unusable_reason()}")
     if not fp8_supported():
+        if not torch.cuda.is_available():  # not the GPU's fault: torch cannot use CUDA
+            from nanochat.common import cuda_unusable_reason
+            raise RuntimeError(f"--fp8 needs CUDA, and {cuda_unusable_reason()}")
         major, minor = torch.cuda.get_device_capability()
         raise RuntimeError(f"--fp8 needs a CUDA GPU of compute capability >= 8.9 (H100, L40, RTX 4090), this "
                            f"{torch.cuda.get_device_name()} is {major}.{minor}; drop --fp8 to train in bf16")
@@ -117,3 +117,35 @@ def disable_fp8(model):
     finally:
         for m, enabled in zip(layers, before):
             m.fp8_enabled = enabled
+
+
+# -----------------------------------------------------------------------------
+# Accuracy against an fp32 reference, shared by tests/test_fp8.py and scripts/gpu_check.py.
+# e4m3 keeps 3 mantissa bits (~3.6 % rms error per element), e5m2 keeps 2 (~7 %); summed over
+# hundreds of products the errors partly average out. Stated tolerances, relative Frobenius norm:
+TOL_Y, TOL_GRAD = 0.06, 0.10
+MIN_ERR_Y = 1e-3  # below this the output was not really quantized: a silent bf16 fallback
+
+
+def _rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-30)).item()
+
+
+def fp8_vs_reference(device, shape=(4, 16, 256), out_features=128):
+    """Float8Linear (fp8 path) on bf16 inputs of `shape` vs an fp32 reference of the same layer,
+    forward and backward. Returns the relative errors of (y, dx, dW). Raises where
+    torch._scaled_mm cannot run (RuntimeError or NotImplementedError)."""
+    torch.manual_seed(0)
+    in_features = shape[-1]
+    layer = Float8Linear(in_features, out_features, device=device)
+    nn.init.normal_(layer.weight, std=in_features ** -0.5)
+    x = torch.randn(*shape, device=device, dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(*shape[:-1], out_features, device=device, dtype=torch.bfloat16)
+    y = layer(x)
+    y.backward(g)
+    xr, wr = x.detach().float().requires_grad_(), layer.weight.detach().clone().requires_grad_()
+    yr = xr @ wr.t()
+    yr.backward(g.float())
+    assert y.shape == (*shape[:-1], out_features) and y.dtype == torch.bfloat16
+    assert x.grad.dtype == torch.bfloat16 and layer.weight.grad.dtype == torch.float32
+    return _rel_err(y, yr), _rel_err(x.grad, xr.grad), _rel_err(layer.weight.grad, wr.grad)

@@ -254,9 +254,10 @@ class GPT(nn.Module):
             "matrices": list(self.blocks.parameters()),
         }
 
-    def setup_optimizer(self, groups):
+    def setup_optimizer(self, groups, compile=None):
         """MuonAdamW over the recipe's groups (nanochat.recipe: LRs, betas, decays and their reasons).
-        A Muon group is split by matrix shape: Muon orthogonalizes a stack of same-shape matrices at once."""
+        A Muon group is split by matrix shape: Muon orthogonalizes a stack of same-shape matrices at once.
+        compile: MuonAdamW's (default: compile the updates on CUDA)."""
         from nanochat.optim import MuonAdamW
         params = self.param_groups()
         out = []
@@ -270,7 +271,7 @@ class GPT(nn.Module):
                 by_shape.setdefault(p.shape, []).append(p)
             out += [dict(hyper, params=ps) for ps in by_shape.values()]
         assert sum(len(g["params"]) for g in out) == len(list(self.parameters())), "a parameter has no group"
-        return MuonAdamW(out)
+        return MuonAdamW(out, compile=compile)
 
 
 def build_model(config, device):

@@ -8,7 +8,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from nanochat.common import print0
+from nanochat.common import any_rank, print0
 
 
 @torch.no_grad()
@@ -27,11 +27,8 @@ def evaluate_bpb(model, batches, steps, token_bytes, return_tokens=False, should
         if should_stop is not None:
             # every batch, the ranks agree: stop? anyone still has a batch? (one tiny collective;
             # a rank whose share ran out keeps answering until all have)
-            flags = torch.tensor([float(bool(should_stop())), float(batch is not None)], device=device)
-            if dist.is_initialized():
-                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            stopped = bool(flags[0])
-            if stopped or not flags[1]:
+            stopped, anyone_has_batch = any_rank((bool(should_stop()), batch is not None), device)
+            if stopped or not anyone_has_batch:
                 break
         elif batch is None:
             break
@@ -59,8 +56,7 @@ def evaluate_split(model, tokenizer, split, tokens, B, T, device, rank=0, world_
     the all-reduced sums still give the right bpb. should_stop: as in evaluate_bpb (bpb None when it
     stopped the evaluation)."""
     from nanochat.dataloader import DataLoader
-    loader = DataLoader(tokenizer, B, T, split, device, rank=rank, world_size=world_size, one_pass=True,
-                        allow_empty=True)
+    loader = DataLoader(tokenizer, B, T, split, device, rank=rank, world_size=world_size, one_pass=True)
     readers = min(world_size, max(loader.num_row_groups))  # ranks r < max row groups get some (round-robin)
     try:
         steps = max(1, tokens // (B * T * readers))
@@ -72,8 +68,3 @@ def evaluate_split(model, tokenizer, split, tokens, B, T, device, rank=0, world_
         print0(f"note: the {split} split holds only {scored:,} tokens in batches of {B}x{T}: bpb is over those "
                f"(one pass), not the {tokens:,} asked for")
     return bpb, scored
-
-
-def evaluate_split_bpb(model, tokenizer, split, tokens, B, T, device, rank=0, world_size=1):
-    """bpb only: evaluate_split without the token count."""
-    return evaluate_split(model, tokenizer, split, tokens, B, T, device, rank, world_size)[0]

@@ -12,14 +12,15 @@ Regenerate nanochat/demo_data/, the small dataset that ships inside the package 
 Nothing at runtime needs this script; it exists so the shipped files can be rebuilt and checked.
 Sources and licences are listed in demo_data/NOTICE.
 """
-import argparse
 import gzip
 import os
 import random
 import shutil
 import sys
 
-DEMO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_data")
+from nanochat.cli import ArgumentParser, check
+from nanochat.dataset import DEMO_DIR
+
 CORPUS_FILES = ["web_dclm.jsonl", "tinyshakespeare.txt"]  # not the WikiText file: CC BY-SA
 ITEMS_PER_TASK = 50
 SEED = 0
@@ -67,15 +68,12 @@ def make_demo_data(shared, out=DEMO_DIR, k=ITEMS_PER_TASK, seed=SEED):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m nanochat.make_demo_data", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shared", default="../shared", help="dir holding corpus/ and eval_bundle/")
-    parser.add_argument("--out", default=DEMO_DIR, help="output dir")
+    parser = ArgumentParser("python -m nanochat.make_demo_data", __doc__)
+    parser.add_argument("--shared", default="../shared", metavar="DIR", help="dir holding corpus/ and eval_bundle/")
+    parser.add_argument("--out", default=DEMO_DIR, metavar="DIR", help="output dir")
     args = parser.parse_args(argv)
-    for need in ["corpus", "eval_bundle"]:
-        if not os.path.isdir(os.path.join(args.shared, need)):
-            print(f"error: {os.path.join(args.shared, need)} not found: pass --shared DIR", file=sys.stderr)
-            return 1
+    needed = [os.path.join(args.shared, need) for need in ["corpus", "eval_bundle"]]
+    check(parser, [(not os.path.isdir(path), f"{path} not found: pass --shared DIR") for path in needed])
     make_demo_data(args.shared, args.out)
     return 0
 

@@ -22,8 +22,7 @@ Training loop contract (the loop never all-reduces anything itself):
     for micro_step in range(grad_accum_steps):
         optimizer.sync_grads = micro_step == grad_accum_steps - 1  # like nanoGPT's require_backward_grad_sync
         (model(x, y) / grad_accum_steps).backward()
-    for group in optimizer.param_groups:  # schedules: step() reads these fresh every time
-        group["lr"] = group["initial_lr"] * lr_multiplier           # (and group["momentum"], ["weight_decay"])
+    optimizer.set_schedule(lr_multiplier, momentum, muon_weight_decay)  # step() reads them fresh each time
     optimizer.step()
     model.zero_grad(set_to_none=True)
 """
@@ -220,6 +219,14 @@ class MuonAdamW(torch.optim.Optimizer):
         else:  # gloo supports reduce-scatter and AVG too (torch 2.13), so CPU tests run the NCCL code path
             out = grad.new_empty(grad.size(0) // W, *grad.shape[1:])
             unit["grad"], unit["work"] = out, dist.reduce_scatter_single(out, grad, op=dist.ReduceOp.AVG, async_op=True)
+
+    def set_schedule(self, lr_multiplier, momentum, muon_weight_decay):
+        """This step's scheduled values: every group's LR at lr_multiplier × its initial LR (AdamW's
+        decoupled decay lr·wd follows), and Muon's momentum and weight decay."""
+        for group in self.param_groups:
+            group["lr"] = group["initial_lr"] * lr_multiplier
+            if group["kind"] == "muon":
+                group["momentum"], group["weight_decay"] = momentum, muon_weight_decay
 
     @torch.no_grad()
     def step(self, closure=None):

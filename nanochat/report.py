@@ -19,7 +19,7 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from nanochat.checkpoint import get_run_dir, newest_model_tag
+from nanochat.checkpoint import newest_model_tag
 from nanochat.cli import ArgumentParser
 from nanochat.common import atomic_write, get_base_dir
 
@@ -83,19 +83,28 @@ def save_png(fig, path):
         fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
 
 
-def plot_curves(records, key, title, path):
-    """One figure, three views of the same curve: per step, per minute of training time, per FLOP."""
-    recs = [r for r in records if r.get(key) is not None]
-    if not recs:
+# x axes of a curve: (record key, axis label, divisor)
+STEP, MINUTES, FLOPS, TOKENS = ("step", "step", 1), ("elapsed", "training time (min)", 60), ("flops", "FLOPs", 1), \
+    ("tokens", "tokens", 1)
+
+
+def plot_curves(series, key, title, path, xaxes=(STEP, MINUTES, FLOPS)):
+    """One figure, one view of the same curves per x axis. series: label -> records; more than one
+    series (--compare) get a legend. False, and nothing written, if no record has `key`."""
+    series = {label: [r for r in recs if r.get(key) is not None] for label, recs in series.items()}
+    if not any(series.values()):
         return False
-    fig = Figure(figsize=(15, 4))
-    for ax, (xkey, xlabel, scale) in zip(fig.subplots(1, 3), [("step", "step", 1), ("elapsed", "training time (min)", 60),
-                                                               ("flops", "FLOPs", 1)]):
-        pts = [(r[xkey] / scale, r[key]) for r in recs if r.get(xkey) is not None]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 50 else None)
+    fig = Figure(figsize=(5 * len(xaxes), 4))
+    axes = fig.subplots(1, len(xaxes))
+    for ax, (xkey, xlabel, scale) in zip(axes, xaxes):
+        for label, recs in series.items():
+            pts = [(r[xkey] / scale, r[key]) for r in recs if r.get(xkey) is not None]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 50 else None, label=label)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)
+    if len(series) > 1:
+        axes[0].legend()
     fig.suptitle(title)
     save_png(fig, path)
     return True
@@ -168,10 +177,10 @@ def header_section(ctx, start_time, gpu_hour_cost):
     L = ["# nanochat report", ""]
     if status and status != "complete":
         L += [f"**{status}**", ""]
-    command = (cfg or {}).get("command") or ("python -m scripts.base_train " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in (cfg or {}).get("args", {}).items()
+    command = cfg.get("command") or ("python -m scripts.base_train " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in cfg.get("args", {}).items()
         if v is not None and v is not False) if cfg else None)
-    train_s = (final or {}).get("elapsed")
+    train_s = final.get("elapsed")
     L += [f"- date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M:%S')}",
           f"- run: {ctx['tag'] or 'not run (no base_checkpoints/)'}" + (f" ({status})" if status == "complete" else ""),
           f"- training command: `{command}`" if command else "- training command: not run",
@@ -223,7 +232,7 @@ def training_section(cfg, metrics, final):
     L = ["## Training", ""]
     if cfg:
         mc, np_, args = cfg.get("model_config", {}), cfg.get("num_params", {}), cfg.get("args", {})
-        tokens = (final or {}).get("total_tokens") or (cfg.get("total_batch_size") or 0) * (cfg.get("num_iterations") or 0)
+        tokens = final.get("total_tokens") or (cfg.get("total_batch_size") or 0) * (cfg.get("num_iterations") or 0)
         # the horizon's tokens:params counts the matrices and the lm_head (embeddings are lookups)
         scaling = (np_.get("transformer_matrices") or 0) + (np_.get("lm_head") or 0)
         L += [f"- depth {mc.get('n_layer')}, width {mc.get('n_embd')}, {mc.get('n_head')} heads, seq len {mc.get('sequence_len')}, "
@@ -251,19 +260,26 @@ def training_section(cfg, metrics, final):
     return L + [""]
 
 
-def bpb_lines(cfg, metrics, final, ev):
+def last_val(run):
+    """The record with a run's last val bpb: the final one, else the newest val record ({} if none)."""
+    if run["final"].get("val_bpb") is not None:
+        return run["final"]
+    return (run["metrics"].get("val") or [{}])[-1]
+
+
+def bpb_lines(run):
     """The two val bpb figures: measured during training, and by base_eval on the final checkpoint.
     They differ in how many tokens were scored, so both say it."""
-    val = final or (metrics.get("val") or [{}])[-1]
-    args = (cfg or {}).get("args") or {}
+    val, ev = last_val(run), run["ev"]
+    args = run["cfg"].get("args") or {}
     train_tokens = args.get("bpb_tokens", args.get("eval_tokens"))  # eval_tokens: the flag's old name
     L = [f"- val bpb during training: {fmt(val.get('val_bpb'), '.4f', 'not run')}"
          + (f" at step {val['step']:,}" if val.get("step") is not None and val.get("val_bpb") is not None else "")
          + (f", over {fmt(val.get('tokens_scored') or train_tokens)} tokens" if val.get("val_bpb") is not None else "")]
-    bpb = (ev or {}).get("bpb") or {}
+    bpb = ev.get("bpb") or {}
     if bpb:
-        counts = (ev or {}).get("bpb_tokens") or {}
-        L += [f"- val bpb by base_eval (step {fmt((ev or {}).get('step'))}): "
+        counts = ev.get("bpb_tokens") or {}
+        L += [f"- val bpb by base_eval (step {fmt(ev.get('step'))}): "
               + ", ".join(f"{split} {fmt(bpb.get(split), '.4f')}" + (f" over {counts[split]:,} tokens" if counts.get(split) else "")
                           for split in ("train", "val") if split in bpb)]
     return L
@@ -297,8 +313,9 @@ def core_lines(ctx, plot_dir):
         t = t if isinstance(t, dict) else {"centered": t}
         L += [f"| {name} | {fmt(t.get('accuracy'), '.4f')} | {fmt(t.get('centered'), '.4f')} | "
               f"{fmt(t.get('random_baseline'), '.1f')} | {fmt(t.get('n_items'))} |"]
-    if ev and ev.get("skipped"):
-        L += ["", "Skipped (data missing): " + ", ".join(ev["skipped"])]
+    if ev and ev.get("skipped"):  # base_eval records why (missing, corrupt) per task
+        why = ev.get("skipped_why") or {}
+        L += ["", "Skipped: " + "; ".join(f"{name}: {why.get(name, 'data missing')}" for name in ev["skipped"])]
     centered = {n: (t.get("centered") if isinstance(t, dict) else t) for n, t in tasks.items()}
     centered = {n: c for n, c in centered.items() if isinstance(c, (int, float))}  # a task that errored has none
     if centered:
@@ -312,7 +329,7 @@ def core_lines(ctx, plot_dir):
 def samples_and_plots(ctx, plot_dir):
     ev, metrics = ctx["ev"], ctx["metrics"]
     L = ["## Samples", ""]
-    samples = (ev or {}).get("samples") or ((metrics.get("sample") or [{}])[-1]).get("samples")
+    samples = ev.get("samples") or ((metrics.get("sample") or [{}])[-1]).get("samples")
     for s in samples or []:
         L += ["````text", s, "````", ""]
     if not samples:
@@ -321,31 +338,34 @@ def samples_and_plots(ctx, plot_dir):
     for recs, key, name, title in [(metrics.get("train", []), "loss", "train_loss",
                                     "train loss (smoothed: a debiased moving average over ~10 steps)"),
                                    (metrics.get("val", []), "val_bpb", "val_bpb", "validation bpb")]:
-        if plot_curves(recs, key, title, os.path.join(plot_dir, name + ".png")):
+        if plot_curves({ctx["tag"]: recs}, key, title, os.path.join(plot_dir, name + ".png")):
             L += [f"![{title}](report/{name}.png)", ""]
         else:
             L += [f"- {title.split(' (')[0]}: not run", ""]
     return L
 
 
+def load_run(base_dir, tag):
+    """One run's config, metrics, evaluation and final record ({} where missing: a stage not run)."""
+    run_dir = os.path.join(base_dir, "base_checkpoints", tag)
+    metrics = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+    return dict(tag=tag, cfg=read_json(os.path.join(run_dir, "config.json")) or {}, metrics=metrics,
+                ev=read_json(os.path.join(run_dir, "base_eval.json")) or {},
+                final=(metrics.get("final") or [{}])[-1])
+
+
 def write_report(base_dir=None, model_tag=None, start_time=None, gpu_hour_cost=3.0):
-    use_env = base_dir is None  # then get_run_dir (which follows $NANOCHAT_BASE_DIR) finds the run
     base_dir = base_dir or get_base_dir()
     plot_dir = os.path.join(base_dir, "report")
     os.makedirs(plot_dir, exist_ok=True)
     tag = model_tag or newest_model_tag(base_dir)
-    run_dir = None
-    if tag:
-        run_dir = get_run_dir(tag) if use_env else os.path.join(base_dir, "base_checkpoints", tag)
-    metrics = read_metrics(os.path.join(run_dir, "metrics.jsonl")) if run_dir else {}
-    ctx = dict(base_dir=base_dir, tag=tag, metrics=metrics,
-               cfg=read_json(os.path.join(run_dir, "config.json")) if run_dir else None,
-               ev=read_json(os.path.join(run_dir, "base_eval.json")) if run_dir else None,
-               final=(metrics.get("final") or [None])[-1],
+    ctx = load_run(base_dir, tag) if tag else dict(tag=None, cfg={}, metrics={}, ev={}, final={})
+    metrics = ctx["metrics"]
+    ctx.update(base_dir=base_dir,
                steps=[r["step"] for recs in metrics.values() for r in recs if isinstance(r.get("step"), int)])
     L = header_section(ctx, start_time, gpu_hour_cost) + system_section() + tokenizer_section(base_dir)
     L += training_section(ctx["cfg"], metrics, ctx["final"])
-    L += ["## Results", ""] + bpb_lines(ctx["cfg"], metrics, ctx["final"], ctx["ev"]) + core_lines(ctx, plot_dir) + [""]
+    L += ["## Results", ""] + bpb_lines(ctx) + core_lines(ctx, plot_dir) + [""]
     L += samples_and_plots(ctx, plot_dir)
     path = os.path.join(base_dir, "report.md")
     with atomic_write(path) as tmp, open(tmp, "w") as f:
@@ -354,19 +374,6 @@ def write_report(base_dir=None, model_tag=None, start_time=None, gpu_hour_cost=3
 
 
 # --- comparing runs: what a fork is judged by, side by side ---
-
-def load_run(base_dir, tag):
-    """What --compare needs of one run: its config, metrics and evaluation (None where missing)."""
-    run_dir = os.path.join(base_dir, "base_checkpoints", tag)
-    if not os.path.isdir(run_dir):
-        raise SystemExit(f"error: no run {tag!r} under {os.path.dirname(run_dir)}: give the --model-tag of a "
-                         f"training run (there: {', '.join(sorted(os.listdir(os.path.dirname(run_dir)))) or 'none'})"
-                         if os.path.isdir(os.path.dirname(run_dir)) else f"error: no runs under {base_dir}")
-    metrics = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
-    return dict(tag=tag, cfg=read_json(os.path.join(run_dir, "config.json")) or {}, metrics=metrics,
-                ev=read_json(os.path.join(run_dir, "base_eval.json")) or {},
-                final=(metrics.get("final") or [{}])[-1])
-
 
 def comparability_warnings(runs):
     """Numbers of two runs mean the same only if they were measured the same way: same tokenizer
@@ -387,10 +394,7 @@ def comparability_warnings(runs):
 def compare_table(runs):
     """Final val bpb, CORE and training time of each run, and its difference from the first."""
     def row_values(r):
-        val = r["final"].get("val_bpb")
-        if val is None:
-            val = (r["metrics"].get("val") or [{}])[-1].get("val_bpb")
-        return [val, r["ev"].get("core"), r["final"].get("elapsed")]
+        return [last_val(r).get("val_bpb"), r["ev"].get("core"), r["final"].get("elapsed")]
     base = row_values(runs[0])
     L = ["| run | val bpb | CORE | training time (s) | Δ val bpb | Δ CORE | Δ time |", "|---|---|---|---|---|---|---|"]
     for r in runs:
@@ -402,32 +406,22 @@ def compare_table(runs):
     return L
 
 
-def plot_compare(runs, path):
-    """val bpb of every run against step, tokens, FLOPs and training time, overlaid."""
-    fig = Figure(figsize=(20, 4))
-    axes = fig.subplots(1, 4)
-    for r in runs:
-        recs = [x for x in r["metrics"].get("val", []) if x.get("val_bpb") is not None]
-        for ax, (xkey, xlabel, scale) in zip(axes, [("step", "step", 1), ("tokens", "tokens", 1),
-                                                    ("flops", "FLOPs", 1), ("elapsed", "training time (min)", 60)]):
-            pts = [(x[xkey] / scale, x["val_bpb"]) for x in recs if x.get(xkey) is not None]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=r["tag"])
-            ax.set_xlabel(xlabel)
-            ax.set_ylabel("val bpb")
-            ax.grid(alpha=0.3)
-    axes[0].legend()
-    fig.suptitle("val bpb: " + " vs ".join(r["tag"] for r in runs))
-    save_png(fig, path)
-
-
 def compare_runs(tags, base_dir=None):
     """Print (and return) the comparison of the named runs; write the overlay plot beside report.md."""
     base_dir = base_dir or get_base_dir()
+    root = os.path.join(base_dir, "base_checkpoints")
+    for tag in tags:  # a mistyped tag would otherwise compare as an empty run
+        if not os.path.isdir(os.path.join(root, tag)):
+            raise SystemExit(f"error: no run {tag!r} under {root}: give the --model-tag of a training run "
+                             f"(there: {', '.join(sorted(os.listdir(root))) or 'none'})"
+                             if os.path.isdir(root) else f"error: no runs under {base_dir}")
     runs = [load_run(base_dir, tag) for tag in tags]
     path = os.path.join(base_dir, "report", "compare_" + "_vs_".join(tags) + ".png")
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    plot_compare(runs, path)
-    lines = compare_table(runs) + [""] + comparability_warnings(runs) + [f"plot: {path}"]
+    plotted = plot_curves({r["tag"]: r["metrics"].get("val", []) for r in runs}, "val_bpb",
+                          "val bpb: " + " vs ".join(tags), path, xaxes=(STEP, TOKENS, FLOPS, MINUTES))
+    lines = compare_table(runs) + [""] + comparability_warnings(runs)
+    lines += [f"plot: {path}" if plotted else "plot: none (no run has val bpb records)"]
     print("\n".join(lines))
     return lines
 

@@ -23,6 +23,7 @@ SPECIAL_TOKENS = [
     "<|python_start|>", "<|python_end|>",
     "<|output_start|>", "<|output_end|>",
 ]
+MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)  # every byte is a token, and the specials come on top
 
 
 class Tokenizer:
@@ -49,10 +50,10 @@ class Tokenizer:
     def train(cls, texts, vocab_size, pattern=SPLIT_PATTERN):
         """Learn merges from an iterator of strings. vocab_size counts the specials too."""
         import rustbpe
-        num_merges_vocab = vocab_size - len(SPECIAL_TOKENS)
-        if num_merges_vocab < 256:
-            raise ValueError(f"--vocab-size {vocab_size} is too small: need at least {256 + len(SPECIAL_TOKENS)} "
+        if vocab_size < MIN_VOCAB_SIZE:
+            raise ValueError(f"--vocab-size {vocab_size} is too small: need at least {MIN_VOCAB_SIZE} "
                              f"(256 byte tokens + {len(SPECIAL_TOKENS)} specials)")
+        num_merges_vocab = vocab_size - len(SPECIAL_TOKENS)
         bpe = rustbpe.Tokenizer()
         bpe.train_from_iterator(texts, num_merges_vocab, pattern=pattern)
         ranks = {bytes(b): rank for b, rank in bpe.get_mergeable_ranks()}

@@ -107,7 +107,7 @@ def print_results(result):
     for label, t in result["tasks"].items():
         print(f"{label:<34} {t['accuracy']:>9.4f} {t['centered']:>9.4f} {t['n_items']:>6}")
     for label in result["skipped"]:
-        why = result.get("skipped_why", {}).get(label, "missing")
+        why = result["skipped_why"][label]
         print(f"{label:<34} {'-':>9} {'-':>9}  (data file {why.split(' (')[0]})")
     print(f"{result['core_label']} ({result['semantics']}): {result['core']:.4f}   (GPT-2 1.5B: 0.2565 over all 22)")
     for split, value in result["bpb"].items():

@@ -277,11 +277,11 @@ def resume(run):
         print0(f"--resume: no checkpoint in {run.run_dir} yet, starting from scratch")
     else:
         check_tokenizer(run.run_dir, run.tokenizer, meta)  # a retrained tokenizer would silently remap every token
+        meta = load_checkpoint(run.run_dir, run.model, run.optimizer, run.loaders, rank=run.rank, step=meta["step"])
         if meta.get("num_iterations", run.recipe.num_iterations) != run.recipe.num_iterations:
             raise ValueError(f"--resume: {step_dir(run.run_dir, meta['step'])} is from a run of "
                              f"{meta['num_iterations']} steps, these flags give {run.recipe.num_iterations}: resume "
                              f"with the run's flags, or start a new run under another --model-tag")
-        meta = load_checkpoint(run.run_dir, run.model, run.optimizer, run.loaders, rank=run.rank, step=meta["step"])
         run.step = run.resume_step = meta["step"]
         run.elapsed, run.smooth_loss = meta["loop"]["elapsed"], meta["loop"]["smooth_loss"]
         run.resume_evaluated = meta["loop"].get("evaluated", True)  # checkpoints from before the field: as before
@@ -406,10 +406,7 @@ def train_step(run):
                            f"{max(1, b // 2)} (gradient accumulation keeps the total batch) or "
                            f"--device-batch-size auto") from None
     sched = run.recipe.schedule(run.step)
-    for group in optimizer.param_groups:
-        group["lr"] = group["initial_lr"] * sched.lr_multiplier  # AdamW's decoupled decay lr·wd follows
-        if group["kind"] == "muon":
-            group["momentum"], group["weight_decay"] = sched.momentum, sched.muon_weight_decay
+    optimizer.set_schedule(sched.lr_multiplier, sched.momentum, sched.muon_weight_decay)
     optimizer.step()
     run.model.zero_grad(set_to_none=True)
     return loss.item(), sched.lr_multiplier  # .item() syncs: fine once per step

@@ -72,7 +72,7 @@ def main(argv=None):
     if tag is None:
         raise SystemExit("error: no run under base_checkpoints/: train one with python -m scripts.base_train")
     tokenizer = get_tokenizer()
-    model, meta = load_model(get_run_dir(tag), device, args.step, vocab_size=tokenizer.vocab_size)
+    model, meta = load_model(get_run_dir(tag), device, args.step, tokenizer=tokenizer)
     model.eval()
     engine = Engine(model, tokenizer)
     print(f"# {tag} at step {meta['step']}, {device.type}; temperature {args.temperature}, top-k {args.top_k}",

@@ -9,7 +9,7 @@ import time
 from nanochat.cli import ArgumentParser, check
 from nanochat.checkpoint import checkpoints_using, save_json
 from nanochat.dataset import iter_documents
-from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer, get_tokenizer, get_tokenizer_dir
+from nanochat.tokenizer import MIN_VOCAB_SIZE, SPECIAL_TOKENS, Tokenizer, get_tokenizer, get_tokenizer_dir
 
 
 def capped_texts(max_chars, doc_cap):
@@ -49,9 +49,9 @@ def main(argv=None):
     parser.add_argument("--force", action="store_true",
                         help="replace the tokenizer even if checkpoints were trained with it (they become unusable)")
     args = parser.parse_args(argv)
-    smallest = 256 + len(SPECIAL_TOKENS)  # every byte is a token, and the specials come on top
-    check(parser, [(args.vocab_size < smallest, f"--vocab-size {args.vocab_size}: must be >= {smallest} "
-                                                f"(256 byte tokens + {len(SPECIAL_TOKENS)} specials)"),
+    # checked here too, so a bad flag fails before the shards are read, as a usage error
+    check(parser, [(args.vocab_size < MIN_VOCAB_SIZE, f"--vocab-size {args.vocab_size}: must be >= {MIN_VOCAB_SIZE} "
+                                                      f"(256 byte tokens + {len(SPECIAL_TOKENS)} specials)"),
                    (args.max_chars < 1, f"--max-chars {args.max_chars}: must be >= 1"),
                    (args.doc_cap < 1, f"--doc-cap {args.doc_cap}: must be >= 1")])
     refuse_to_orphan_checkpoints(args.force)

@@ -10,13 +10,12 @@ CPU = torch.device("cpu")
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
 
-def load(name):
-    """The kernel of one backend, bypassing the once-per-process choice."""
+def load(name, device=CPU, dtype=torch.float32):
+    """The kernel of one backend (flex's own, not its router), bypassing the once-per-process choice."""
     try:
-        kernel = attn.BACKENDS[name][1](CPU, torch.float32)
+        return attn.load_kernel(name, device, dtype)
     except Exception as e:
-        pytest.skip(f"{name} cannot load on CPU: {e}")
-    return attn._flex_kernel if kernel is attn._flex else kernel  # the kernel itself, not its router
+        pytest.skip(f"{name} cannot load on {device}: {e}")
 
 
 BACKENDS_HERE = ["sdpa", "flex"]
@@ -210,10 +209,7 @@ def test_unavailable_backend_raises_instead_of_falling_back(fresh_choice, name):
 @pytest.mark.parametrize("Tq,Tk,window", [(256, 256, 4096), (256, 256, 64), (64, 256, 64), (1, 300, 128)])
 def test_cuda_backend_matches_reference(name, Tq, Tk, window):
     device = torch.device("cuda")
-    try:
-        kernel = attn.BACKENDS[name][1](device, torch.bfloat16)
-    except Exception as e:
-        pytest.skip(f"{name} cannot load here: {e}")
+    kernel = load(name, device, torch.bfloat16)
     q, k, v = (x.to(device, torch.bfloat16).requires_grad_() for x in qkv(Tq=Tq, Tk=Tk, H=4, D=128))
     out = kernel(q, k, v, window)
     assert out.dtype == torch.bfloat16 and out.shape == q.shape

@@ -230,6 +230,38 @@ def test_download_reports_first_error_after_the_rest(server, tmp_path):
     assert shard_names(dataset.get_data_dir()) == ["shard_00000.parquet", "shard_06542.parquet"]
 
 
+def test_download_refuses_old_local_shards_without_manifest(server, tmp_path, capsys):
+    for i in (0, 1, dataset.MAX_SHARD):
+        server.files[f"shard_{i:05d}.parquet"] = make_shard_bytes(tmp_path, str(i), n_docs=300)
+    data_dir = dataset.get_data_dir()
+    dataset.write_shards([f"local doc {i}" for i in range(30)], data_dir, docs_per_shard=10, val_docs=5)
+    os.remove(os.path.join(data_dir, "manifest.json"))  # built by a version from before manifests
+    before = {n: open(os.path.join(data_dir, n), "rb").read() for n in shard_names(data_dir)}
+    with pytest.raises(ValueError) as exc:
+        dataset.download(2, **FAST)
+    assert str(exc.value).startswith(f"{data_dir} holds 4 shards with no manifest.json and no ClimbMix val shard "
+                                     f"shard_06542.parquet, so they are not an interrupted ClimbMix download")
+    assert f"or delete {data_dir} to download" in str(exc.value) and "\n" not in str(exc.value)
+    # nothing fetched, nothing relabelled as ClimbMix
+    assert server.requests == [] and not os.path.exists(os.path.join(data_dir, "manifest.json"))
+    assert {n: open(os.path.join(data_dir, n), "rb").read() for n in shard_names(data_dir)} == before
+    assert dataset.main(["-n", "2"]) == 1
+    assert "so they are not an interrupted ClimbMix download" in capsys.readouterr().err
+    # an interrupted download (the val shard comes first, so it is there) still resumes
+    resumed = str(tmp_path / "resumed")
+    os.makedirs(resumed)
+    dataset.download_shard(dataset.MAX_SHARD, resumed, **FAST)
+    dataset.download(2, resumed, **FAST)
+    assert dataset.read_manifest(resumed)["train"] == ["shard_00000.parquet", "shard_00001.parquet"]
+
+
+def test_download_fetches_the_val_shard_before_any_train_shard(server, tmp_path):
+    for i in (0, 1, 2, dataset.MAX_SHARD):
+        server.files[f"shard_{i:05d}.parquet"] = make_shard_bytes(tmp_path, str(i), n_docs=300)
+    dataset.download(3, workers=3, **FAST)
+    assert server.requests[0][0].endswith("/" + dataset.VAL_SHARD)
+
+
 # -----------------------------------------------------------------------------
 # list_shards / iter_documents
 
@@ -534,6 +566,16 @@ def test_demo_data_is_reproducible_from_shared(tmp_path):
         read = gzip.open if rel.endswith(".gz") else open  # compare contents: zlib versions may differ in bytes
         with read(os.path.join(tmp_path, rel), "rb") as a, read(os.path.join(shipped, rel), "rb") as b:
             assert a.read() == b.read(), rel
+
+
+def test_make_demo_data_without_shared_is_a_one_line_usage_error(tmp_path, capsys):
+    from nanochat import make_demo_data
+    with pytest.raises(SystemExit) as exc:
+        make_demo_data.main(["--shared", str(tmp_path), "--out", str(tmp_path / "out")])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == (f"python -m nanochat.make_demo_data: error: {tmp_path / 'corpus'} not found: "
+                                       f"pass --shared DIR (see --help)\n")
+    assert not os.path.exists(tmp_path / "out")
 
 
 def test_demo_data_ships_with_the_package():

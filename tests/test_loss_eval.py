@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 
 from nanochat.dataset import iter_documents
-from nanochat.loss_eval import evaluate_bpb, evaluate_split, evaluate_split_bpb
+from nanochat.loss_eval import evaluate_bpb, evaluate_split
 from nanochat.tokenizer import get_tokenizer
 
 
@@ -60,7 +60,7 @@ def test_asking_for_more_tokens_than_the_split_holds_scores_it_once(base_dir, ca
     model = Recorder(tok.vocab_size)
     asked = 256 * 30  # 30 batches of 2x128 (rows longer than most documents): about three times the split
     assert split_tokens < asked / 2
-    bpb = evaluate_split_bpb(model, tok, "val", asked, 2, 128, "cpu")
+    bpb, _ = evaluate_split(model, tok, "val", asked, 2, 128, "cpu")
     docs = whole_docs(model.rows, tok.bos_token_id)
     assert len(docs) > 20 and len(set(docs)) == len(docs)  # no document scored twice
     assert len(model.rows) * 128 <= split_tokens
@@ -118,7 +118,7 @@ def test_a_rank_without_val_row_group_scores_nothing_and_bpb_is_right(one_row_gr
     # the training stream still refuses an empty rank; evaluation lets it contribute zeros
     with pytest.raises(ValueError, match="data stream 1 of 2 gets no row group of the 'val' shards"):
         DataLoader(get_tokenizer(), B, T, "val", rank=1, world_size=2)
-    assert list(DataLoader(get_tokenizer(), B, T, "val", rank=1, world_size=2, one_pass=True, allow_empty=True)) == []
+    assert list(DataLoader(get_tokenizer(), B, T, "val", rank=1, world_size=2, one_pass=True)) == []
     tokens = [3 * B * T, 10 ** 6]  # part of the split (rank 0 scores all 3 batches itself), and all of it
     one = split_bpb(0, 1, tokens)
     (tmp_path / "two").mkdir()

@@ -26,10 +26,7 @@ def scheduled_step(params, opt, step):
     gen = torch.Generator().manual_seed(100 + step)
     for p in params:
         p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
-    for group in opt.param_groups:  # every scheduled value changes every step
-        group["lr"] = group["initial_lr"] * (1 - step / 60)
-        if group["kind"] == "muon":
-            group["momentum"], group["weight_decay"] = 0.85 + 0.002 * step, 0.1 * (1 - step / 60)
+    opt.set_schedule(1 - step / 60, 0.85 + 0.002 * step, 0.1 * (1 - step / 60))  # every value changes every step
     opt.step()
 
 

@@ -96,6 +96,9 @@ def test_measured_activations_extrapolate_to_another_model():
     # what it measured, pinned (bf16, compiled): ~19.6 n_embd elements per layer; the lm_head output
     # in bf16 is all the head saves (the softcap and the fp32 logits are recomputed in backward)
     assert 36 < per_layer < 43 and 1.9 < per_vocab < 2.2 and per_weight == pytest.approx(2.0, rel=0.05)
+    # plan uses a recorded copy of this measurement at these defaults: it must still be what torch measures
+    recorded = plan.RECORDED_SAVED_BYTES[(cfg.head_dim, cfg.window_pattern)]
+    assert recorded == pytest.approx((per_layer, outside, per_vocab, per_weight), rel=1e-6)
 
 
 def test_d24_batch_16_memory_is_the_measured_one(d24):

@@ -233,3 +233,19 @@ def test_compare_unknown_tag_names_the_runs_there(base):
     make_run(base, "baseline", [3.0], 0.1)
     with pytest.raises(SystemExit, match="no run 'nope' .*there: baseline"):
         report.compare_runs(["baseline", "nope"], base_dir=str(base))
+
+
+def test_skipped_core_tasks_say_why(base):
+    run_dir = make_full_run(base)
+    ev_path = os.path.join(run_dir, "base_eval.json")
+    ev = json.load(open(ev_path))
+    ev["skipped_why"] = {"squad": "corrupt (JSONDecodeError)"}  # hellaswag_zeroshot: no reason recorded
+    write_json(ev_path, ev)
+    md = open(report.write_report()).read()
+    assert "Skipped: hellaswag_zeroshot: data missing; squad: corrupt (JSONDecodeError)" in md
+
+
+def test_report_for_a_named_run_that_does_not_exist(base):
+    make_full_run(base)
+    md = open(report.write_report(model_tag="nope")).read()  # the report tolerates it; --compare refuses
+    assert "- run: nope" in md and "- config: not run" in md and "- CORE: not run" in md

@@ -27,6 +27,20 @@ def test_tok_train_saves_requested_vocab(base_dir, capsys):
     assert "saved to" in capsys.readouterr().out
 
 
+def test_vocab_size_below_the_minimum_is_refused_in_both_places(base_dir, capsys):
+    from nanochat.tokenizer import MIN_VOCAB_SIZE, SPECIAL_TOKENS, Tokenizer
+    assert MIN_VOCAB_SIZE == 256 + len(SPECIAL_TOKENS)
+    with pytest.raises(SystemExit) as exc:  # on the command line: a usage error, before any text is read
+        tok_train.main(["--vocab-size", str(MIN_VOCAB_SIZE - 1)])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == (f"python -m scripts.tok_train: error: --vocab-size {MIN_VOCAB_SIZE - 1}: "
+                                       f"must be >= {MIN_VOCAB_SIZE} (256 byte tokens + {len(SPECIAL_TOKENS)} "
+                                       f"specials) (see --help)\n")
+    with pytest.raises(ValueError, match=f"need at least {MIN_VOCAB_SIZE} "):
+        Tokenizer.train(iter(["some text"]), MIN_VOCAB_SIZE - 1)
+    assert Tokenizer.train(iter(["ab ab ab"]), MIN_VOCAB_SIZE).vocab_size == MIN_VOCAB_SIZE
+
+
 def test_tok_train_caps_documents(base_dir):
     texts = list(tok_train.capped_texts(max_chars=1000, doc_cap=50))
     assert all(len(t) <= 50 for t in texts) and 1000 <= sum(map(len, texts)) < 1050
