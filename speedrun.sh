@@ -64,7 +64,7 @@ else
     # the CPU demo: a 4-layer model, full windows, 256-token context, 200 steps of 4,096 tokens
     TRAIN_ARGS="--depth 4 --head-dim 64 --max-seq-len 256 --window-pattern L --device-batch-size 16
                 --total-batch-size 4096 --num-iterations 200 --eval-every 50 --bpb-tokens 65536
-                --core-every 0 --sample-every 100"
+                --final-bpb-tokens 262144 --core-every 0 --sample-every 100"
     # the demo bundle holds exactly these 50 items per task; the flag also puts "50 items" in the CORE label
     EVAL_ARGS="--core-max-per-task 50 --bpb-tokens 262144 --device-batch-size 16"
     LAUNCH=($PY -m)

@@ -35,21 +35,22 @@ class ArgumentParser(argparse.ArgumentParser):
         super().__init__(prog=prog, description=description, formatter_class=HelpFormatter, **kwargs)
 
     def error(self, message):
-        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
-        sys.exit(2)
+        flag_error(self.prog, f"{message} (see --help)")
 
-    def add_alias(self, old, dest):
-        """An old spelling of a renamed flag: still accepted, hidden from --help."""
-        action = next(a for a in self._actions if a.dest == dest)
-        self.add_argument(old, dest=dest, type=action.type, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+def flag_error(prog, message):
+    """A bad flag value found after parsing (one that takes the machine or the tokenizer to judge):
+    the same one line and exit status 2 as argparse's own errors."""
+    sys.stderr.write(f"{prog}: error: {message}\n")
+    sys.exit(2)
 
 
 def every(text):
-    """`--X-every N`: every N steps, 0 = off (-1, the old spelling of off, is accepted too)."""
+    """`--X-every N`: every N steps, 0 = off."""
     value = int(text)
-    if value < -1:
+    if value < 0:
         raise argparse.ArgumentTypeError(f"{text}: expected N >= 1 steps, or 0 for off")
-    return max(value, 0)
+    return value
 
 
 def check(parser, problems):

@@ -4,20 +4,21 @@ The CORE metric of the DCLM paper: 22 in-context learning tasks, each scored by 
 answered by comparing losses of candidate continuations under one forward pass.
 
     multiple_choice    few-shot + query + delimiter + choice, for each choice:
-                       pick the choice whose tokens have the lowest MEAN loss
+                       pick the choice whose scored tokens have the lowest MEAN loss
     schema             few-shot + context option + delimiter + continuation, for each option:
                        pick the option under which the shared continuation has the lowest mean loss
     language_modeling  few-shot + context + delimiter + continuation: correct iff the argmax at
                        every continuation position is the continuation token (= greedy decoding)
 
+A CORE score says "GPT-2 grade" only when it is measured with the ruler that measured GPT-2
+(124M 0.1139, 355M 0.1849, 774M 0.2146, 1.5B 0.2565): the evaluator behind the public
+time-to-GPT-2 leaderboard. So every item is rendered, tokenized and scored its way, rule by rule
+below; docs/EVAL.md sets each rule beside DCLM's own. Where that evaluator would crash or divide
+by zero, the rule says what we do instead, and the item is counted as "repaired".
+
 The eval bundle (eval_bundle.zip) holds core.yaml (the tasks), eval_meta_data.csv (random
 baselines, in percent) and eval_data/**.jsonl. A task whose data file is missing or corrupt is
 skipped with a warning, and the score says over how many tasks it was computed.
-
-A score is only comparable with another computed the same way, so the text is rendered and
-scored as DCLM's evaluator (MosaicML llm-foundry 0.9) does it, rule by rule below; where we
-differ, the comment says why. docs/EVAL.md has the whole table. A result records its SEMANTICS
-and how many items per task it saw: all of them, or a fixed seeded subset (max_per_task).
 """
 import csv
 import json
@@ -33,16 +34,12 @@ import yaml
 from nanochat.common import any_rank, get_base_dir, print0
 
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
-FEWSHOT_SEED = 1234
-SUBSET_SEED = 1234
-# Recorded with every score. Rev 2: fields whitespace-stripped and answers scored with their
-# leading space, as DCLM does; subsets are seeded shuffles. Rev 1 (unrecorded) scored "42" after
-# a context ending in a space, and took a file's first K items as its subset.
-SEMANTICS = "DCLM v1 semantics, rev 2"
-# Few-shot examples are joined by a blank line, as in the evaluator that published the GPT-2
-# reference scores we compare against. llm-foundry's default, which DCLM's config keeps, is one
-# "\n": a known difference, which re-deriving GPT-2's score with --hf-path settles (docs/EVAL.md).
-EXAMPLE_DELIMITER = "\n\n"
+SHUFFLE_SEED = 1337  # each task's items are shuffled once; a subset is the first K of that order
+FEWSHOT_SEED = 1234  # item i's examples: Random(1234 + i)
+EXAMPLE_DELIMITER = "\n\n"  # after each few-shot example
+# Recorded with every score (base_eval.json, the report), so that two scores measured differently
+# are never compared. The revision counts changes to how we implement the ruler's rules.
+RULES = "leaderboard, rev 1"
 
 
 # -----------------------------------------------------------------------------
@@ -109,116 +106,112 @@ def load_tasks(bundle_dir):
 
 
 # -----------------------------------------------------------------------------
-# Prompts, rendered as DCLM renders them
+# The items, in the ruler's order
+
+def ordered_items(data, max_items=None):
+    """The items as the ruler evaluates them: shuffled once with Random(1337), then cut to the
+    first max_items. Files are often sorted (jeopardy by category, bigbench_cs_algorithms by
+    question type), so a file's first K items would be a biased subset; a fixed shuffle is not,
+    and the same K gives the same items in every run. Few-shot examples are drawn by position in
+    THIS list, so even a full evaluation depends on the shuffle."""
+    items = list(data)
+    random.Random(SHUFFLE_SEED).shuffle(items)
+    return items if max_items is None else items[:max_items]
+
+
+def fewshot_indices(n, index, k):
+    """The few-shot positions of item `index` among n: Random(1234 + index).sample(k) of the other
+    n - 1 positions, in the order drawn. (The ruler builds the list of other positions; sampling
+    positions of range(n - 1) and stepping over `index` draws the same ones without that O(n) list.)
+    A task with fewer than k other items gives all n - 1 (the ruler raises there)."""
+    picks = random.Random(FEWSHOT_SEED + index).sample(range(n - 1), min(k, n - 1))
+    return [j + (j >= index) for j in picks]
+
+
+# -----------------------------------------------------------------------------
+# Prompts, rendered as the ruler renders them
 #
-# How DCLM (llm-foundry's in-context-learning datasets) turns an item into text, and so do we:
-# 1. Every string field of an item (context, continuation, query) is stripped of leading and
-#    trailing whitespace; list fields (choices, context_options) are kept as they are. This
-#    matters: all piqa queries end in "\n" (else "?\n\nAnswer:"), all
-#    bigbench_language_identification queries end in "Answer: " (else "Answer:  A"), and a few
-#    jeopardy contexts and answers end in spaces.
-# 2. The item's context and delimiter end WITHOUT trailing whitespace ("...\nAnswer:"), and the
-#    answer carries the space instead (" 42"), unless it already starts with one. This holds
-#    for all three task types. The scored tokens are then the tokens of " 42": with our split
-#    pattern a space before a digit is its own token, so "...Answer: " + "42" would put that
-#    space in the context and score a bare "42", a tokenization a trained model rarely sees.
-#    (llm-foundry adds the space only for tokenizers where " a" is one token; for a
-#    SentencePiece tokenizer the answer, tokenized on its own, gets its word-start marker
-#    instead: in text, that is the same leading space.)
-# 3. Few-shot examples are solved items (stripped fields, delimiter and answer as they are),
-#    each followed by EXAMPLE_DELIMITER.
-# We match DCLM because CORE is defined by its evaluator: another rendering of the same items
-# measures something else (rev 1 differed on every piqa item, for instance).
+# 1. Fields are used exactly as stored: piqa's queries keep their trailing "\n" ("...?\n\nAnswer:"),
+#    bigbench_language_identification's end in "Answer: " (so " " + choice gives "Answer:  C"), a
+#    jeopardy answer may end in a space. Only a language-modelling context is stripped.
+# 2. One text per row: prompt, delimiter and answer are joined as text and tokenized whole.
+# 3. Few-shot examples are solved items, each followed by a blank line.
+# 4. Language modelling renders two texts: the prompt without the continuation, stripped (so a
+#    delimiter's trailing space goes with it), and the prompt with it.
 
-def fewshot_indices(n, index, k, seed=FEWSHOT_SEED):
-    """k distinct items out of n, never `index` itself (at most n-1: a 1-item task gets none).
-    Seeded by the item's index, so an item always gets the same examples, drawn from the whole
-    task: on any rank, in any run, whatever subset is evaluated. (DCLM draws from one generator
-    shared by all items in file order, so its draw for an item depends on every item before it:
-    the same distribution, but a subset could not reproduce it.)"""
-    picks = random.Random(seed + index).sample(range(n - 1), min(k, n - 1))
-    return [j + (j >= index) for j in picks]  # draw from the n-1 others: skip over the item
-
-
-def stripped(item):
-    """The item as DCLM reads it: string fields stripped of surrounding whitespace, lists kept."""
-    return {key: value.strip() if isinstance(value, str) else value for key, value in item.items()}
-
-
-def spaced(answer):
-    """The answer as DCLM scores it: led by the space the context no longer ends with."""
-    return answer if answer.startswith(" ") else " " + answer
-
-
-def solved_example(task, item):
-    """An item with its correct answer filled in, as shown among the few-shot examples."""
-    d, item = task["delimiter"], stripped(item)
+def render_prompts(task, items, index):
+    """The texts of item `index` of `items`: one per choice, one per context option, or (language
+    modelling) the prompt without and with its continuation."""
+    d, item = task["delimiter"], items[index]
+    shots = [items[j] for j in fewshot_indices(len(items), index, task["num_fewshot"])]
     if task["type"] == "multiple_choice":
-        return item["query"] + d + item["choices"][item["gold"]]
+        head = "".join(f"{s['query']}{d}{s['choices'][s['gold']]}{EXAMPLE_DELIMITER}" for s in shots)
+        return [f"{head}{item['query']}{d}{choice}" for choice in item["choices"]]
     if task["type"] == "schema":
-        return item["context_options"][item["gold"]] + d + item["continuation"]
-    return item["context"] + d + item["continuation"]
+        head = "".join(f"{s['context_options'][s['gold']]}{d}{s['continuation']}{EXAMPLE_DELIMITER}" for s in shots)
+        return [f"{head}{option}{d}{item['continuation']}" for option in item["context_options"]]
+    head = "".join(f"{s['context'].strip()}{d}{s['continuation']}{EXAMPLE_DELIMITER}" for s in shots)
+    prompt = f"{head}{item['context'].strip()}{d}"
+    return [prompt.strip(), prompt + item["continuation"]]
 
 
-def render_prompts(task, index):
-    """(prompt, answer) text pairs of one item: one per choice, one per context option, or one.
-    The delimiter's trailing space moves from the prompt to the answer (rule 2 above)."""
-    data, d = task["data"], task["delimiter"]
-    item = stripped(data[index])
-    shots = "".join(solved_example(task, data[j]) + EXAMPLE_DELIMITER
-                    for j in fewshot_indices(len(data), index, task["num_fewshot"]))
-    if task["type"] == "multiple_choice":
-        prompt = shots + (item["query"] + d).rstrip()
-        return [(prompt, spaced(choice)) for choice in item["choices"]]
-    if task["type"] == "schema":
-        # DCLM keeps a context option as it is (a list field: not stripped) and appends the
-        # delimiter's non-space part; with no few-shot examples it appends no delimiter at all,
-        # which is the same text for CORE's schema tasks (delimiter " ").
-        answer = spaced(item["continuation"])
-        return [(shots + option + d.rstrip(), answer) for option in item["context_options"]]
-    return [(shots + (item["context"] + d).rstrip(), spaced(item["continuation"]))]
-
-
-def common_prefix_len(a, b):
+def common_prefix_len(rows):
+    """How many leading tokens all rows share."""
     n = 0
-    for x, y in zip(a, b):
-        if x != y:
+    for column in zip(*rows):
+        if any(t != column[0] for t in column):
             break
         n += 1
     return n
 
 
-def tokenize_prompts(tokenizer, pairs, max_len):
-    """Token rows (ids, start): BOS + prompt + answer, with the answer at ids[start:].
+def scored_starts(kind, rows):
+    """(start of each row's scored span, which runs to the row's end; repaired). The ruler scores:
+    multiple choice  the tokens after the longest common token prefix of all the choices' rows
+                     (what the choices share is no evidence for any of them);
+    schema           the longest common token suffix of the rows: the continuation, as far as
+                     its tokens do not merge with the differing context before it;
+    language model   the tokens after the prompt without the continuation (rows[0]), whose tokens
+                     must be a prefix of the full row's (rows[1]).
+    Where the ruler's span would be empty (a choice whose tokens are a prefix of another's: a NaN
+    mean) or its prefix assertion fails, we score at least each row's last token, or, for language
+    modelling, everything after the common prefix, and say the item was repaired."""
+    shortest = min(len(r) for r in rows)
+    if kind == "multiple_choice":
+        common = common_prefix_len(rows)
+        return [max(1, min(common, shortest - 1))] * len(rows), common >= shortest
+    if kind == "schema":
+        suffix = common_prefix_len([r[::-1] for r in rows])
+        kept = max(1, min(suffix, shortest - 1))
+        return [len(r) - kept for r in rows], kept != suffix
+    without, full = rows
+    ok = len(without) < len(full) and full[:len(without)] == without
+    return [len(without) if ok else max(1, min(common_prefix_len(rows), len(full) - 1))], not ok
 
-    The text is tokenized whole, as the model would read it, and the answer is everything after
-    the tokens it shares with the prompt alone. DCLM instead tokenizes few-shot text, context and
-    answer separately and concatenates the ids; with GPT-2's tokenizer that gives the same ids
-    (checked on ~3,500 items of the bundle: no difference), since a prompt ends without a space
-    and an answer starts with one. (DCLM prepends no BOS for GPT-2; we start every row with the
-    tokenizer's document-start token, as in training.)
 
-    A row longer than the model's context is cut from the LEFT: the oldest few-shot text goes,
-    the answer always stays, as in DCLM. An answer longer than the whole context keeps its last
-    tokens (DCLM raises an error there)."""
-    bos = tokenizer.bos_token_id
-    rows = []
-    for prompt, answer in pairs:  # one by one: a thread pool per item would cost more than it saves
-        prompt_ids, ids = tokenizer.encode(prompt, prepend=bos), tokenizer.encode(prompt + answer, prepend=bos)
-        start = min(common_prefix_len(prompt_ids, ids), len(ids) - 1)  # never an empty answer
+def token_rows(tokenizer, kind, prompts, max_len):
+    """([(ids, start)], repaired): the item's rows, each BOS + text, and where its scored span
+    starts. A row longer than the model's context is cropped from the LEFT (the oldest few-shot
+    text goes, as the ruler does for a model that declares its length); if the crop reaches into
+    the scored span (the ruler asserts), the span keeps its last tokens."""
+    rows = [tokenizer.encode(p, prepend=tokenizer.bos_token_id) for p in prompts]  # one by one: no thread pool per item
+    starts, repaired = scored_starts(kind, rows)
+    if kind == "language_modeling":
+        rows = rows[1:]  # only the full row goes through the model
+    out = []
+    for ids, start in zip(rows, starts):
         cut = max(0, len(ids) - max_len)
-        # start >= 1: the first answer token is predicted from the position before it (only an
-        # answer longer than the whole context loses its first tokens)
-        rows.append((ids[cut:], max(start - cut, 1)))
-    return rows
+        repaired |= start - cut < 1  # position 0 has nothing before it to predict it from
+        out.append((ids[cut:], max(start - cut, 1)))
+    return out, repaired
 
 
 # -----------------------------------------------------------------------------
 # Scoring
 
 def score_rows(model, rows, pad_id, device):
-    """One forward over the rows (right-padded): per row, the mean loss over its answer tokens
-    and whether the argmax reproduces every answer token."""
+    """One forward over the rows (right-padded with pad_id, as the ruler pads with BOS): per row,
+    the mean loss over its scored tokens and whether the argmax reproduces every one of them."""
     B, T = len(rows), max(len(ids) for ids, _ in rows)
     idx = torch.full((B, T), pad_id, dtype=torch.long)
     mask = torch.zeros((B, T - 1), dtype=torch.bool)  # over targets: position t predicts token t+1
@@ -230,74 +223,59 @@ def score_rows(model, rows, pad_id, device):
     targets = idx[:, 1:]
     losses = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
                              reduction="none").view(B, T - 1)
-    mean_loss = (losses * mask).sum(1) / mask.sum(1)
+    mean_loss = (losses * mask).sum(1) / mask.sum(1).clamp(min=1)
     exact = ((logits.argmax(-1) == targets) | ~mask).all(1)
     return mean_loss, exact
 
 
-def evaluate_item(model, tokenizer, task, index, device):
-    """Is the model right on item `index`? All its choices go through the model in one batch."""
-    rows = tokenize_prompts(tokenizer, render_prompts(task, index), model.config.sequence_len)
+def evaluate_item(model, tokenizer, task, items, index, device):
+    """(is the model right on item `index` of `items`, was the item repaired). All its rows go
+    through the model in one batch. The lowest MEAN loss wins (a long choice must not lose just
+    for having more tokens); ties go to the first, as in the ruler."""
+    rows, repaired = token_rows(tokenizer, task["type"], render_prompts(task, items, index),
+                                model.config.sequence_len)
+    repaired |= task["num_fewshot"] > len(items) - 1  # fewer items than shots: the ruler raises
     mean_loss, exact = score_rows(model, rows, tokenizer.bos_token_id, device)
     if task["type"] == "language_modeling":
-        return bool(exact[0])
-    # As in DCLM: the lowest MEAN loss over each choice's (or, for schema, the shared
-    # continuation's) tokens wins; a long choice must not lose just for having more tokens. Ties
-    # go to the first, as in DCLM. Every token of a choice is scored: scoring only the tokens after
-    # what all choices share would leave a choice whose tokens are a prefix of another's with no
-    # tokens at all (a NaN mean). A schema item scores only the continuation: how likely each
-    # context option is on its own must not count, only how well it predicts what follows.
-    return int(mean_loss.argmin()) == task["data"][index]["gold"]
+        return bool(exact[0]), repaired
+    return int(mean_loss.argmin()) == items[index]["gold"], repaired
 
 
-def subset_indices(n, max_items=None, seed=SUBSET_SEED):
-    """The items a run evaluates: all n in file order, or the first max_items of one fixed
-    shuffle of the task. A file's first K items are a biased sample (jeopardy's first 100 are one
-    category, bigbench_cs_algorithms' first 100 one question type); a seeded shuffle is not, and
-    every run with the same K sees the same items, so two subset scores compare (and K=100's
-    items are among K=500's)."""
-    order = list(range(n))
-    if max_items is None or max_items >= n:
-        return order
-    random.Random(seed).shuffle(order)
-    return order[:max_items]
-
-
-def count_correct(model, tokenizer, task, device, indices, rank=0, world_size=1, should_stop=None):
-    """Correct answers among this rank's share of the items: indices[r], indices[r+W], ...
+def count_correct(model, tokenizer, task, items, device, rank=0, world_size=1, should_stop=None):
+    """(correct, repaired) among this rank's share of the items: positions r, r+W, r+2W, ...
     should_stop: checked before every item, agreed by all ranks; None as soon as it is true."""
-    mine, correct = indices[rank::world_size], 0
-    for k in range(len(indices[::world_size])):  # rank 0 has the most items: all ranks loop as often
+    mine, correct, repaired = range(rank, len(items), world_size), 0, 0
+    for k in range(len(range(0, len(items), world_size))):  # rank 0 has the most items: all loop as often
         if should_stop is not None:
             if any_rank(bool(should_stop()), device):
                 return None
         if k < len(mine):
-            correct += evaluate_item(model, tokenizer, task, mine[k], device)
-    return correct
+            right, fixed = evaluate_item(model, tokenizer, task, items, mine[k], device)
+            correct, repaired = correct + right, repaired + fixed
+    return correct, repaired
 
 
 def evaluate_task(model, tokenizer, task, device, max_items=None, should_stop=None):
-    """Accuracy on a task (on a seeded subset of max_items items if given), split over all ranks.
-    Few-shot examples still come from the whole task: an item is rendered the same in a subset
-    as in the full run. should_stop: see count_correct (None when it stopped the evaluation)."""
-    indices = subset_indices(len(task["data"]), max_items)
-    if not indices:
+    """(accuracy, items repaired) on a task, or on the first max_items of its shuffled items,
+    split over all ranks. should_stop: see count_correct (None when it stopped the evaluation)."""
+    items = ordered_items(task["data"], max_items)
+    if not items:
         raise ValueError(f"task {task['label']}: no items to evaluate (max_items={max_items})")
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            correct = count_correct(model, tokenizer, task, device, indices, rank, world_size, should_stop)
+            counts = count_correct(model, tokenizer, task, items, device, rank, world_size, should_stop)
     finally:
         model.train(was_training)
-    if correct is None:
+    if counts is None:
         return None
     if dist.is_initialized():
-        total = torch.tensor(correct, dtype=torch.long, device=device)
+        total = torch.tensor(counts, dtype=torch.long, device=device)
         dist.all_reduce(total)
-        correct = total.item()
-    return correct / len(indices)
+        counts = total.tolist()
+    return counts[0] / len(items), counts[1]
 
 
 def centered(accuracy, random_baseline):
@@ -313,9 +291,9 @@ def items_label(max_per_task):
 
 def evaluate_core(model, tokenizer, bundle_dir, device, max_per_task=None, should_stop=None):
     """CORE = mean centered accuracy over the tasks whose data is present. max_per_task
-    evaluates a fixed seeded subset of K items per task: cheap enough to run during training,
+    evaluates the first K of each task's shuffled items: cheap enough to run during training,
     but not comparable with a full CORE score (the label says so). A missing task file is
-    skipped, not fatal (DCLM stops there), so a partial bundle still gives a labelled score.
+    skipped, not fatal (the ruler stops there), so a partial bundle still gives a labelled score.
     should_stop: a callable checked between items (all ranks agree); None when it stopped."""
     tasks = load_tasks(bundle_dir)
     results, skipped_why = {}, {}
@@ -327,20 +305,21 @@ def evaluate_core(model, tokenizer, bundle_dir, device, max_per_task=None, shoul
             skipped_why[task["label"]] = task["problem"]
             continue
         t0 = time.time()
-        acc = evaluate_task(model, tokenizer, task, device, max_per_task, should_stop)
-        if acc is None:
+        scored = evaluate_task(model, tokenizer, task, device, max_per_task, should_stop)
+        if scored is None:
             return None
+        (acc, repaired), b = scored, task["random_baseline"]
         n = len(task["data"]) if max_per_task is None else min(max_per_task, len(task["data"]))
-        b = task["random_baseline"]
         results[task["label"]] = {"accuracy": acc, "centered": centered(acc, b), "random_baseline": b,
-                                  "n_items": n}
+                                  "n_items": n, "n_repaired": repaired}
         print0(f"{task['label']:<34} accuracy {acc:.4f}  centered {centered(acc, b):+.4f}  "
-               f"({n} items, {time.time() - t0:.1f}s)")
+               f"({n} items, {time.time() - t0:.1f}s)"
+               + (f"  {repaired} repaired where the ruler fails (docs/EVAL.md)" if repaired else ""))
     if not results:
         raise FileNotFoundError(f"no CORE task data found under {os.path.join(bundle_dir, 'eval_data')}")
     core = sum(r["centered"] for r in results.values()) / len(results)
     label = f"CORE over {len(results)}/{len(tasks)} tasks, " + items_label(max_per_task)
     return {"core": core, "core_label": label, "n_tasks": len(results), "n_total": len(tasks),
-            "semantics": SEMANTICS, "max_per_task": max_per_task,
-            "subset_seed": None if max_per_task is None else SUBSET_SEED,
+            "rules": RULES, "max_per_task": max_per_task,
+            "n_repaired": sum(r["n_repaired"] for r in results.values()),
             "tasks": results, "skipped": list(skipped_why), "skipped_why": skipped_why}

@@ -2,11 +2,17 @@
 The pretraining dataloader: parquet shards of raw text in, (inputs, targets) batches out.
 
 Every row of a batch is T+1 tokens of whole documents, each starting with <|bos|>,
-packed best-fit: keep a buffer of ~1000 tokenized documents, and fill each row by
+packed best-fit: keep a buffer of at least 1,000 tokenized documents, and fill each row by
 repeatedly taking the largest buffered document that still fits; when none fits, crop
 the shortest one to fill the row exactly. There is no padding (every token trains), and
 no row ever starts mid-document. The cost is the cropped tail of those last documents,
 reported as `crop_fraction` (~35% of tokens at T=2048 on web text).
+
+The details follow the leaderboard record's loader exactly, because its val bpb is measured
+through it: the same rule must pick the same tokens. Before every placement the buffer is topped
+up to 1,000 documents, 128 at a time (documents i..i+127 of a row group, i a multiple of 128); a
+tie between equally long documents goes to the one that entered the buffer first, for the best
+fit and for the crop alike; the stream starts over when the shards are used up.
 
 The rank's documents form one fixed stream: epoch by epoch, shard by shard, row groups
 rank, rank+W, rank+2W, ... of each shard, documents in file order. Every document is named
@@ -31,12 +37,13 @@ import torch
 
 from nanochat.dataset import list_shards, open_shard, read_row_group
 
+CHUNK = 128  # documents added to the buffer at a time, as the record's loader tokenizes them
+
 
 class DataLoader:
     def __init__(self, tokenizer, B, T, split, device="cpu", rank=0, world_size=1,
-                 data_dir=None, buffer_size=1000, prefetch=8, threads=1, one_pass=False):
+                 data_dir=None, buffer_size=1000, prefetch=8, threads=1, allow_empty=False):
         self.tokenizer, self.B, self.T, self.split = tokenizer, B, T, split
-        self.one_pass = one_pass  # evaluation: stop after the split's documents, never repeat them
         self.device = torch.device(device)
         self.rank, self.world_size = rank, world_size
         self.buffer_size, self.prefetch = buffer_size, prefetch
@@ -44,9 +51,10 @@ class DataLoader:
         self.bos = tokenizer.bos_token_id
         self.paths = list_shards(split, data_dir)
         self.num_row_groups = [open_shard(p).num_row_groups for p in self.paths]  # fails early on a bad shard
-        # Evaluation (one_pass) may leave a rank without a row group (it yields no batch and adds
+        # Evaluation may leave a rank without a row group (allow_empty: it yields no batch and adds
         # zero to the all-reduced sums); a training stream without one would have nothing to train on.
-        if all(n <= rank for n in self.num_row_groups) and not one_pass:
+        self.empty = all(n <= rank for n in self.num_row_groups)
+        if self.empty and not allow_empty:
             # base_train runs processes × micro-steps streams: each needs a row group of its own
             raise ValueError(f"data stream {rank} of {world_size} gets no row group of the {split!r} shards "
                              f"({sum(self.num_row_groups)} row groups in {len(self.paths)} shards; a training run "
@@ -57,6 +65,7 @@ class DataLoader:
         self.pending = deque()     # (docid, tokens) tokenized but not yet in the buffer, in stream order
         self.cursor = (0, 0, rank, 0)  # docid of the next document the stream will deliver
         self.seq = 0
+        self.epoch = 0  # of the newest document packed: > 0 once the stream has started over
         self.tokens_seen = self.tokens_cropped = 0
         self.stream = None  # row groups still to read; None until the first batch (or after a restore)
         # CUDA: a small ring of pinned host buffers; each is refilled only after the
@@ -70,10 +79,11 @@ class DataLoader:
     # --- the document stream (read and tokenized in background threads) ---
 
     def _row_groups(self, start):
-        """Row groups of this rank from `start` on, forever (epoch after epoch), or to the end of
-        the first epoch if one_pass."""
+        """Row groups of this rank from `start` on, forever (epoch after epoch); none if the rank has none."""
+        if self.empty:
+            return
         epoch, shard, rg, doc = start
-        for epoch in range(epoch, 1) if self.one_pass else itertools.count(epoch):
+        for epoch in itertools.count(epoch):
             for s in range(shard, len(self.paths)):
                 for g in range(rg if s == shard else self.rank, self.num_row_groups[s], self.world_size):
                     yield (epoch, s, g, doc)
@@ -87,7 +97,7 @@ class DataLoader:
         return [(i, encode(texts[i], disallowed_special=())) for i in (only or range(first, len(texts)))]
 
     def _next_doc(self):
-        """The next (docid, tokens) of the stream; None when a one-pass stream has ended."""
+        """The next (docid, tokens) of the stream; None if the rank has no row group."""
         while not self.pending:
             if self.stream is None:  # (re)start reading ahead from the cursor
                 self.pool = ThreadPoolExecutor(self.threads)
@@ -119,16 +129,26 @@ class DataLoader:
         bisect.insort(self.buffer, (len(tokens) + 1, self.seq, docid, tokens))  # +1 for the BOS
         self.seq += 1
 
+    def _refill(self):
+        """Top the buffer up to buffer_size documents, a chunk (up to the next multiple of CHUNK
+        documents of the row group) at a time."""
+        while len(self.buffer) < self.buffer_size and (doc := self._next_doc()):
+            self._add(*doc)
+            while self.pending and self.pending[0][0][3] % CHUNK:  # pending holds the rest of a row group
+                self._add(*self._next_doc())
+
     def _fill_row(self, row):
         pos, n = 0, len(row)
         while pos < n:
-            while len(self.buffer) < self.buffer_size and (doc := self._next_doc()):
-                self._add(*doc)
+            self._refill()
             if not self.buffer:
-                raise StopIteration  # one_pass: every document is packed (a last partial batch is dropped)
+                raise StopIteration  # a rank without a row group (evaluation only)
             room = n - pos
-            i = bisect.bisect_right(self.buffer, (room, float("inf"))) - 1
-            length, _, _, tokens = self.buffer.pop(i if i >= 0 else 0)  # largest that fits, else shortest
+            # the largest length that fits (else the shortest), and of that length the oldest
+            i = max(0, bisect.bisect_right(self.buffer, (room, float("inf"))) - 1)
+            i = bisect.bisect_left(self.buffer, (self.buffer[i][0],))
+            length, _, docid, tokens = self.buffer.pop(i)
+            self.epoch = max(self.epoch, docid[0])
             take = min(length, room)
             row[pos] = self.bos
             row[pos + 1:pos + take] = tokens[:take - 1]

@@ -49,8 +49,10 @@ class HFModel(nn.Module):
 
     def forward(self, idx, targets=None, loss_reduction="mean"):
         # No attention mask: our eval rows are right-padded, and a causal model's logits at real
-        # positions never see the padding after them.
-        logits = self.hf(input_ids=idx, use_cache=False).logits.float()
+        # positions never see the padding after them. On CUDA the fp32 weights run under bf16
+        # autocast, as the leaderboard's evaluator runs them (its GPT-2 scores were measured so).
+        with torch.autocast("cuda", torch.bfloat16, enabled=idx.is_cuda):
+            logits = self.hf(input_ids=idx, use_cache=False).logits.float()
         if targets is None:
             return logits
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
@@ -111,8 +113,7 @@ class HFTokenizer:
 
 
 def load_hf_model(path, device):
-    """(model, tokenizer) for a Hugging Face model id or local directory, in fp32 on `device`
-    (DCLM's config evaluates in fp32 too)."""
+    """(model, tokenizer) for a Hugging Face model id or local directory, fp32 weights on `device`."""
     try:
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError:

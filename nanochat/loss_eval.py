@@ -48,23 +48,29 @@ def evaluate_bpb(model, batches, steps, token_bytes, return_tokens=False, should
     return (bpb, int(tokens)) if return_tokens else bpb
 
 
-def evaluate_split(model, tokenizer, split, tokens, B, T, device, rank=0, world_size=1, should_stop=None):
-    """(bpb, tokens scored) over the first ~`tokens` tokens of a split (all ranks together), from
-    a fresh loader, and never more than one pass: asking for more than the split holds scores the
-    whole split once (and says so) instead of repeating documents. A small split may have fewer row
-    groups than ranks: a rank without one scores nothing, the ranks with data score its share, and
-    the all-reduced sums still give the right bpb. should_stop: as in evaluate_bpb (bpb None when it
-    stopped the evaluation)."""
+def evaluate_split(model, tokenizer, split, tokens, B, T, device, rank=0, world_size=1, should_stop=None,
+                   data_dir=None):
+    """(bpb, tokens scored) over `tokens` tokens of a split, all ranks together, measured as the
+    leaderboard's evaluation measures val bpb: a fresh loader packs rows from the split's start with
+    the training rule, each rank scores tokens // (B × T × ranks) batches of them (at least one), and
+    a split too small for that is read again from its start (the note says so). A small split may
+    have fewer row groups than ranks: a rank without one scores nothing, and the all-reduced sums
+    still give the bpb of what the others scored (the note says how much). should_stop: as in
+    evaluate_bpb (bpb None when it stopped the evaluation)."""
     from nanochat.dataloader import DataLoader
-    loader = DataLoader(tokenizer, B, T, split, device, rank=rank, world_size=world_size, one_pass=True)
-    readers = min(world_size, max(loader.num_row_groups))  # ranks r < max row groups get some (round-robin)
+    loader = DataLoader(tokenizer, B, T, split, device, rank=rank, world_size=world_size, data_dir=data_dir,
+                        allow_empty=True)
+    steps = max(1, tokens // (B * T * world_size))
     try:
-        steps = max(1, tokens // (B * T * readers))
         bpb, scored = evaluate_bpb(model, loader, steps, tokenizer.token_bytes().to(device), return_tokens=True,
                                    should_stop=should_stop)
+        repeated = any_rank(loader.epoch > 0, device)
     finally:
         loader.close()
-    if bpb is not None and scored < steps * B * T * readers:
-        print0(f"note: the {split} split holds only {scored:,} tokens in batches of {B}x{T}: bpb is over those "
-               f"(one pass), not the {tokens:,} asked for")
+    if bpb is not None and repeated:
+        print0(f"note: the {split} split is small for {scored:,} tokens: its documents were read again from the "
+               f"start, and some were scored twice, as the leaderboard's evaluation does")
+    if bpb is not None and scored < steps * B * T * world_size:
+        print0(f"note: some of the {world_size} ranks hold no row group of the {split} split: bpb is over the "
+               f"{scored:,} tokens the others scored, not {steps * B * T * world_size:,}")
     return bpb, scored

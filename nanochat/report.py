@@ -22,6 +22,7 @@ from matplotlib.figure import Figure
 from nanochat.checkpoint import newest_model_tag
 from nanochat.cli import ArgumentParser
 from nanochat.common import atomic_write, get_base_dir
+from nanochat.core_eval import RULES
 
 # Aggregate CORE of the original GPT-2 models (all 22 tasks), the numbers a run is measured against.
 GPT2_CORE = [("GPT-2 124M", 0.1139), ("GPT-2 355M", 0.1849), ("GPT-2 774M", 0.2146), ("GPT-2 1.5B", 0.2565)]
@@ -243,7 +244,8 @@ def training_section(cfg, metrics, final):
               f"tokens:params {fmt(tokens / scaling if scaling else None, '.2f')}",
               f"- {fmt(cfg.get('world_size'))} x {fmt(cfg.get('device_name'))}, dtype {fmt(cfg.get('dtype'))}, "
               f"fp8 {'on' if args.get('fp8') else 'off'}, attention {fmt(cfg.get('attention_backend'))}",
-              "- flags: `" + " ".join(f"--{k.replace('_', '-')}={v}" for k, v in args.items()) + "`"]
+              "- flags (the rest left to the recipe): `"
+              + " ".join(f"--{k.replace('_', '-')}={v}" for k, v in args.items() if v is not None) + "`"]
     else:
         L += ["- config: not run (no config.json)"]
     train = metrics.get("train", [])
@@ -272,7 +274,7 @@ def bpb_lines(run):
     They differ in how many tokens were scored, so both say it."""
     val, ev = last_val(run), run["ev"]
     args = run["cfg"].get("args") or {}
-    train_tokens = args.get("bpb_tokens", args.get("eval_tokens"))  # eval_tokens: the flag's old name
+    train_tokens = args.get("final_bpb_tokens") if val is run["final"] else args.get("bpb_tokens")
     L = [f"- val bpb during training: {fmt(val.get('val_bpb'), '.4f', 'not run')}"
          + (f" at step {val['step']:,}" if val.get("step") is not None and val.get("val_bpb") is not None else "")
          + (f", over {fmt(val.get('tokens_scored') or train_tokens)} tokens" if val.get("val_bpb") is not None else "")]
@@ -298,12 +300,13 @@ def core_lines(ctx, plot_dir):
     beaten = [name for name, score in GPT2_CORE if core > score]
     L += ["", f"Our {label} = {core:.4f}: " + (f"beats {beaten[-1]} ({dict(GPT2_CORE)[beaten[-1]]:.4f})"
                                                if beaten else "below GPT-2 124M (0.1139)") + "."]
-    # which evaluator and which items: two CORE scores compare only if both match
+    # which rules and which items: two CORE scores compare only if both match
     items = "all items of each task" if "max_per_task" in src else "not recorded"
     if src.get("max_per_task") is not None:
-        items = (f"a seeded subset of {src['max_per_task']} items per task (seed {src.get('subset_seed')}), "
-                 "not comparable with a full score")
-    L += [f"CORE evaluator: {src.get('semantics') or 'not recorded'}; items: {items}."]
+        items = (f"the first {src['max_per_task']} of each task's fixed shuffle, not comparable with a full score")
+    L += [f"CORE rules: {src.get('rules') or 'not recorded'}; items: {items}."]
+    if src.get("rules") != RULES:
+        L += [f"These are not the rules GPT-2's scores were measured with ({RULES}): the GPT-2 rows do not compare."]
     if ev and (ev.get("n_tasks") or 22) < (ev.get("n_total") or 22):
         L += [f"Only {ev['n_tasks']} of {ev['n_total']} tasks were scored; the GPT-2 numbers are over all 22, "
               "so the comparison is approximate."]
@@ -378,10 +381,12 @@ def write_report(base_dir=None, model_tag=None, start_time=None, gpu_hour_cost=3
 def comparability_warnings(runs):
     """Numbers of two runs mean the same only if they were measured the same way: same tokenizer
     (bpb is vocabulary-independent, but a retrained tokenizer changes the val bytes seen), same val
-    data, and CORE over the same tasks and items."""
+    data and val tokens, and CORE over the same tasks and items, under the same rules."""
     checks = [("tokenizer", lambda r: r["cfg"].get("tokenizer") or (r["cfg"].get("model_config") or {}).get("vocab_size")),
               ("val data", lambda r: r["cfg"].get("val_data")),
-              ("CORE subset", lambda r: r["ev"].get("core_label"))]
+              ("CORE subset", lambda r: r["ev"].get("core_label")),
+              ("CORE rules", lambda r: r["ev"].get("rules")),
+              ("final val bpb tokens", lambda r: last_val(r).get("tokens_scored"))]
     warnings = []
     for what, key in checks:
         values = {r["tag"]: key(r) for r in runs if key(r) is not None}

@@ -7,8 +7,10 @@ val text, and a few samples. Results go to <run_dir>/base_eval.json, which the r
     python -m scripts.base_eval --core-max-per-task 100 --bpb-tokens 524288   # quick look
     python -m scripts.base_eval --hf-path openai-community/gpt2-xl      # any Hugging Face causal LM
 
---core-max-per-task K scores a fixed seeded subset of K items per task (the same items in every run):
-cheaper, but not comparable with a full score; the label and base_eval.json say which it was.
+CORE and bpb are measured the way the public time-to-GPT-2 leaderboard measures them (docs/EVAL.md),
+so they compare with GPT-2's CORE and the record's val bpb. --core-max-per-task K scores the first K
+of each task's fixed shuffle (the same items in every run): cheaper, but not comparable with a full
+score; the label and base_eval.json say which it was.
 A Hugging Face model (pip install -e '.[hf]') is scored by the same CORE and bpb code with its
 own tokenizer; its results go to <base dir>/hf_eval/<model>/base_eval.json.
 
@@ -109,7 +111,7 @@ def print_results(result):
     for label in result["skipped"]:
         why = result["skipped_why"][label]
         print(f"{label:<34} {'-':>9} {'-':>9}  (data file {why.split(' (')[0]})")
-    print(f"{result['core_label']} ({result['semantics']}): {result['core']:.4f}   (GPT-2 1.5B: 0.2565 over all 22)")
+    print(f"{result['core_label']} (rules: {result['rules']}): {result['core']:.4f}   (GPT-2 1.5B: 0.2565 over all 22)")
     for split, value in result["bpb"].items():
         print(f"{split} bpb: {value:.4f}" + ("" if math.isfinite(value) else "  (not finite!)"))
     for s in result["samples"]:
@@ -125,12 +127,10 @@ def parse_args(argv=None):
     p.add_argument("--eval-bundle", default=None,
                    help="unzipped eval bundle dir (default: <base dir>/eval_bundle, downloaded if absent)")
     p.add_argument("--core-max-per-task", type=int, default=None,
-                   help="a fixed seeded subset of N items of each CORE task, not comparable with a full score "
-                        "(default: all items)")
-    p.add_alias("--max-per-task", "core_max_per_task")  # old name
-    p.add_argument("--bpb-tokens", type=int, default=10 * 524288,
-                   help="tokens of train and of val text for bpb; 0: off")
-    p.add_alias("--eval-tokens", "bpb_tokens")  # base_train's old name
+                   help="the first N of each CORE task's fixed shuffle of its items, not comparable with a full "
+                        "score (default: all items)")
+    p.add_argument("--bpb-tokens", type=int, default=40 * 2 ** 19,
+                   help="tokens of train and of val text for bpb, the leaderboard's count; 0: off")
     p.add_argument("--device-batch-size", type=int, default=16, help="rows per forward pass for bpb")
     p.add_argument("--device-type", default=None, choices=DEVICE_TYPES, help="default: autodetect")
     p.add_argument("--samples", type=int, default=4,
@@ -181,7 +181,7 @@ def main(argv=None):
     print0(f"CORE took {time.time() - t0:.0f}s")
 
     model.eval()
-    bpb, bpb_tokens = {}, {}  # one pass at most: a small split is scored once, and the count says so
+    bpb, bpb_tokens = {}, {}
     if args.bpb_tokens > 0:
         for split in ("train", "val"):
             bpb[split], bpb_tokens[split] = evaluate_split(model, tokenizer, split, args.bpb_tokens,

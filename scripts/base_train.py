@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat.attention import describe_backend, prepare_masks
-from nanochat.cli import DEVICE_TYPES, ArgumentParser, check, every
+from nanochat.cli import DEVICE_TYPES, ArgumentParser, check, every, flag_error
 from nanochat.checkpoint import (check_tokenizer, get_run_dir, list_steps, load_checkpoint, load_meta, save_checkpoint,
                                  step_dir)
 from nanochat.common import atomic_write, compute_cleanup, compute_init, get_peak_flops, mfu, print0
@@ -34,52 +34,23 @@ from nanochat.engine import sample_texts
 from nanochat.gpt import build_model
 from nanochat.dataset import read_manifest, get_data_dir
 from nanochat.loss_eval import evaluate_split
-from nanochat.recipe import derive
+from nanochat.recipe import DEPTH, add_flags, flag_problems, from_flags
 from nanochat.tokenizer import get_tokenizer
 
 def parse_args(argv=None):
     p = ArgumentParser("python -m scripts.base_train", __doc__)
-    # model
-    p.add_argument("--depth", type=int, default=20,
-                   help="layers: the one dial; width, heads and every auto value follow from it")
-    p.add_argument("--head-dim", type=int, default=128, help="channels per attention head (even: rotary rotates pairs)")
-    p.add_argument("--max-seq-len", type=int, default=2048,
-                   help="context length: tokens per training row, the most the model ever attends to")
-    p.add_alias("--seq-len", "max_seq_len")  # the old spelling of the bench scripts
-    p.add_argument("--window-pattern", default="SSSL", help="S = short window (a quarter of the context), L = long; "
-                   "tiled over the layers, the last layer always long")
-    p.add_argument("--fp8", action="store_true", help="fp8 matmuls in the blocks (CUDA, compute capability 8.9+)")
-    # horizon: --num-iterations, else --target-flops, else --target-param-data-ratio
-    p.add_argument("--num-iterations", type=int, default=None,
-                   help="optimizer steps (default: auto, from --target-flops or --target-param-data-ratio)")
-    p.add_argument("--target-flops", type=float, default=None,
-                   help="total training FLOPs (default: auto, from --target-param-data-ratio)")
-    p.add_argument("--target-param-data-ratio", type=float, default=12,
-                   help="training tokens per (matrix + lm_head) parameter")
-    # batch
-    p.add_argument("--device-batch-size", default="16",
-                   help="rows per process per micro-step, or 'auto': the largest power of two that fits (CUDA)")
-    p.add_argument("--total-batch-size", type=int, default=None,
-                   help="tokens per optimizer step; the rest is gradient accumulation (default: auto, from the "
-                        "depth and horizon)")
-    # optimization
-    p.add_argument("--matrix-lr", type=float, default=0.02,
-                   help="Muon LR at 2^19 tokens per step; every LR is scaled by sqrt(batch / 2^19), the usual "
-                        "rule for adaptive optimizers")
-    p.add_argument("--weight-decay", type=float, default=None,
-                   help="Muon weight decay (default: auto, from the batch and the horizon)")
-    p.add_argument("--warmup-steps", type=int, default=40, help="steps of linear LR warmup from 0")
-    p.add_argument("--warmdown-ratio", type=float, default=0.65, help="fraction of the steps over which the LR decays at the end")
-    p.add_argument("--final-lr-frac", type=float, default=0.05, help="the LR at the last step, as a fraction of the peak")
+    add_flags(p)  # model, horizon, batch, optimization: shared with scripts.plan
     # evaluation, logging, checkpoints (every N steps: 0 = off)
     p.add_argument("--eval-every", type=every, default=250, help="val bpb every N steps and at the end; 0: off")
-    p.add_argument("--bpb-tokens", type=int, default=10 * 524288, help="val tokens per bpb evaluation")
-    p.add_alias("--eval-tokens", "bpb_tokens")  # old name
+    p.add_argument("--bpb-tokens", type=int, default=10 * 2 ** 19,
+                   help="val tokens per periodic bpb evaluation (fewer than the final one: it runs often)")
+    p.add_argument("--final-bpb-tokens", type=int, default=80 * 2 ** 19,
+                   help="val tokens of the bpb evaluation at the end: the leaderboard's count, so that the final "
+                        "val bpb compares with the record's")
     p.add_argument("--core-every", type=every, default=2000,
                    help="CORE (a subset, see --core-max-per-task) every N steps and at the end; 0: off")
     p.add_argument("--core-max-per-task", type=int, default=500,
-                   help="CORE items per task during training (a fixed seeded subset)")
-    p.add_alias("--max-per-task", "core_max_per_task")  # base_eval's old name
+                   help="CORE items per task during training (the first N of each task's fixed shuffle)")
     p.add_argument("--eval-bundle", default=None, help="CORE eval bundle dir (default: <base dir>/eval_bundle)")
     p.add_argument("--sample-every", type=every, default=2000, help="print greedy samples every N steps and at the end; 0: off")
     p.add_argument("--save-every", type=every, default=0, help="checkpoint every N steps (always at the end); 0: off")
@@ -97,45 +68,23 @@ def parse_args(argv=None):
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on with CUDA, off elsewhere)")
     args = p.parse_args(argv)
-    check_flags(p, args)
-    return args
-
-
-def check_flags(parser, args):
-    """Impossible or conflicting flag values: one line each (argparse's `error:`, exit 2), before
-    anything is built. A value that only makes sense as "auto" is refused, not taken as auto:
-    auto is leaving the flag out."""
-    auto = "leave the flag out for auto"
-    check(parser, [
-        (args.depth < 1, f"--depth {args.depth}: must be >= 1 (the number of layers)"),
-        (args.device_batch_size != "auto" and not (args.device_batch_size.isdigit() and int(args.device_batch_size) > 0),
-         f"--device-batch-size {args.device_batch_size}: expected a positive integer or 'auto'"),
-        (not args.window_pattern or set(args.window_pattern) - set("SL"),
-         f"--window-pattern {args.window_pattern!r}: use the letters S (short window) and L (long), e.g. SSSL"),
-        (args.head_dim < 2 or args.head_dim % 2, f"--head-dim {args.head_dim}: must be even (rotary rotates pairs)"),
-        (args.max_seq_len < 1, f"--max-seq-len {args.max_seq_len}: must be positive"),
-        (args.num_iterations is not None and args.num_iterations < 1,
-         f"--num-iterations {args.num_iterations}: must be >= 1 ({auto})"),
-        (args.target_flops is not None and not args.target_flops > 0,
-         f"--target-flops {args.target_flops}: must be > 0 ({auto})"),
-        (not args.target_param_data_ratio > 0, f"--target-param-data-ratio {args.target_param_data_ratio}: must be > 0"),
-        (args.total_batch_size is not None and args.total_batch_size < 1,
-         f"--total-batch-size {args.total_batch_size}: must be >= 1 tokens ({auto})"),
-        (args.weight_decay is not None and args.weight_decay < 0,
-         f"--weight-decay {args.weight_decay}: must be >= 0 ({auto})"),
-        (not args.matrix_lr > 0, f"--matrix-lr {args.matrix_lr}: must be > 0"),
-        (args.warmup_steps < 0, f"--warmup-steps {args.warmup_steps}: must be >= 0"),
-        (not 0 <= args.warmdown_ratio <= 1, f"--warmdown-ratio {args.warmdown_ratio}: must be in [0, 1]"),
-        (not 0 <= args.final_lr_frac <= 1, f"--final-lr-frac {args.final_lr_frac}: must be in [0, 1]"),
+    check(p, flag_problems(args) + [
         (args.bpb_tokens < 1, f"--bpb-tokens {args.bpb_tokens}: must be >= 1 (--eval-every 0 turns bpb off)"),
+        (args.final_bpb_tokens < 1,
+         f"--final-bpb-tokens {args.final_bpb_tokens}: must be >= 1 (--eval-every 0 turns bpb off)"),
         (args.core_max_per_task < 1,
          f"--core-max-per-task {args.core_max_per_task}: must be >= 1 (--core-every 0 turns CORE off)"),
-        (args.num_iterations is not None and args.target_flops is not None,
-         "--num-iterations and --target-flops are both set: give one training horizon"),
         (args.model_tag is not None and ("/" in args.model_tag or args.model_tag.startswith(".")),
          f"--model-tag {args.model_tag!r}: a plain directory name, not a path"),
         (args.overwrite and args.resume, "--overwrite and --resume: give one (start afresh, or continue)"),
+        (args.save_every_minutes is not None and args.save_every_minutes < 0,
+         f"--save-every-minutes {args.save_every_minutes}: must be >= 0 (0: off; leave the flag out for auto)"),
     ])
+    return args
+
+
+def run_tag(args):
+    return args.model_tag or f"d{args.depth or DEPTH}"
 
 
 def probe_device_batch(model, seq_len, device, world, compiled=False):
@@ -177,15 +126,12 @@ def probe_device_batch(model, seq_len, device, world, compiled=False):
     return best
 
 
-def recipe_from_flags(args, vocab_size, world, device_batch_size):
-    """The run's recipe (nanochat/recipe.py) from the flags; None (a flag left out) means "derive it"."""
-    return derive(depth=args.depth, vocab_size=vocab_size, sequence_len=args.max_seq_len, head_dim=args.head_dim,
-                  window_pattern=args.window_pattern, processes=world, device_batch_size=device_batch_size,
-                  ratio=args.target_param_data_ratio,
-                  num_iterations=args.num_iterations, target_flops=args.target_flops,
-                  total_batch_size=args.total_batch_size, matrix_lr=args.matrix_lr, weight_decay=args.weight_decay,
-                  warmup_steps=args.warmup_steps, warmdown_ratio=args.warmdown_ratio,
-                  final_lr_frac=args.final_lr_frac)
+def recipe_from_flags(args, vocab_size, world, device_batch_size=None):
+    """The run's recipe from the flags; a batch the processes cannot split is a flag error (one line)."""
+    try:
+        return from_flags(args, vocab_size, world, device_batch_size)
+    except ValueError as e:
+        flag_error("python -m scripts.base_train", str(e))
 
 
 @dataclass
@@ -211,6 +157,7 @@ class Run:
     elapsed: float = 0.0  # seconds of training steps (compilation excluded)
     smooth_loss: float = 0.0
     val_bpb: float = None
+    val_tokens: int = None  # scored by the newest val bpb evaluation
     last_save: float = field(default_factory=time.time)
 
     @property
@@ -221,16 +168,18 @@ class Run:
 def build(args, rank, world, device):
     """recipe -> model -> optimizer -> data streams."""
     tokenizer = get_tokenizer()
-    device_batch = 1 if args.device_batch_size == "auto" else int(args.device_batch_size)
-    recipe = recipe_from_flags(args, tokenizer.vocab_size, world, device_batch)
+    auto_batch = args.device_batch_size == "auto"
+    recipe = recipe_from_flags(args, tokenizer.vocab_size, world, 1 if auto_batch else None)
+    T = recipe.config.sequence_len
     model = build_model(recipe.config, device)
     use_compile = device.type == "cuda" if args.compile is None else bool(args.compile)
     # the training shape's masks exist before tracing (no recompile to pick them up), and mark the
     # training shape for flex, which sends every other uncompiled shape to SDPA
-    prepare_masks(recipe.config.window_sizes(), args.max_seq_len, device)
-    if args.device_batch_size == "auto":  # the batch depends on the model's memory: probe, then re-derive
-        recipe = recipe_from_flags(args, tokenizer.vocab_size, world, probe_device_batch(
-            model, args.max_seq_len, device, world, compiled=use_compile))
+    prepare_masks(recipe.config.window_sizes(), T, device)
+    if auto_batch:  # the batch depends on the model's memory: probe, then re-derive (at most one micro-step)
+        fits = probe_device_batch(model, T, device, world, compiled=use_compile)
+        recipe = recipe_from_flags(args, tokenizer.vocab_size, world,
+                                   min(fits, max(1, recipe.total_batch_size // (T * world))))
     eval_mode = nullcontext
     if args.fp8:
         from nanochat.fp8 import convert_to_float8, disable_fp8
@@ -242,10 +191,10 @@ def build(args, rank, world, device):
     # world*accum. The global batch is then the same for any split of world × accum: 8 GPUs with
     # accum 1 see exactly the batches of 1 GPU with accum 8.
     accum = recipe.grad_accum_steps
-    loaders = [DataLoader(tokenizer, recipe.device_batch_size, args.max_seq_len, "train", device,
+    loaders = [DataLoader(tokenizer, recipe.device_batch_size, T, "train", device,
                           rank=rank * accum + a, world_size=world * accum) for a in range(accum)]
     return Run(args, recipe, model, step_model, optimizer, loaders, tokenizer, device, rank, world,
-               get_run_dir(args.model_tag or f"d{args.depth}"), eval_mode)
+               get_run_dir(run_tag(args)), eval_mode)
 
 
 def claim_run_dir(run_dir, args, rank):
@@ -355,13 +304,14 @@ def evaluate(run, last, should_stop):
     if due(args.eval_every):
         model.eval()
         with run.eval_mode():
-            bpb, scored = evaluate_split(run.step_model, run.tokenizer, "val", args.bpb_tokens,
-                                         run.recipe.device_batch_size, args.max_seq_len, run.device,
+            tokens = args.final_bpb_tokens if last else args.bpb_tokens
+            bpb, scored = evaluate_split(run.step_model, run.tokenizer, "val", tokens, run.recipe.device_batch_size,
+                                         run.recipe.config.sequence_len, run.device,
                                          run.rank, run.world, should_stop=should_stop)
         model.train()
         if bpb is None:
             return ran
-        run.val_bpb = bpb
+        run.val_bpb, run.val_tokens = bpb, scored
         print0(f"step {step:05d} | val bpb {run.val_bpb:.4f} ({scored:,} tokens)")
         log(run, {"type": "val", "val_bpb": run.val_bpb, "tokens_scored": scored})
     if due(args.core_every) and later:
@@ -415,7 +365,7 @@ def train_step(run):
 def save_every_minutes(args, device):
     """The --save-every-minutes in effect: the flag, or its device default (see its help)."""
     minutes = args.save_every_minutes
-    if minutes is None or minutes < 0:  # auto (-1: the old spelling of auto)
+    if minutes is None:  # auto
         return 30 if device.type == "cuda" else 10
     return minutes
 
@@ -493,7 +443,8 @@ def train_loop(run, stop_signal):
         log(run, {"type": "train", "loss": debiased, "raw_loss": train_loss, "lr_mult": lrm, "dt": dt,
                   "tok_per_sec": tok_per_sec, "mfu": util})
     print0(f"done: {r.num_iterations} steps, {run.elapsed / 60:.1f} min of training, final val bpb {run.val_bpb}")
-    log(run, {"type": "final", "val_bpb": run.val_bpb, "total_tokens": run.step * r.total_batch_size,
+    log(run, {"type": "final", "val_bpb": run.val_bpb, "tokens_scored": run.val_tokens,
+              "total_tokens": run.step * r.total_batch_size,
               "total_flops": run.step * r.total_batch_size * r.flops_per_token})
     return 0
 
@@ -503,7 +454,7 @@ def train(args, stop_signal):
     _, rank, _, world, device = compute_init(args.device_type)
     run = None
     try:
-        claim_run_dir(get_run_dir(args.model_tag or f"d{args.depth}"), args, rank)
+        claim_run_dir(get_run_dir(run_tag(args)), args, rank)
         run = build(args, rank, world, device)
         if args.resume:
             resume(run)

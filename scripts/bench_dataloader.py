@@ -22,7 +22,6 @@ def main(argv=None):
     parser = ArgumentParser("python -m scripts.bench_dataloader", __doc__)
     parser.add_argument("--device-batch-size", type=int, default=16, help="rows per batch")
     parser.add_argument("--max-seq-len", type=int, default=2048, help="tokens per row")
-    parser.add_alias("--seq-len", "max_seq_len")  # old name
     parser.add_argument("--batches", type=int, default=100, help="timed batches (after --warmup)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed batches first: fill the buffers")
     parser.add_argument("--threads", type=int, default=1, help="tokenizer threads")

@@ -34,7 +34,6 @@ def parse_args(argv=None):
     p.add_argument("--depth", type=int, default=12, help="layers, as base_train --depth")
     p.add_argument("--device-batch-size", type=int, default=16, help="rows per step")
     p.add_argument("--max-seq-len", type=int, default=2048, help="tokens per row (the context length)")
-    p.add_alias("--seq-len", "max_seq_len")  # old name
     p.add_argument("--vocab-size", type=int, default=32768, help="vocabulary size (random tokens below it)")
     p.add_argument("--head-dim", type=int, default=128, help="channels per attention head, as base_train")
     p.add_argument("--window-pattern", default="SSSL", help="S = short window, L = long, as base_train")

@@ -15,6 +15,7 @@ logits' gradient are covered only by the 10% margin. The time is total FLOPs / (
 × MFU); the MFU is --mfu, else one recorded for this GPU, depth and precision in docs/PERF.md,
 else 0.45 (assumed; see DEFAULT_MFU).
 """
+import argparse
 import functools
 import json
 import math
@@ -25,11 +26,11 @@ from collections import defaultdict
 import torch
 import torch.nn as nn
 
-from nanochat.cli import ArgumentParser, check
+from nanochat.cli import ArgumentParser, check, flag_error
 from nanochat.common import PEAK_BF16_FLOPS
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.optim import SHARD_MIN_NUMEL
-from nanochat.recipe import derive
+from nanochat.recipe import VOCAB_SIZE, add_flags, flag_problems, from_flags
 
 # --gpu name -> (key in nanochat.common.PEAK_BF16_FLOPS, memory in GB = 1e9 bytes)
 GPUS = {
@@ -114,30 +115,21 @@ def saved_bytes(head_dim, window_pattern):
 
 def parse_args(argv=None):
     p = ArgumentParser("python -m scripts.plan", __doc__)
-    p.add_argument("--depth", type=int, default=20, help="layers, as base_train --depth")
+    add_flags(p)  # base_train's own flags for the run: the same flags plan the same run
     p.add_argument("--gpus", type=int, default=8, help="number of GPUs (data-parallel processes)")
     p.add_argument("--gpu", type=str.lower, default="h100", choices=list(GPUS), help="GPU kind")
-    p.add_argument("--target-param-data-ratio", type=float, default=12,
-                   help="training tokens per (matrix + lm_head) parameter, as base_train")
-    p.add_argument("--fp8", action="store_true", help="as base_train --fp8; FLOPs and memory are counted in bf16")
-    p.add_argument("--device-batch-size", default="auto",
-                   help="rows per GPU per micro-step, or 'auto': the largest power of two estimated to fit")
-    p.add_argument("--max-seq-len", type=int, default=2048, help="context length, as base_train")
-    p.add_alias("--seq-len", "max_seq_len")  # old name of the bench scripts
-    p.add_argument("--vocab-size", type=int, default=32768, help="tokenizer vocabulary size")
+    p.add_argument("--vocab-size", type=int, default=VOCAB_SIZE,
+                   help="tokenizer vocabulary size (base_train reads it from the trained tokenizer)")
     p.add_argument("--mfu", type=float, default=None,
                    help="model FLOPs utilization (default: recorded in docs/PERF.md for this GPU, depth and "
                         "precision, else 0.45)")
     p.add_argument("--gpu-hour-cost", type=float, default=3.0, help="dollars per GPU-hour")
     p.add_argument("--json", action="store_true", help="print the derived recipe as JSON instead of the table")
+    p.add_argument("--schedule-steps", type=steps_list, default=None,
+                   help="with --json: the steps to print the schedule at, e.g. 0,299,400 (default: a few telling ones)")
     args = p.parse_args(argv)
-    check(p, [
-        (args.depth < 1, f"--depth {args.depth}: must be >= 1 (the number of layers)"),
+    check(p, flag_problems(args) + [
         (args.gpus < 1, f"--gpus {args.gpus}: must be >= 1"),
-        (not args.target_param_data_ratio > 0, f"--target-param-data-ratio {args.target_param_data_ratio}: must be > 0"),
-        (args.device_batch_size != "auto" and not (args.device_batch_size.isdigit() and int(args.device_batch_size) > 0),
-         f"--device-batch-size {args.device_batch_size}: expected a positive integer or 'auto'"),
-        (args.max_seq_len < 1, f"--max-seq-len {args.max_seq_len}: must be >= 1"),
         (args.vocab_size < 1, f"--vocab-size {args.vocab_size}: must be >= 1"),
         (args.mfu is not None and not 0 < args.mfu <= 1, f"--mfu {args.mfu}: must be in (0, 1]"),
         (args.gpu_hour_cost < 0, f"--gpu-hour-cost {args.gpu_hour_cost}: must be >= 0"),
@@ -145,9 +137,24 @@ def parse_args(argv=None):
     return args
 
 
-def plan_recipe(args, device_batch_size):
-    return derive(depth=args.depth, vocab_size=args.vocab_size, sequence_len=args.max_seq_len,
-                  processes=args.gpus, device_batch_size=device_batch_size, ratio=args.target_param_data_ratio)
+def steps_list(text):
+    """--schedule-steps: comma-separated step numbers >= 0."""
+    try:
+        steps = [int(s) for s in text.split(",")]
+    except ValueError:
+        steps = [-1]
+    if min(steps) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected step numbers >= 0 separated by commas, e.g. 0,299,400")
+    return steps
+
+
+def plan_recipe(args, device_batch_size=None):
+    """base_train's recipe for these flags and --gpus processes; a batch the GPUs cannot split is a
+    flag error, as in base_train."""
+    try:
+        return from_flags(args, args.vocab_size, args.gpus, device_batch_size)
+    except ValueError as e:
+        flag_error("python -m scripts.plan", str(e))
 
 
 def memory_estimate(model, device_batch_size, gpus):
@@ -200,12 +207,12 @@ def recorded_mfu(gpu_key, depth, fp8, path=None):
     return None
 
 
-def time_and_cost(args, peak_key, peak, total_flops):
+def time_and_cost(args, depth, peak_key, peak, total_flops):
     """(MFU, where it comes from, training seconds, dollars): total FLOPs at that fraction of the
     GPUs' bf16 peak. The MFU is --mfu, else one measured on this GPU (docs/PERF.md), else assumed."""
     if args.mfu is not None:
         mfu, mfu_source = args.mfu, "given (--mfu)"
-    elif (recorded := recorded_mfu(peak_key, args.depth, args.fp8)) is not None:
+    elif (recorded := recorded_mfu(peak_key, depth, args.fp8)) is not None:
         mfu, mfu_source = recorded, "measured, docs/PERF.md"
     else:
         mfu, mfu_source = DEFAULT_MFU, "assumed, not measured"
@@ -213,84 +220,100 @@ def time_and_cost(args, peak_key, peak, total_flops):
     return mfu, mfu_source, seconds, seconds / 3600 * args.gpus * args.gpu_hour_cost
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    peak_key, mem_gb = GPUS[args.gpu]
-    peak = PEAK_BF16_FLOPS[peak_key]
-    budget = mem_gb * 1e9 * SAFETY
+def print_json(args, recipe):
+    """--json: the derived recipe, with the schedule at --schedule-steps."""
+    if args.schedule_steps and max(args.schedule_steps) >= recipe.num_iterations:
+        flag_error("python -m scripts.plan", f"--schedule-steps {max(args.schedule_steps)}: the run has steps "
+                                             f"0..{recipe.num_iterations - 1}")
+    print(json.dumps(recipe.to_json(args.schedule_steps), indent=2))
+    return {"recipe": recipe}
 
-    # the model comes from the recipe (at any device batch: the model does not depend on it)
-    config = plan_recipe(args, 1).config
+
+def fit_device_batch(args, first, budget):
+    """(recipe, memory estimate by device batch, largest batch that fits): --device-batch-size as
+    given, or 'auto': the largest that fits, and no larger than one micro-step of the total batch."""
     with torch.device("meta"):
-        model = GPT(config)
-    T = config.sequence_len
-
+        model = GPT(first.config)
+    T = first.config.sequence_len
     memory = {b: memory_estimate(model, b, args.gpus) for b in BATCH_CANDIDATES}
     fits = [b for b in BATCH_CANDIDATES if memory[b]["total"] <= budget]
     best_fit = max(fits) if fits else None
+    recipe = first
     if args.device_batch_size == "auto":
-        device_batch = best_fit or 1
-    else:
-        device_batch = int(args.device_batch_size)
-    mem = memory[device_batch] if device_batch in memory else memory_estimate(model, device_batch, args.gpus)
+        recipe = plan_recipe(args, min(best_fit or 1, max(1, first.total_batch_size // (T * args.gpus))))
+    if recipe.device_batch_size not in memory:
+        memory[recipe.device_batch_size] = memory_estimate(model, recipe.device_batch_size, args.gpus)
+    return recipe, memory, best_fit
 
-    recipe = plan_recipe(args, device_batch)
-    counts, flops_per_token, horizon_params = recipe.num_params, recipe.flops_per_token, recipe.horizon_params
-    batch, steps, accum, tokens = recipe.total_batch_size, recipe.num_iterations, recipe.grad_accum_steps, recipe.tokens
-    total_flops = tokens * flops_per_token
-    if args.json:
-        print(json.dumps(recipe.to_json(), indent=2))
 
-    mfu, mfu_source, seconds, cost = time_and_cost(args, peak_key, peak, total_flops)
-    hours = seconds / 3600
-
-    GB = 1e9
+def print_table(args, out):
+    r, config, GB = out["recipe"], out["config"], 1e9
+    batch, tokens, mem = out["total_batch_size"], out["tokens"], out["memory"]
     rows = [("model", f"d{config.n_layer}: {config.n_embd} wide, {config.n_head} heads × {config.head_dim}, "
-                      f"seq {T}, vocab {config.vocab_size:,}" + (", fp8" if args.fp8 else ""))]
-    rows += [(f"params {k}", f"{v:,}") for k, v in counts.items()]
+                      f"seq {config.sequence_len}, vocab {config.vocab_size:,}" + (", fp8" if args.fp8 else ""))]
+    rows += [(f"params {k}", f"{v:,}") for k, v in out["num_params"].items()]
     rows += [
-        ("horizon params", f"{horizon_params:,} (matrices + lm_head)"),
-        ("tokens", f"{tokens:,} ({tokens:.3e}, {tokens / horizon_params:.2f} per horizon param)"),
+        ("horizon params", f"{r.horizon_params:,} (matrices + lm_head)"),
+        ("tokens", f"{tokens:,} ({tokens:.3e}, {tokens / r.horizon_params:.2f} per horizon param)"),
         ("total batch", f"{batch:,} tokens (2^{math.log2(batch):g})" if batch & (batch - 1) == 0 else f"{batch:,} tokens"),
-        ("steps", f"{steps:,}"),
-        ("device batch", f"{device_batch} × {T}" + (" (auto)" if args.device_batch_size == "auto" else "")),
-        ("grad accumulation", f"{accum} micro-steps × {args.gpus} GPUs"),
-        ("Muon weight decay", f"{recipe.muon_weight_decay:.5f} (cosine-decayed to 0)"),
-        ("FLOPs per token", f"{flops_per_token:.3e}"),
-        ("total FLOPs", f"{total_flops:.3e}"),
-        ("-- memory per GPU", f"ESTIMATE at device batch {device_batch}, {args.gpu} {mem_gb} GB, "
-                              f"budget {budget / GB:.1f} GB (90%)"),
+        ("steps", f"{out['num_iterations']:,}"),
+        ("device batch", f"{r.device_batch_size} × {config.sequence_len}"
+                         + (" (auto)" if args.device_batch_size == "auto" else "")),
+        ("grad accumulation", f"{r.grad_accum_steps} micro-steps × {args.gpus} GPUs"),
+        ("Muon weight decay", f"{r.muon_weight_decay:.5f} (cosine-decayed to 0)"),
+        ("FLOPs per token", f"{r.flops_per_token:.3e}"),
+        ("total FLOPs", f"{out['total_flops']:.3e}"),
+        ("-- memory per GPU", f"ESTIMATE at device batch {r.device_batch_size}, {args.gpu} {out['gpu_memory'] / GB:g} GB, "
+                              f"budget {out['memory_budget'] / GB:.1f} GB (90%)"),
     ]
     rows += [(f"  {k}", f"{v / GB:.2f} GB") for k, v in mem.items()]
     per_layer = saved_bytes(config.head_dim, config.window_pattern)[0]
-    rows += [("  saved per token", f"{per_layer:.1f} bytes × n_embd per layer (measured: compiled graph, bf16)")]
-    rows += [("  by device batch", "  ".join(f"{b}: {memory[b]['total'] / GB:.1f}" for b in BATCH_CANDIDATES) + " GB"),
-             ("  largest that fits", f"{best_fit} (estimate)" if best_fit else "none: even 1 × seq len does not fit")]
-    if mem["total"] > budget:
-        rows.append(("  WARNING", f"device batch {device_batch} is estimated not to fit"))
+    rows += [("  saved per token", f"{per_layer:.1f} bytes × n_embd per layer (measured: compiled graph, bf16)"),
+             ("  by device batch", "  ".join(f"{b}: {out['memory_by_batch'][b] / GB:.1f}" for b in BATCH_CANDIDATES)
+              + " GB"),
+             ("  largest that fits", f"{out['max_fitting_device_batch_size']} (estimate)"
+              if out["max_fitting_device_batch_size"] else "none: even 1 × seq len does not fit")]
+    if mem["total"] > out["memory_budget"]:
+        rows.append(("  WARNING", f"device batch {r.device_batch_size} is estimated not to fit"))
     rows += [
-        ("-- time and cost", f"{args.gpus} × {args.gpu} at {peak / 1e12:.0f} TFLOP/s bf16 peak"),
-        ("  MFU", f"{mfu:.2f} ({mfu_source})"),
-        ("  training time", f"{hours:.2f} h ({seconds / 60:.0f} min)"),
-        ("  cost", f"${cost:,.2f} at ${args.gpu_hour_cost:.2f}/GPU-hour"),
+        ("-- time and cost", f"{args.gpus} × {args.gpu} at {out['peak_flops'] / 1e12:.0f} TFLOP/s bf16 peak"),
+        ("  MFU", f"{out['mfu']:.2f} ({out['mfu_source']})"),
+        ("  training time", f"{out['hours']:.2f} h ({out['hours'] * 60:.0f} min)"),
+        ("  cost", f"${out['cost']:,.2f} at ${args.gpu_hour_cost:.2f}/GPU-hour"),
+        ("-- optimizer groups", "LR at multiplier 1 (Muon: before × √max(1, rows/cols))"),
     ]
-    rows += [("-- optimizer groups", "LR at multiplier 1 (Muon: before × √max(1, rows/cols))")]
     rows += [(f"  {g.name}", f"{g.kind} lr {g.lr:.4g}" + (f" betas {g.betas}" if g.betas else "") +
-              f" wd {g.weight_decay:.4g}") for g in recipe.param_groups]
+              f" wd {g.weight_decay:.4g}") for g in r.param_groups]
     width = max(len(k) for k, _ in rows)
-    for k, v in rows if not args.json else []:
+    for k, v in rows:
         print(f"{k:<{width}}  {v}")
 
-    return {
-        "config": config, "num_params": counts, "horizon_params": horizon_params, "tokens": tokens,
-        "total_batch_size": batch, "num_iterations": steps, "grad_accum_steps": accum, "recipe": recipe,
-        "muon_weight_decay": recipe.muon_weight_decay,
-        "device_batch_size": device_batch, "max_fitting_device_batch_size": best_fit,
-        "flops_per_token": flops_per_token, "total_flops": total_flops,
-        "memory": mem, "memory_by_batch": {b: m["total"] for b, m in memory.items()},
-        "memory_budget": budget, "gpu_memory": mem_gb * GB, "peak_flops": peak,
-        "mfu": mfu, "mfu_source": mfu_source, "hours": hours, "cost": cost,
+
+def main(argv=None):
+    args = parse_args(argv)
+    peak_key, mem_gb = GPUS[args.gpu]
+    peak, budget = PEAK_BF16_FLOPS[peak_key], mem_gb * 1e9 * SAFETY
+    # the model comes from the recipe (at any device batch: the model does not depend on it)
+    first = plan_recipe(args, 1 if args.device_batch_size == "auto" else None)
+    if args.json and args.device_batch_size != "auto":  # the recipe alone: no memory estimate needed
+        return print_json(args, first)
+    recipe, memory, best_fit = fit_device_batch(args, first, budget)
+    if args.json:
+        return print_json(args, recipe)
+    total_flops = recipe.tokens * recipe.flops_per_token
+    mfu, mfu_source, seconds, cost = time_and_cost(args, recipe.config.n_layer, peak_key, peak, total_flops)
+    out = {
+        "config": recipe.config, "num_params": recipe.num_params, "horizon_params": recipe.horizon_params,
+        "tokens": recipe.tokens, "total_batch_size": recipe.total_batch_size, "num_iterations": recipe.num_iterations,
+        "grad_accum_steps": recipe.grad_accum_steps, "recipe": recipe, "muon_weight_decay": recipe.muon_weight_decay,
+        "device_batch_size": recipe.device_batch_size, "max_fitting_device_batch_size": best_fit,
+        "flops_per_token": recipe.flops_per_token, "total_flops": total_flops,
+        "memory": memory[recipe.device_batch_size], "memory_by_batch": {b: m["total"] for b, m in memory.items()},
+        "memory_budget": budget, "gpu_memory": mem_gb * 1e9, "peak_flops": peak,
+        "mfu": mfu, "mfu_source": mfu_source, "hours": seconds / 3600, "cost": cost,
     }
+    print_table(args, out)
+    return out
 
 
 if __name__ == "__main__":

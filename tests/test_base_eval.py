@@ -129,21 +129,22 @@ def test_main_end_to_end(base_dir, server, monkeypatch, capsys):
     assert saved == json.loads(json.dumps(res))
     assert saved["step"] == 7 and (saved["n_tasks"], saved["n_total"]) == (2, 22)
     assert saved["core_label"] == "CORE over 2/22 tasks, seeded subset of 2 items per task"
-    assert (saved["semantics"], saved["max_per_task"], saved["subset_seed"]) == (core_eval.SEMANTICS, 2, 1234)
+    assert (saved["rules"], saved["max_per_task"]) == (core_eval.RULES, 2)
     assert saved["model"] == "d1" and all(t["n_items"] == 2 for t in saved["tasks"].values())
     assert set(saved["tasks"]) == {"copa", "winograd"} and math.isfinite(saved["core"])
     # an untrained model predicts ~uniformly: bpb near log2(vocab) / bytes per token, certainly > 1
     assert math.isfinite(saved["bpb"]["val"]) and 1 < saved["bpb"]["val"] < 20 and math.isfinite(saved["bpb"]["train"])
     assert len(saved["samples"]) == 4 and saved["samples"][0].startswith("[greedy] The capital of France is")
     out = capsys.readouterr().out
-    assert "CORE over 2/22 tasks, seeded subset of 2 items per task (DCLM v1 semantics, rev 2):" in out
+    assert "CORE over 2/22 tasks, seeded subset of 2 items per task (rules: leaderboard, rev 1):" in out
     assert "val bpb" in out and "(data file missing)" in out
     # the report says which evaluator and which items produced the score
     with open(report.write_report(str(base_dir))) as f:
         md = f.read()
     assert "ours (d1), CORE over 2/22 tasks, seeded subset of 2 items per task" in md
-    assert ("CORE evaluator: DCLM v1 semantics, rev 2; items: a seeded subset of 2 items per task (seed 1234), "
-            "not comparable with a full score.") in md
+    assert ("CORE rules: leaderboard, rev 1; items: the first 2 of each task's fixed shuffle, not comparable "
+            "with a full score.") in md
+    assert "GPT-2 rows do not compare" not in md
 
 
 def test_main_404_exits_with_one_line(base_dir, server, monkeypatch):

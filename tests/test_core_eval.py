@@ -1,8 +1,9 @@
 """
-Tests for nanochat/core_eval.py: each task type on a model whose answers are known by
-construction (a bigram table: the logits at t are table[token t]), few-shot sampling,
-centering and aggregation, missing files, left truncation, the rank split, and a smoke run
-on the real eval bundle.
+Tests for nanochat/core_eval.py: each of the leaderboard evaluator's rules (rendering, scored
+spans, order, subsets, few-shot draws) on a model whose answers are known by construction (a
+bigram table: the logits at t are table[token t]), the repairs where that evaluator fails,
+centering and aggregation, missing files, left truncation, the rank split, and a smoke run on
+the real eval bundle.
 """
 import json
 import math
@@ -74,40 +75,55 @@ def mc_model(tok):
 # -----------------------------------------------------------------------------
 # The three task types
 
+def item(t, index=0, items=None):
+    """evaluate_item on the task's items in file order (no shuffle): (correct, repaired)."""
+    return core_eval.evaluate_item(t["model"], t["tok"], t, items or t["data"], index, "cpu")
+
+
+def rows_of(tok, t, index=0, max_len=256):
+    return core_eval.token_rows(tok, t["type"], core_eval.render_prompts(t, t["data"], index), max_len)
+
+
+def test_multiple_choice_scores_only_what_follows_the_shared_prefix(tok):
+    # both choices start with " red": the ruler scores " cat" against " dog mat"
+    m = Bigram(tok.vocab_size)
+    m.prefer(tok, " red", " cat", 3.0)
+    m.prefer(tok, " dog", " mat", 20.0)
+    t = task("multiple_choice", [{"query": "Q", "choices": ["red cat", "red dog mat"], "gold": 0}])
+    (rows, repaired) = rows_of(tok, t)
+    assert not repaired and [ids[start:] for ids, start in rows] == [tok.encode(" cat"), tok.encode(" dog mat")]
+    ruler, _ = core_eval.score_rows(m, rows, tok.bos_token_id, "cpu")
+    whole, _ = core_eval.score_rows(m, [(ids, 2) for ids, _ in rows], tok.bos_token_id, "cpu")
+    assert ruler[0] < ruler[1] and whole[1] < whole[0]  # scoring the shared " red" too would flip the answer
+    assert core_eval.evaluate_item(m, tok, t, t["data"], 0, "cpu") == (True, False)
+    assert m.shapes[-1][0] == 2  # both choices in one forward
+
+
 def test_multiple_choice_picks_lowest_mean_not_total_loss(tok):
     m = mc_model(tok)
-    rows = core_eval.tokenize_prompts(tok, [("Q ", "red"), ("Q ", "green dog mat")], 256)
+    data = [{"query": "Q", "choices": ["red", "green dog mat"], "gold": g} for g in (1, 0)]
+    t = task("multiple_choice", data)
+    rows, _ = rows_of(tok, t)
     mean_loss, _ = core_eval.score_rows(m, rows, tok.bos_token_id, "cpu")
     total = [mean_loss[i].item() * (len(ids) - start) for i, (ids, start) in enumerate(rows)]
     assert total[1] > total[0] and mean_loss[1] < mean_loss[0]  # the two rules disagree here
     assert mean_loss[0].item() == pytest.approx(math.log(tok.vocab_size - 1 + math.e ** 3) - 3, abs=1e-4)
-    data = [{"query": "Q", "choices": ["red", "green dog mat"], "gold": g} for g in (1, 0)]
-    t = task("multiple_choice", data)
-    assert core_eval.evaluate_item(m, tok, t, 0, "cpu") is True
-    assert core_eval.evaluate_item(m, tok, t, 1, "cpu") is False
-    assert core_eval.evaluate_task(m, tok, t, "cpu") == 0.5
-    assert m.shapes[-1][0] == 2  # both choices in one forward
+    assert [core_eval.evaluate_item(m, tok, t, data, i, "cpu")[0] for i in (0, 1)] == [True, False]
+    assert core_eval.evaluate_task(m, tok, t, "cpu") == (0.5, 0)
 
 
-def test_answer_span_is_found_across_a_merged_boundary(tok):
-    # "Q " alone ends in a space token, but in "Q red" the space merged into " red"
-    (ids, start), = core_eval.tokenize_prompts(tok, [("Q ", "red")], 256)
-    assert ids == [tok.bos_token_id] + tok.encode("Q red") and ids[start:] == tok.encode(" red")
-
-
-def test_schema_scores_only_the_shared_continuation(tok):
+def test_schema_scores_the_common_token_suffix(tok):
+    # the options end in the same word as well: the ruler scores " sat down", not just " down",
+    # so the option that predicts " sat" wins (scoring " down" alone would tie, and ties go to the first)
     m = Bigram(tok.vocab_size)
     m.prefer(tok, " cat", " sat", 20.0)
     m.prefer(tok, " sat", " down", 20.0)
-    m.prefer(tok, "the", " dog", 20.0)  # "the dog" is the likelier context: that must not count
-    data = [{"context_options": ["the dog", "the cat"], "continuation": "sat down", "gold": 1},
-            {"context_options": ["the cat", "the dog"], "continuation": "sat down", "gold": 1}]
+    m.prefer(tok, "the", " dog", 20.0)  # "the dog" is the likelier option: that must not count
+    data = [{"context_options": ["the dog sat", "the cat sat"], "continuation": "down", "gold": 1}]
     t = task("schema", data)
-    rows = core_eval.tokenize_prompts(tok, core_eval.render_prompts(t, 0), 256)
-    assert all(ids[start:] == tok.encode(" sat down") for ids, start in rows)
-    assert core_eval.evaluate_item(m, tok, t, 0, "cpu") is True
-    assert core_eval.evaluate_item(m, tok, t, 1, "cpu") is False
-    assert core_eval.evaluate_task(m, tok, t, "cpu") == 0.5
+    rows, repaired = rows_of(tok, t)
+    assert not repaired and all(ids[start:] == tok.encode(" sat down") for ids, start in rows)
+    assert core_eval.evaluate_item(m, tok, t, data, 0, "cpu") == (True, False)
 
 
 def test_language_modeling_exact_match(tok):
@@ -118,108 +134,99 @@ def test_language_modeling_exact_match(tok):
             {"context": "the cat", "continuation": "sat mat"},   # greedy says " down", not " mat"
             {"context": "the dog", "continuation": "sat down"}]  # nothing predicts " sat" after " dog"
     t = task("language_modeling", data)
-    assert [core_eval.evaluate_item(m, tok, t, i, "cpu") for i in range(3)] == [True, False, False]
+    assert [core_eval.evaluate_item(m, tok, t, data, i, "cpu")[0] for i in range(3)] == [True, False, False]
     m.prefer(tok, " sat", " mat", 5.0)  # now " mat" beats " down" after " sat"
-    assert [core_eval.evaluate_item(m, tok, t, i, "cpu") for i in range(3)] == [False, True, False]
+    assert [core_eval.evaluate_item(m, tok, t, data, i, "cpu")[0] for i in range(3)] == [False, True, False]
 
 
 # -----------------------------------------------------------------------------
-# Few-shot
+# Rendering: items as stored, except a language-modelling context
 
-def test_fewshot_never_the_item_and_deterministic():
-    for n, k in [(5, 3), (11, 10), (4, 10), (1000, 10)]:
-        for index in range(0, n, max(1, n // 7)):
-            picks = core_eval.fewshot_indices(n, index, k)
-            assert index not in picks and len(set(picks)) == len(picks) == min(k, n - 1)
-            assert all(0 <= j < n for j in picks)
-            assert picks == core_eval.fewshot_indices(n, index, k)
-    assert core_eval.fewshot_indices(1000, 0, 10) != core_eval.fewshot_indices(1000, 1, 10)  # per item
+def test_language_modeling_context_is_trimmed_and_the_answer_kept_as_stored(tok):
+    # jeopardy: a context and a few-shot answer that end in a space; the delimiter's trailing space
+    # leaves the prompt without the continuation, and the continuation's own trailing space stays
+    data = [{"context": "HISTORY: it never hit $250 million ", "continuation": "Lottery "},
+            {"context": "  the cat\n", "continuation": "sat"}]
+    t = task("language_modeling", data, num_fewshot=1, delimiter="\nAnswer: ")
+    assert core_eval.render_prompts(t, data, 1) == [
+        "HISTORY: it never hit $250 million\nAnswer: Lottery \n\nthe cat\nAnswer:",
+        "HISTORY: it never hit $250 million\nAnswer: Lottery \n\nthe cat\nAnswer: sat"]
+    assert core_eval.render_prompts(t, data, 0)[1] == "the cat\nAnswer: sat\n\nHISTORY: it never hit $250 million" \
+                                                     "\nAnswer: Lottery "
+    # a trailing-space context with a space delimiter: the space goes to the answer (" sat" is scored)
+    t = task("language_modeling", [{"context": "the cat ", "continuation": "sat"}])
+    assert core_eval.render_prompts(t, t["data"], 0) == ["the cat", "the cat sat"]
+    (ids, start), = rows_of(tok, t)[0]
+    assert ids[start:] == tok.encode(" sat")
+
+
+def test_multiple_choice_query_keeps_its_newline(tok):
+    # piqa's queries end in "\n", so the prompt has a blank line before "Answer:"; a choice keeps its spaces
+    data = [{"query": "Question: how tall?\n", "choices": ["12 feet", "very "], "gold": 0}]
+    t = task("multiple_choice", data, delimiter="\nAnswer: ")
+    assert core_eval.render_prompts(t, data, 0) == ["Question: how tall?\n\nAnswer: 12 feet",
+                                                    "Question: how tall?\n\nAnswer: very "]
+    # bigbench_language_identification: the query ends in "Answer: " and the delimiter is " "
+    t = task("multiple_choice", [{"query": "Sentence: x\nAnswer: ", "choices": ["A", "B"], "gold": 1}])
+    assert core_eval.render_prompts(t, t["data"], 0) == ["Sentence: x\nAnswer:  A", "Sentence: x\nAnswer:  B"]
+
+
+def test_schema_renders_option_delimiter_continuation(tok):
+    data = [{"context_options": ["the cat", "the dog"], "continuation": "sat down. ", "gold": 0}] * 3
+    t = task("schema", data)
+    assert core_eval.render_prompts(t, data, 0) == ["the cat sat down. ", "the dog sat down. "]
+    t = task("schema", data, num_fewshot=1)
+    assert core_eval.render_prompts(t, data, 0)[1] == "the cat sat down. \n\nthe dog sat down. "
 
 
 def test_fewshot_prompt_renders_solved_examples(tok):
     data = [{"query": f"q{i}", "choices": [f"a{i}", f"b{i}"], "gold": i % 2} for i in range(6)]
     t = task("multiple_choice", data, num_fewshot=3, delimiter="\nAnswer: ")
     for index in range(6):
-        prompts = core_eval.render_prompts(t, index)
-        assert [a for _, a in prompts] == [" " + c for c in data[index]["choices"]]  # the space moved over
-        shots = prompts[0][0].split("\n\n")
-        assert shots[-1] == f"q{index}\nAnswer:" and len(shots) == 4
-        others = [j for j in range(6) if j != index]
-        solved = {f"q{j}\nAnswer: " + data[j]["choices"][data[j]["gold"]] for j in others}
-        assert set(shots[:-1]) <= solved
-        assert prompts == core_eval.render_prompts(t, index)
+        prompts = core_eval.render_prompts(t, data, index)
+        assert [p.split("\n\n")[-1] for p in prompts] == [f"q{index}\nAnswer: {c}" for c in data[index]["choices"]]
+        shots = prompts[0].split("\n\n")[:-1]
+        assert shots == [f"q{j}\nAnswer: " + data[j]["choices"][data[j]["gold"]]
+                         for j in core_eval.fewshot_indices(6, index, 3)]
 
 
 # -----------------------------------------------------------------------------
-# DCLM's whitespace rules: answers carry the delimiter's space, fields are stripped
+# Order, subsets and few-shot draws: the ruler's
 
-def test_lm_numeric_answer_scores_the_space_with_it(tok):
-    data = [{"context": "Q: what is six times seven?", "continuation": "42"}]
-    t = task("language_modeling", data, delimiter="\nAnswer: ")
-    (prompt, answer), = core_eval.render_prompts(t, 0)
-    assert (prompt, answer) == ("Q: what is six times seven?\nAnswer:", " 42")  # no trailing space
-    (ids, start), = core_eval.tokenize_prompts(tok, [(prompt, answer)], 256)
-    assert ids[:start] == [tok.bos_token_id] + tok.encode(prompt)
-    assert ids[start:] == tok.encode(" 42") == tok.encode(" ") + tok.encode("42")  # " 42" is scored, space first
-    # a model that continues ":" with " 42" is right; one that jumps straight to "42" is not
-    m = Bigram(tok.vocab_size)
-    m.prefer(tok, ":", " ", 20.0)
-    m.prefer(tok, " ", "4", 20.0)
-    m.prefer(tok, "4", "2", 20.0)
-    assert core_eval.evaluate_item(m, tok, t, 0, "cpu") is True
-    m.prefer(tok, ":", "4", 30.0)  # rev 1 put the space in the context: this would have counted as right
-    assert core_eval.evaluate_item(m, tok, t, 0, "cpu") is False
+def test_items_are_shuffled_once_with_seed_1337_and_a_subset_is_the_first_k():
+    assert core_eval.ordered_items(range(10)) == [0, 3, 7, 2, 1, 6, 4, 5, 8, 9]
+    assert core_eval.ordered_items(range(20), 5) == [13, 1, 2, 9, 7]
+    assert core_eval.ordered_items(range(7), 50) == core_eval.ordered_items(range(7))  # K >= n: the whole task
+    assert core_eval.ordered_items(range(1000), 500)[:100] == core_eval.ordered_items(range(1000), 100)
 
 
-def test_trailing_whitespace_is_trimmed_as_dclm_does(tok):
-    # one jeopardy context (and 11 answers) end in a space; DCLM strips every string field
-    data = [{"context": "HISTORY: it never hit $250 million ", "continuation": "Lottery "},
-            {"context": "  the cat\n", "continuation": "sat"}]
-    t = task("language_modeling", data, num_fewshot=1, delimiter="\nAnswer: ")
-    assert core_eval.render_prompts(t, 1) == [
-        ("HISTORY: it never hit $250 million\nAnswer: Lottery\n\nthe cat\nAnswer:", " sat")]
-    assert core_eval.render_prompts(t, 0) == [
-        ("the cat\nAnswer: sat\n\nHISTORY: it never hit $250 million\nAnswer:", " Lottery")]
-    # a space delimiter disappears into the answer's leading space
-    assert core_eval.render_prompts(task("language_modeling", data), 1) == [("the cat", " sat")]
+def test_fewshot_positions_after_the_shuffle_are_the_rulers():
+    # item i of the shuffled 10-item task gets Random(1234 + i).sample(other positions, 3): positions,
+    # then the items there
+    expected = {0: [8, 2, 1], 1: [7, 8, 4], 2: [9, 8, 6], 5: [1, 4, 3], 9: [8, 5, 4]}
+    items = core_eval.ordered_items(range(10))
+    for i, positions in expected.items():
+        assert core_eval.fewshot_indices(10, i, 3) == positions
+    assert [items[j] for j in core_eval.fewshot_indices(10, 0, 3)] == [8, 7, 3]
+    for n, k in [(5, 3), (11, 10), (1000, 10)]:
+        for index in range(0, n, max(1, n // 7)):
+            picks = core_eval.fewshot_indices(n, index, k)
+            assert index not in picks and len(set(picks)) == len(picks) == min(k, n - 1)
 
 
-def test_multiple_choice_renders_as_dclm(tok):
-    # piqa's queries end in "\n"; an openbook choice can start with a digit; a choice that
-    # already starts with a space gets no second one; choices are not stripped (a list field)
-    data = [{"query": "Question: how tall?\n", "choices": ["12 feet", " tall", "very "], "gold": 0}]
-    t = task("multiple_choice", data, delimiter="\nAnswer: ")
-    prompts = core_eval.render_prompts(t, 0)
-    assert prompts == [("Question: how tall?\nAnswer:", " 12 feet"), ("Question: how tall?\nAnswer:", " tall"),
-                       ("Question: how tall?\nAnswer:", " very ")]
-    rows = core_eval.tokenize_prompts(tok, prompts, 256)
-    assert rows[0][0][rows[0][1]:] == tok.encode(" 12 feet") and rows[0][0][rows[0][1]] == tok.encode(" ")[0]
-    # bigbench_language_identification: the query ends in "Answer: " and the delimiter is " "
-    t = task("multiple_choice", [{"query": "Sentence: x\nAnswer: ", "choices": ["A", "B"], "gold": 1}])
-    assert core_eval.render_prompts(t, 0) == [("Sentence: x\nAnswer:", " A"), ("Sentence: x\nAnswer:", " B")]
-
-
-def test_schema_options_keep_their_text_and_the_continuation_its_space(tok):
-    data = [{"context_options": ["the cat", "the dog"], "continuation": " sat down. ", "gold": 0}] * 3
-    t = task("schema", data)
-    assert core_eval.render_prompts(t, 0) == [("the cat", " sat down."), ("the dog", " sat down.")]
-    t = task("schema", data, num_fewshot=1)
-    assert core_eval.render_prompts(t, 0)[1] == ("the cat sat down.\n\nthe dog", " sat down.")
-
-
-# -----------------------------------------------------------------------------
-# Subsets: a fixed seeded shuffle, not the file's first K
-
-def test_subset_is_a_seeded_shuffle_not_the_first_k():
-    sub = core_eval.subset_indices(1000, 100)
-    assert sub != list(range(100)) and sorted(sub) != list(range(100))
-    assert len(set(sub)) == 100 and all(0 <= i < 1000 for i in sub)
-    assert sum(i < 100 for i in sub) < 30  # spread over the file, not bunched at its start
-    assert sub == core_eval.subset_indices(1000, 100)  # the same items in every run
-    assert core_eval.subset_indices(1000, 500)[:100] == sub  # K=100's items are among K=500's
-    assert core_eval.subset_indices(20, 5) == [19, 13, 4, 9, 16]  # pinned: a new seed changes every subset score
-    assert core_eval.subset_indices(7, None) == core_eval.subset_indices(7, 7) == list(range(7))
-    assert core_eval.subset_indices(7, 50) == list(range(7))  # K >= n: the whole task
+def test_a_subset_draws_its_examples_from_the_subset(tok, monkeypatch):
+    # the ruler cuts the shuffled list first, then draws by position in what is left
+    data = [{"context": f"the cat {i}", "continuation": "sat"} for i in range(30)]
+    t = task("language_modeling", data, num_fewshot=3)
+    seen = {}
+    render = core_eval.render_prompts
+    monkeypatch.setattr(core_eval, "render_prompts", lambda task, items, i: seen.setdefault(i, render(task, items, i)))
+    core_eval.evaluate_task(rank_model(tok), tok, t, "cpu", max_items=5)
+    subset = core_eval.ordered_items(data, 5)
+    assert sorted(seen) == list(range(5))
+    for i, prompts in seen.items():
+        assert prompts == render(t, subset, i)
+        assert all(subset[j]["context"] in prompts[0] for j in core_eval.fewshot_indices(5, i, 3))
 
 
 def test_subset_accuracy_is_over_the_shuffled_items(tok):
@@ -227,30 +234,49 @@ def test_subset_accuracy_is_over_the_shuffled_items(tok):
     data = [{"context": "the cat", "continuation": "sat"}] * 10 + [{"context": "the dog", "continuation": "sat"}] * 30
     m = rank_model(tok)
     t = task("language_modeling", data)
-    sub = core_eval.subset_indices(40, 10)
-    assert core_eval.evaluate_task(m, tok, t, "cpu", max_items=10) == sum(i < 10 for i in sub) / 10 == 0.1
-    assert core_eval.evaluate_task(m, tok, t, "cpu") == 0.25
+    first10 = core_eval.ordered_items(list(range(40)), 10)
+    acc, _ = core_eval.evaluate_task(m, tok, t, "cpu", max_items=10)
+    assert acc == sum(i < 10 for i in first10) / 10 < 1.0
+    assert core_eval.evaluate_task(m, tok, t, "cpu") == (0.25, 0)
 
 
-def test_fewshot_draw_does_not_depend_on_the_subset(tok, monkeypatch):
-    data = [{"context": f"the cat {i}", "continuation": "sat"} for i in range(30)]
-    t = task("language_modeling", data, num_fewshot=3)
-    full = {i: core_eval.render_prompts(t, i) for i in range(30)}
-    seen = {}
-    render = core_eval.render_prompts
+# -----------------------------------------------------------------------------
+# Where the ruler fails: a sensible answer, and the item counted as repaired
 
-    def spy(task, index):
-        seen[index] = render(task, index)
-        return seen[index]
-    monkeypatch.setattr(core_eval, "render_prompts", spy)
-    for k in (5, 20):
-        seen.clear()
-        core_eval.evaluate_task(rank_model(tok), tok, t, "cpu", max_items=k)
-        assert sorted(seen) == sorted(core_eval.subset_indices(30, k))
-        assert all(seen[i] == full[i] for i in seen)  # the same prompt as in the full run
-    # the examples come from the whole task, not just the 5 items of the subset
-    small = set(core_eval.subset_indices(30, 5))
-    assert any(set(core_eval.fewshot_indices(30, i, 3)) - small for i in small)
+def test_repairs_where_the_ruler_fails(tok):
+    m = mc_model(tok)
+    # a choice whose tokens are all shared with another's: the ruler's span is empty (a NaN mean);
+    # every row then scores from its last shared token on
+    t = task("multiple_choice", [{"query": "Q", "choices": ["red", "red dog"], "gold": 0}])
+    rows, repaired = rows_of(tok, t)
+    assert repaired and [ids[start:] for ids, start in rows] == [tok.encode(" red"), tok.encode(" red dog")]
+    # schema options with nothing in common at the end: at least the last token is scored
+    t = task("schema", [{"context_options": ["the cat", "the dog"], "continuation": "", "gold": 0}], delimiter="")
+    rows, repaired = rows_of(tok, t)
+    assert repaired and [len(ids) - start for ids, start in rows] == [1, 1]
+    # a continuation that merges with the context's last token: the ruler's prefix assertion fails;
+    # the span is what follows the tokens both rows share
+    t = task("language_modeling", [{"context": "the ca", "continuation": "t"}], delimiter="")
+    (ids, start), = rows_of(tok, t)[0]
+    assert rows_of(tok, t)[1] and ids[start:] == tok.encode(" cat")
+    # a crop that reaches into the scored span: its last tokens stay
+    t = task("multiple_choice", [{"query": "Q", "choices": ["red", " ".join(["cat"] * 50)], "gold": 0}])
+    rows, repaired = rows_of(tok, t, max_len=32)
+    assert repaired and len(rows[1][0]) == 32 and rows[1][1] == 1
+    # fewer items than shots: the ruler raises; all the other items serve
+    t = task("language_modeling", [{"context": "the cat", "continuation": "sat"}] * 3, num_fewshot=10)
+    t["model"], t["tok"] = rank_model(tok), tok
+    assert item(t) == (True, True) and core_eval.render_prompts(t, t["data"], 0)[0].count("\n\n") == 2
+    assert core_eval.evaluate_task(t["model"], tok, t, "cpu") == (1.0, 3)
+
+
+def test_repaired_items_are_counted_and_reported(tok, tmp_path, capsys):
+    mc = [{"query": "Q", "choices": ["red", "red dog"], "gold": 0},
+          {"query": "Q", "choices": ["red", "green"], "gold": 0}]
+    write_bundle(tmp_path, [("mc", "multiple_choice", "b/mc.jsonl", 0, 50, mc)], present={"mc"})
+    res = core_eval.evaluate_core(mc_model(tok), tok, str(tmp_path), "cpu")
+    assert res["tasks"]["mc"]["n_repaired"] == 1 and res["n_repaired"] == 1
+    assert "1 repaired where the ruler fails" in capsys.readouterr().out
 
 
 # -----------------------------------------------------------------------------
@@ -262,15 +288,12 @@ def test_left_truncation_keeps_the_answer(tok):
     long_query = " ".join(["the dog sat down"] * 30) + " Q"  # ~120 tokens
     data = [{"query": long_query, "choices": ["red", "green dog mat"], "gold": 1}]
     t = task("multiple_choice", data, num_fewshot=0)
-    rows = core_eval.tokenize_prompts(tok, core_eval.render_prompts(t, 0), 32)
-    assert all(len(ids) == 32 for ids, _ in rows)
+    rows, repaired = rows_of(tok, t, max_len=32)
+    assert all(len(ids) == 32 for ids, _ in rows) and not repaired
     assert rows[0][0][rows[0][1]:] == tok.encode(" red") and rows[0][0][rows[0][1] - 1] == tok.encode("Q")[0]
     assert rows[1][0][rows[1][1]:] == tok.encode(" green dog mat")
-    assert core_eval.evaluate_item(m, tok, t, 0, "cpu") is True  # same pick as without the long query
+    assert core_eval.evaluate_item(m, tok, t, data, 0, "cpu") == (True, False)  # the same pick as uncut
     assert max(T for _, T in m.shapes) <= 32
-    # an answer longer than the whole context is cut too, rather than crash
-    (ids, start), = core_eval.tokenize_prompts(tok, [("Q ", " ".join(["cat"] * 50))], 32)
-    assert len(ids) == 32 and start == 1
 
 
 # -----------------------------------------------------------------------------
@@ -313,16 +336,17 @@ def test_evaluate_core_aggregates_and_skips_missing(tok, tmp_path, capsys):
     res = core_eval.evaluate_core(m, tok, str(tmp_path), "cpu")
     assert m.training  # restored
     assert res["skipped"] == ["gone"] and "gone.jsonl is missing" in capsys.readouterr().out
-    assert res["tasks"]["lm"] == {"accuracy": 0.5, "centered": 0.5, "random_baseline": 0.0, "n_items": 2}
+    assert res["tasks"]["lm"] == {"accuracy": 0.5, "centered": 0.5, "random_baseline": 0.0, "n_items": 2,
+                                  "n_repaired": 0}
     assert res["tasks"]["mc"]["accuracy"] == 1.0 and res["tasks"]["mc"]["centered"] == pytest.approx(1.0)
     assert res["core"] == pytest.approx(0.75)
     assert (res["n_tasks"], res["n_total"]) == (2, 3) and res["core_label"] == "CORE over 2/3 tasks, all items"
-    assert (res["semantics"], res["max_per_task"], res["subset_seed"]) == ("DCLM v1 semantics, rev 2", None, None)
+    assert (res["rules"], res["max_per_task"]) == ("leaderboard, rev 1", None)
     sub = core_eval.evaluate_core(m, tok, str(tmp_path), "cpu", max_per_task=1)
-    assert core_eval.subset_indices(2, 1) == [0]  # the one item evaluated: the right one
+    assert core_eval.ordered_items(lm, 1) == lm[:1]  # the one item evaluated: the right one
     assert sub["tasks"]["lm"]["n_items"] == 1 and sub["tasks"]["lm"]["accuracy"] == 1.0
-    assert sub["core_label"] == "CORE over 2/3 tasks, seeded subset of 1 items per task"
-    assert (sub["max_per_task"], sub["subset_seed"]) == (1, core_eval.SUBSET_SEED)
+    assert sub["tasks"]["lm"]["n_repaired"] == 1  # 1-shot with 1 item: no other item to show (the ruler raises)
+    assert sub["core_label"] == "CORE over 2/3 tasks, seeded subset of 1 items per task" and sub["max_per_task"] == 1
 
 
 def test_damaged_bundle_files_are_one_line_errors_naming_file_and_fix(tmp_path):
@@ -389,10 +413,10 @@ def _rank_worker(rank, world, rdzv, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{rdzv}", rank=rank, world_size=world)
     tok = make_tokenizer()
     m, t = rank_model(tok), task("language_modeling", RANK_DATA)
-    acc = core_eval.evaluate_task(m, tok, t, "cpu")
+    acc, _ = core_eval.evaluate_task(m, tok, t, "cpu")
     # with a stop check the ranks agree per item (3 items on rank 0, 2 on rank 1: no hang); a
     # request seen by rank 1 only stops both
-    unstopped = core_eval.evaluate_task(m, tok, t, "cpu", should_stop=lambda: False)
+    unstopped, _ = core_eval.evaluate_task(m, tok, t, "cpu", should_stop=lambda: False)
     stopped = core_eval.evaluate_task(m, tok, t, "cpu", should_stop=lambda: rank == 1)
     torch.save((acc, unstopped, stopped), f"{out_dir}/rank{rank}.pt")
     dist.destroy_process_group()
@@ -400,7 +424,7 @@ def _rank_worker(rank, world, rdzv, out_dir):
 
 def test_rank_split_counts(tok):
     m, t = rank_model(tok), task("language_modeling", RANK_DATA)
-    count = lambda rank, world, n=5: core_eval.count_correct(m, tok, t, "cpu", list(range(n)), rank, world)
+    count = lambda rank, world, n=5: core_eval.count_correct(m, tok, t, RANK_DATA[:n], "cpu", rank, world)[0]
     assert count(0, 1) == 3 and (count(0, 2), count(1, 2)) == (3, 0)  # items 0,2,4 and 1,3
     assert count(0, 3) + count(1, 3) + count(2, 3) == 3
     assert count(0, 2, n=2) + count(1, 2, n=2) == 1  # only the items listed
@@ -431,6 +455,6 @@ def test_a_stop_request_ends_core_between_items(tok, tmp_path, monkeypatch):
     write_bundle(tmp_path, [("lm", "language_modeling", "a/lm.jsonl", 0, 0, lm),
                             ("lm2", "language_modeling", "a/lm2.jsonl", 0, 0, lm)], present={"lm", "lm2"})
     scored, original = [], core_eval.evaluate_item
-    monkeypatch.setattr(core_eval, "evaluate_item", lambda *a: scored.append(a[3]) or original(*a))
+    monkeypatch.setattr(core_eval, "evaluate_item", lambda *a: scored.append(a[4]) or original(*a))
     res = core_eval.evaluate_core(mc_model(tok), tok, str(tmp_path), "cpu", should_stop=lambda: len(scored) >= 2)
     assert res is None and len(scored) == 2  # gave up before the third of 12 items

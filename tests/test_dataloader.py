@@ -7,6 +7,7 @@ import torch
 from nanochat.dataloader import DataLoader
 from nanochat.dataset import write_shards
 from nanochat.tokenizer import Tokenizer
+from record_loader import CharTokenizer, record_rows
 
 WORDS = "the of and to in is was for on that with as by at from his her an which were are this be had".split()
 
@@ -139,3 +140,40 @@ def test_val_split(corpus):
 def test_too_many_ranks_is_an_error(corpus):
     with pytest.raises(ValueError, match=r"data stream 50 of 51 gets no row group .*processes × gradient-accumulation .*--row-group-size"):
         loader(corpus, rank=50, world_size=51)
+
+
+# ---------------------------------------------------------------------------------------------
+# The packing rule is the leaderboard record's, exactly: its val bpb is measured through it
+
+def test_first_rows_follow_the_packing_rule_literally(tmp_path, monkeypatch):
+    # The rule at a small scale (the buffer topped up to 3 documents, 2 at a time, where the real
+    # sizes are 1,000 and 128), rows of 6 tokens. The val documents, BOS + text: a4 b5 c3 d2 e8 f4 g2
+    # h4, one row group, read again from the start when used up.
+    #   row 1: fill (a b, c d); b (5) is the largest that fits; room 1: none fits, crop the shortest: d
+    #   row 2: top up (a c + e f); a and f tie at 4 -> a, the first in; room 2: crop the shortest: c
+    #   row 3: top up (e f + g h); f and h tie -> f; room 2: g
+    #   row 4: top up (e h + a' b', the second pass); b' (5); room 1: crop, h and a' tie at 4 -> h
+    #   row 5: top up (e a' + c' d'); a' (4); room 2: d'
+    from nanochat import dataloader
+    monkeypatch.setattr(dataloader, "CHUNK", 2)
+    val = ["aaa", "bbbb", "cc", "d", "eeeeeee", "fff", "g", "hhh"]
+    write_shards(val + ["train"] * 4, str(tmp_path), docs_per_shard=4, val_docs=8, row_group_size=8)
+    dl = DataLoader(CharTokenizer(), 1, 5, "val", data_dir=str(tmp_path), buffer_size=3)
+    expected = ["^bbbb^", "^aaa^c", "^fff^g", "^bbbb^", "^aaa^d"]
+    assert ["".join("^" if t == 0 else chr(t) for t in rows(*next(dl))[0]) for _ in expected] == expected
+    assert dl.epoch == 1  # the stream started over
+
+
+def test_rows_equal_the_records_loader_at_full_size(tmp_path):
+    # 2,500 val documents of 1..300 characters in row groups of 1,024 (as the real shards), 2 ranks,
+    # rows of 129, for long enough that rank 1 reads its one row group again
+    rng = random.Random(0)
+    val = ["".join(rng.choice("abcdefgh") for _ in range(int(rng.paretovariate(1.1) * 20) % 300 + 1))
+           for _ in range(2500)]
+    write_shards(val + ["train"] * 4, str(tmp_path), docs_per_shard=4, val_docs=2500, row_group_size=1024)
+    groups = [val[i:i + 1024] for i in range(0, 2500, 1024)]
+    for rank in (0, 1):
+        dl = DataLoader(CharTokenizer(), 8, 128, "val", data_dir=str(tmp_path), rank=rank, world_size=2)
+        got = [row for _ in range(60) for row in rows(*next(dl))]
+        assert got == record_rows(groups, rank, 2, 128, len(got)), rank
+    assert dl.epoch >= 1  # rank 1 read its row group again

@@ -251,10 +251,11 @@ def base_dir(tmp_path, monkeypatch, docs, tok):
     return tmp_path
 
 
-def test_total_batch_size_not_a_multiple_names_the_flags(base_dir):
-    with pytest.raises(ValueError) as exc:
+def test_total_batch_size_not_a_multiple_names_the_flags(base_dir, capsys):
+    with pytest.raises(SystemExit) as exc:
         base_train.main(TINY + ["--num-iterations", "2", "--total-batch-size", "200"])
-    msg = one_line(exc)
+    msg = capsys.readouterr().err
+    assert exc.value.code == 2 and msg.count("\n") == 1 and msg.startswith("python -m scripts.base_train: error: ")
     assert "--total-batch-size 200" in msg and "128" in msg and "--device-batch-size" in msg
     assert not os.path.exists(base_dir / "base_checkpoints")  # refused before anything was written
 

@@ -112,18 +112,18 @@ def test_core_end_to_end_on_a_tiny_gpt2(saved, tmp_path):
     assert res["core_label"] == "CORE over 3/3 tasks, seeded subset of 2 items per task"
     assert all(t["n_items"] == 2 and t["accuracy"] in (0.0, 0.5, 1.0) for t in res["tasks"].values())
     assert math.isfinite(res["core"])
-    # an LM item scored by hand the way DCLM does it: BOS, the prompt's tokens, then the tokens of
-    # " 42" tokenized on its own; right iff greedy decoding reproduces them
+    # an LM item scored by hand the way the leaderboard's evaluator does it: BOS + the prompt with its
+    # continuation, scored after the tokens of BOS + the prompt without it; right iff greedy decoding
+    # reproduces them
     task = next(t for t in core_eval.load_tasks(str(tmp_path)) if t["label"] == "lm")
     for i in range(3):
-        (prompt, answer), = core_eval.render_prompts(task, i)
-        assert not prompt.endswith(" ") and answer.startswith(" ")
-        ids = [tok.bos_token_id] + tok.encode(prompt) + tok.encode(answer)
-        start = len(ids) - len(tok.encode(answer))
-        assert core_eval.tokenize_prompts(tok, [(prompt, answer)], 64) == [(ids, start)]  # same ids, same span
+        without, full = core_eval.render_prompts(task, task["data"], i)
+        ids, start = [tok.bos_token_id] + tok.encode(full), 1 + len(tok.encode(without))
+        assert ids[:start] == [tok.bos_token_id] + tok.encode(without)
+        assert core_eval.token_rows(tok, "language_modeling", [without, full], 64) == ([(ids, start)], False)
         with torch.no_grad():
             greedy = model(torch.tensor([ids])).argmax(-1)[0, start - 1:-1].tolist()
-        assert core_eval.evaluate_item(model, tok, task, i, "cpu") == (greedy == ids[start:])
+        assert core_eval.evaluate_item(model, tok, task, task["data"], i, "cpu") == (greedy == ids[start:], False)
 
 
 def test_base_eval_hf_path(saved, base_dir, tmp_path):
@@ -137,7 +137,7 @@ def test_base_eval_hf_path(saved, base_dir, tmp_path):
         saved_json = json.load(f)
     assert saved_json == json.loads(json.dumps(res))
     assert res["model"] == saved and res["step"] is None and res["samples"] == []
-    assert res["semantics"] == core_eval.SEMANTICS and res["max_per_task"] == 3 and res["tasks"]["lm"]["n_items"] == 3
+    assert res["rules"] == core_eval.RULES and res["max_per_task"] == 3 and res["tasks"]["lm"]["n_items"] == 3
     # bpb in the model's own tokens and bytes: an untrained model is near log2(vocab) bits per token
     assert set(res["bpb"]) == {"train", "val"} and all(1 < v < 20 for v in res["bpb"].values())
 

@@ -3,9 +3,12 @@ import math
 import torch
 import torch.nn as nn
 
-from nanochat.dataset import iter_documents
+import pytest
+
+from nanochat.dataset import write_shards
 from nanochat.loss_eval import evaluate_bpb, evaluate_split
 from nanochat.tokenizer import get_tokenizer
+from record_loader import CharTokenizer, record_rows
 
 
 class Uniform(nn.Module):
@@ -54,21 +57,43 @@ def whole_docs(rows, bos):
     return docs
 
 
-def test_asking_for_more_tokens_than_the_split_holds_scores_it_once(base_dir, capsys):
-    tok = get_tokenizer()
-    split_tokens = sum(len(ids) + 1 for ids in tok.encode(list(iter_documents("val"))))  # +1: each doc's BOS
-    model = Recorder(tok.vocab_size)
-    asked = 256 * 30  # 30 batches of 2x128 (rows longer than most documents): about three times the split
-    assert split_tokens < asked / 2
-    bpb, _ = evaluate_split(model, tok, "val", asked, 2, 128, "cpu")
-    docs = whole_docs(model.rows, tok.bos_token_id)
-    assert len(docs) > 20 and len(set(docs)) == len(docs)  # no document scored twice
-    assert len(model.rows) * 128 <= split_tokens
-    assert "note: the val split holds only" in capsys.readouterr().out
-    model.rows = []
-    bpb2, tokens = evaluate_split(model, tok, "val", asked, 2, 128, "cpu")
-    assert tokens == len(model.rows) * 128 and bpb2 == bpb  # the tokens reported are those scored
-    assert split_tokens * 0.5 < tokens <= split_tokens  # most of the split (crops and the last partial batch go)
+class Bigram(nn.Module):
+    """Random next-token logits per current token: which tokens are scored changes the bpb."""
+
+    def __init__(self, vocab):
+        super().__init__()
+        self.table = torch.randn(vocab, vocab, generator=torch.Generator().manual_seed(0))
+
+    def forward(self, x, y, loss_reduction="mean"):
+        logits = self.table[x]
+        return nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction=loss_reduction)
+
+
+def record_bpb(model, rows, token_bytes):
+    """The record's bpb function over its loader's rows: nats of targets with bytes, over those bytes."""
+    t = torch.tensor(rows)
+    x, y = t[:, :-1], t[:, 1:]
+    loss = model(x, y, loss_reduction="none").view(-1)
+    nbytes = token_bytes[y.reshape(-1)]
+    return (loss * (nbytes > 0)).sum().item() / (math.log(2) * nbytes.sum().item())
+
+
+def test_val_bpb_equals_the_records_loader_and_bpb_function(tmp_path, capsys):
+    # a val split of 1,200 documents (~62K tokens) in row groups of 128; budgets of part of it and of
+    # about twice it: the record reads the split again from its start, and so do we
+    import random
+    rng = random.Random(1)
+    val = ["".join(rng.choice("abcdefgh") for _ in range(rng.randint(1, 100))) for _ in range(1200)]
+    write_shards(val + ["train"] * 4, str(tmp_path), docs_per_shard=4, val_docs=1200, row_group_size=128)
+    tok, model, B, T = CharTokenizer(), Bigram(256), 4, 63
+    groups = [val[i:i + 128] for i in range(0, 1200, 128)]
+    for budget, repeats in [(10 * B * T + 17, False), (480 * B * T, True)]:
+        bpb, scored = evaluate_split(model, tok, "val", budget, B, T, "cpu", data_dir=str(tmp_path))
+        steps = budget // (B * T)
+        assert scored == steps * B * T
+        assert bpb == pytest.approx(record_bpb(model, record_rows(groups, 0, 1, T, steps * B), tok.token_bytes()),
+                                    abs=1e-5)
+        assert ("read again from the start" in capsys.readouterr().out) == repeats
 
 
 def test_a_split_larger_than_asked_scores_what_was_asked(base_dir):
@@ -81,7 +106,6 @@ def test_a_split_larger_than_asked_scores_what_was_asked(base_dir):
 # A val split with fewer row groups than ranks (a small local corpus on many GPUs)
 
 
-import pytest  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from nanochat.dataloader import DataLoader  # noqa: E402
@@ -114,16 +138,17 @@ def _bpb_worker(rank, world, rdzv, out_dir, tokens):
     dist.destroy_process_group()
 
 
-def test_a_rank_without_val_row_group_scores_nothing_and_bpb_is_right(one_row_group_val, tmp_path):
-    # the training stream still refuses an empty rank; evaluation lets it contribute zeros
+def test_a_rank_without_val_row_group_scores_nothing_and_bpb_is_right(one_row_group_val, tmp_path, capsys):
+    # the training stream refuses an empty rank; evaluation lets it contribute zeros
     with pytest.raises(ValueError, match="data stream 1 of 2 gets no row group of the 'val' shards"):
         DataLoader(get_tokenizer(), B, T, "val", rank=1, world_size=2)
-    assert list(DataLoader(get_tokenizer(), B, T, "val", rank=1, world_size=2, one_pass=True)) == []
-    tokens = [3 * B * T, 10 ** 6]  # part of the split (rank 0 scores all 3 batches itself), and all of it
-    one = split_bpb(0, 1, tokens)
+    assert list(DataLoader(get_tokenizer(), B, T, "val", rank=1, world_size=2, allow_empty=True)) == []
+    # each rank scores tokens // (B × T × 2) batches: rank 0 the batches one process scores for half the
+    # tokens (its stream is the same: the one row group, read again when used up), rank 1 none
     (tmp_path / "two").mkdir()
-    two = spawn_gloo(_bpb_worker, 2, tmp_path / "two", tokens)
-    assert one[0][1] == 3 * B * T and one[1][1] > one[0][1]  # scored 3 batches, then the whole split
+    two = spawn_gloo(_bpb_worker, 2, tmp_path / "two", [6 * B * T, 80 * B * T])
+    one = split_bpb(0, 1, [3 * B * T, 40 * B * T])
+    assert one[0][1] == 3 * B * T and one[1][1] == 40 * B * T
     for r in two:  # both ranks get the all-reduced result, equal to one process's
         assert r == one, (r, one)
 

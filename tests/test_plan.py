@@ -4,7 +4,7 @@ import torch
 from nanochat.gpt import GPT, GPTConfig
 from scripts import plan
 
-D24 = ["--depth", "24", "--gpus", "8", "--gpu", "h100", "--target-param-data-ratio", "8"]
+D24 = ["--depth", "24", "--gpus", "8", "--gpu", "h100", "--target-param-data-ratio", "8", "--device-batch-size", "auto"]
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def test_d24_h100_device_batch_fits(d24):
 
 
 def test_smaller_gpu_smaller_batch(d24):
-    l4 = plan.main(D24[:4] + ["--gpu", "l4", "--target-param-data-ratio", "8"])
+    l4 = plan.main(D24[:4] + ["--gpu", "l4", "--target-param-data-ratio", "8", "--device-batch-size", "auto"])
     assert l4["device_batch_size"] < d24["device_batch_size"]
 
 

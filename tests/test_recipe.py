@@ -2,7 +2,6 @@
 The derived recipe (nanochat/recipe.py): the d24 speedrun numbers, the auto-batch rule, the
 optimizer group table and the schedule, pinned.
 """
-import inspect
 import json
 import math
 
@@ -81,29 +80,70 @@ def test_muon_weight_decay_is_the_same_at_any_ratio():
 
 
 def test_horizon_settings():
-    flops = derive(depth=12, target_flops=1e18)
-    assert flops.num_iterations == math.floor(1e18 / flops.flops_per_token / 2 ** 19)
-    assert derive(depth=12, num_iterations=7).num_iterations == 7
     given = derive(depth=4, vocab_size=64, sequence_len=32, device_batch_size=2, total_batch_size=256,
                    weight_decay=0.5, matrix_lr=0.01, num_iterations=3)
-    assert (given.total_batch_size, given.grad_accum_steps, given.muon_weight_decay) == (256, 4, 0.5)
+    assert (given.total_batch_size, given.grad_accum_steps, given.muon_weight_decay, given.num_iterations) == \
+        (256, 4, 0.5, 3)
     assert given.param_groups[-1].lr == pytest.approx(0.01 * (256 / 2 ** 19) ** 0.5)
     with pytest.raises(ValueError, match="--total-batch-size 200 is not a multiple"):
         derive(depth=4, vocab_size=64, sequence_len=32, device_batch_size=2, total_batch_size=200)
 
 
-def test_base_train_and_plan_defaults_are_the_recipes():
+def test_flops_budget_rounds_to_the_nearest_step_and_ratio_floors():
+    # the record's rules: D / (FLOPs per token × B) to the nearest step for a FLOPs budget (4992.95 -> 4993),
+    # floor(int(ratio × P) / B) for a ratio (5568.01 -> 5568)
+    assert derive(depth=24, processes=8, target_flops=2.5e19).num_iterations == 4993
+    assert derive(depth=12, target_flops=1e18).num_iterations == 2511  # 2510.6: floor would give 2510
+    assert derive(depth=24, processes=8, ratio=8).num_iterations == 5568
+    assert derive(depth=12, ratio=12.9).num_iterations == 2709  # int(12.9 × 110,100,912) / 2^19 = 2709.9
+
+
+def test_a_total_batch_below_one_micro_step_is_refused():
+    # raising it silently to one micro-step would raise every LR and the weight decay with it
+    with pytest.raises(ValueError) as e:
+        derive(depth=4, sequence_len=256, device_batch_size=16, processes=2, total_batch_size=4096)
+    msg = str(e.value)
+    assert "4,096 tokens is smaller than one micro-step" in msg and "16 × 256 × 2 = 8,192" in msg
+    assert "--device-batch-size" in msg and "--total-batch-size" in msg and "\n" not in msg
+
+
+def test_muon_momentum_when_the_warmdown_starts_before_the_ramp_ends():
+    # a 300-step run: warmdown from step 105, but every step before 400 is on the warmup ramp
+    short = derive(depth=12, num_iterations=300, total_batch_size=2 ** 19)
+    assert [short.schedule(t).momentum for t in (0, 199, 299)] == pytest.approx([0.85, 0.909700, 0.939700], abs=1e-12)
+    # a 1,000-step run: still on the ramp at 399, then the warmdown rule, and a jump between them
+    run = derive(depth=12, num_iterations=1000, total_batch_size=2 ** 19)
+    w = round(0.65 * 1000)
+    assert run.schedule(399).momentum == pytest.approx(0.85 + 0.12 * 399 / 400, abs=1e-12)
+    assert run.schedule(400).momentum == pytest.approx(0.97 - 0.07 * (400 - (1000 - w)) / w, abs=1e-12)
+    assert run.schedule(400).momentum < run.schedule(399).momentum
+
+
+def test_base_train_and_plan_take_the_same_run_flags_and_derive_the_same_run(capsys):
     from scripts import base_train, plan
-    defaults = inspect.signature(derive).parameters
-    args, pargs = base_train.parse_args([]), plan.parse_args([])
-    for flag, name in [("depth", "depth"), ("max_seq_len", "sequence_len"), ("head_dim", "head_dim"),
-                       ("window_pattern", "window_pattern"), ("target_param_data_ratio", "ratio"),
-                       ("matrix_lr", "matrix_lr"), ("warmup_steps", "warmup_steps"),
-                       ("warmdown_ratio", "warmdown_ratio"), ("final_lr_frac", "final_lr_frac")]:
-        assert getattr(args, flag) == defaults[name].default, flag
-    for flag, name in [("depth", "depth"), ("max_seq_len", "sequence_len"), ("vocab_size", "vocab_size"),
-                       ("target_param_data_ratio", "ratio")]:
-        assert getattr(pargs, flag) == defaults[name].default, flag
+    combos = [[], ["--depth", "12", "--num-iterations", "300"], ["--depth", "24", "--target-flops", "2.5e19"],
+              ["--depth", "4", "--head-dim", "64", "--max-seq-len", "256", "--window-pattern", "L",
+               "--total-batch-size", "8192", "--device-batch-size", "8", "--matrix-lr", "0.03", "--weight-decay", "0.1",
+               "--warmup-steps", "5", "--warmdown-ratio", "0.5", "--final-lr-frac", "0.1", "--num-iterations", "50"],
+              ["--depth", "8", "--target-param-data-ratio", "20"]]
+    for flags in combos:
+        plan.main(flags + ["--json", "--gpus", "2", "--vocab-size", "512", "--schedule-steps", "0,3,40"])
+        planned = json.loads(capsys.readouterr().out)
+        trained = base_train.recipe_from_flags(base_train.parse_args(flags), 512, 2).to_json([0, 3, 40])
+        assert planned == json.loads(json.dumps(trained)), flags
+
+
+def test_a_recipe_edit_reaches_base_train_and_plan(monkeypatch):
+    # the flags default to None, "the recipe's choice": an edit of the choice changes what runs
+    from nanochat import recipe
+    from scripts import base_train, plan
+    before = base_train.recipe_from_flags(base_train.parse_args([]), 32768, 1)
+    monkeypatch.setattr(recipe, "MATRIX_LR", 0.04)
+    monkeypatch.setattr(recipe, "DEPTH", 12)
+    after = base_train.recipe_from_flags(base_train.parse_args([]), 32768, 1)
+    assert before.config.n_layer == 20 and after.config.n_layer == 12
+    assert after.param_groups[-1].lr == pytest.approx(0.04 * (after.total_batch_size / 2 ** 19) ** 0.5)
+    assert plan.plan_recipe(plan.parse_args(["--gpus", "1"])).to_json() == after.to_json()
 
 
 def test_plan_json(capsys):
@@ -116,7 +156,7 @@ def test_plan_json(capsys):
         assert key in out, key
     assert (out["depth"], out["grad_accum_steps"], out["num_iterations"]) == (24, 4, 5568)
     assert out["num_params"]["lm_head"] == 32768 * 1536
-    assert list(out["schedule"]) == ["0", "39", "400", "2000", "3500", "5000", "5567"]
+    assert list(out["schedule"]) == ["0", "39", "400", "2000", "3500", "5000", "5567"]  # the default steps
     assert out["schedule"]["2000"]["lr_multiplier"] == pytest.approx(0.98661, abs=1e-5)
     assert out["schedule"]["5567"]["momentum"] == pytest.approx(0.90002, abs=1e-4)
     groups = {g["name"]: g for g in out["param_groups"]}

@@ -49,6 +49,7 @@ def make_full_run(base):
         f.write('{"type": "train", "step": 21, "lo')  # a torn last line from a killed run
     write_json(os.path.join(run_dir, "base_eval.json"), {
         "step": 20, "core": 0.1900, "core_label": "CORE over 3/22 tasks", "n_tasks": 3, "n_total": 22,
+        "rules": report.RULES, "max_per_task": None,
         "tasks": {k: {"accuracy": a, "centered": c, "random_baseline": b, "n_items": n} for k, (a, c, b, n) in TASKS.items()},
         "skipped": ["hellaswag_zeroshot", "squad"], "bpb": {"train": 2.11, "val": 2.1234},
         "samples": ["Once upon a time there was a tokenizer"]})
@@ -93,11 +94,22 @@ def test_full_report(base):
     assert "- val bpb during training: 2.1234 at step 20" in md
     assert "- val bpb by base_eval (step 20): train 2.1100, val 2.1234" in md
     assert "- CORE from base_eval at step 20" in md
+    assert "CORE rules: leaderboard, rev 1; items: all items of each task." in md and "do not compare" not in md
     assert "train loss (smoothed" in md
     for png in ("train_loss.png", "val_bpb.png", "core_tasks.png"):
         assert f"(report/{png})" in md
         with open(os.path.join(base, "report", png), "rb") as f:
             assert f.read(8) == PNG_MAGIC
+
+
+def test_a_score_under_other_rules_is_not_set_beside_gpt2_as_comparable(base):
+    run_dir = make_full_run(base)
+    with open(os.path.join(run_dir, "base_eval.json")) as f:
+        ev = json.load(f)
+    write_json(os.path.join(run_dir, "base_eval.json"), {**ev, "rules": "DCLM v1 semantics, rev 2"})
+    md = open(report.write_report()).read()
+    assert "CORE rules: DCLM v1 semantics, rev 2;" in md
+    assert "These are not the rules GPT-2's scores were measured with (leaderboard, rev 1)" in md
 
 
 def test_core_from_training_metrics_when_no_eval(base):
@@ -196,7 +208,7 @@ def test_failed_write_keeps_previous_report(base, monkeypatch):
 
 # --- --compare: runs side by side ---
 
-def make_run(base, tag, val_bpbs, core, label="CORE over 3/22 tasks", elapsed=100.0, vocab=4096):
+def make_run(base, tag, val_bpbs, core, label="CORE over 3/22 tasks", elapsed=100.0, vocab=4096, rules=report.RULES):
     run_dir = os.path.join(base, "base_checkpoints", tag)
     write_json(os.path.join(run_dir, "config.json"), {"model_config": {"vocab_size": vocab}})
     recs = [{"type": "val", "step": 10 * i, "val_bpb": v, "tokens": 8192 * 10 * i, "flops": 1e9 * i,
@@ -204,7 +216,7 @@ def make_run(base, tag, val_bpbs, core, label="CORE over 3/22 tasks", elapsed=10
     recs.append({"type": "final", "step": 10 * (len(val_bpbs) - 1), "val_bpb": val_bpbs[-1], "elapsed": elapsed})
     with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
         f.write("".join(json.dumps(r) + "\n" for r in recs))
-    write_json(os.path.join(run_dir, "base_eval.json"), {"core": core, "core_label": label})
+    write_json(os.path.join(run_dir, "base_eval.json"), {"core": core, "core_label": label, "rules": rules})
 
 
 def test_compare_table_deltas_and_plot(base, capsys):
@@ -222,11 +234,13 @@ def test_compare_table_deltas_and_plot(base, capsys):
 
 def test_compare_warns_when_not_comparable(base, capsys):
     make_run(base, "a", [3.0, 2.0], 0.1, label="CORE over 22/22 tasks")
-    make_run(base, "b", [3.0, 2.0], 0.1, label="CORE over 22/22 tasks, subset: 50 items per task", vocab=8192)
+    make_run(base, "b", [3.0, 2.0], 0.1, label="CORE over 22/22 tasks, subset: 50 items per task", vocab=8192,
+             rules="DCLM v1 semantics, rev 2")
     lines = report.compare_runs(["a", "b"], base_dir=str(base))
     warnings = [line for line in lines if line.startswith("WARNING")]
-    assert len(warnings) == 2
+    assert len(warnings) == 3
     assert "different tokenizer: a: 4096, b: 8192" in warnings[0] and "different CORE subset" in warnings[1]
+    assert "different CORE rules: a: leaderboard, rev 1, b: DCLM v1 semantics, rev 2" in warnings[2]
 
 
 def test_compare_unknown_tag_names_the_runs_there(base):

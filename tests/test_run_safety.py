@@ -15,8 +15,8 @@ from nanochat.gpt import GPT, GPTConfig, build_model
 from scripts import base_train
 
 TINY = ["--depth", "1", "--head-dim", "16", "--max-seq-len", "32", "--device-batch-size", "4",
-        "--total-batch-size", "128", "--eval-every", "0", "--bpb-tokens", "256", "--core-every", "0",
-        "--sample-every", "-1", "--device-type", "cpu"]
+        "--total-batch-size", "128", "--eval-every", "0", "--bpb-tokens", "256", "--final-bpb-tokens", "256",
+        "--core-every", "0", "--sample-every", "0", "--device-type", "cpu"]
 
 
 def run_dir(base_dir, tag):
@@ -103,7 +103,7 @@ def test_sigterm_during_a_long_evaluation_stops_within_a_batch(base_dir, monkeyp
             time.sleep(1.0)
         return original(self, idx, targets, **kwargs)
     monkeypatch.setattr(GPT, "forward", forward)
-    args = TINY + ["--num-iterations", "6", "--eval-every", "2", "--bpb-tokens", "100000", "--model-tag", "e"]
+    args = TINY + ["--num-iterations", "6", "--eval-every", "2", "--bpb-tokens", "1536", "--model-tag", "e"]
     with pytest.raises(SystemExit) as e:
         base_train.main(args)
     assert e.value.code == 143 and time.time() - stop["t"] < 3  # the val split holds ~12 batches: ~12 s

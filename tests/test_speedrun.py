@@ -43,8 +43,8 @@ def speedrun(repo, base_dir, timeout=900, path_prefix=None, **env):
 def test_speedrun_cpu_smoke(clone, tmp_path):
     base = tmp_path / "base"
     smoke = dict(  # smoke sizes, as environment overrides of the same script users run
-        NANOCHAT_TRAIN_ARGS="--num-iterations 4 --eval-every 2 --bpb-tokens 8192 --sample-every 4 "
-                            "--core-every 4 --core-max-per-task 2",
+        NANOCHAT_TRAIN_ARGS="--num-iterations 4 --eval-every 2 --bpb-tokens 8192 --final-bpb-tokens 8192 "
+                            "--sample-every 4 --core-every 4 --core-max-per-task 2",
         NANOCHAT_EVAL_ARGS="--core-max-per-task 2 --bpb-tokens 8192")
     out = speedrun(clone, base, **smoke)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
