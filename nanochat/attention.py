@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+from nanochat.cli import BadInput, Unavailable
 from nanochat.common import print0
 
 # -----------------------------------------------------------------------------
@@ -256,11 +257,15 @@ def get_backend(device=None, dtype=None):
     forced = os.environ.get("NANOCHAT_ATTN")
     if forced:
         if forced not in BACKENDS:
-            raise ValueError(f"NANOCHAT_ATTN={forced!r}: expected one of {', '.join(BACKENDS)}")
+            raise BadInput(f"NANOCHAT_ATTN={forced!r}: expected one of {', '.join(BACKENDS)}")
+        if forced == "flex" and device.type != "cuda":  # uncompiled flex fails in its first backward
+            raise Unavailable(f"NANOCHAT_ATTN='flex' trains on CUDA only (on {device.type} its backward fails): "
+                              f"unset it, or NANOCHAT_ATTN=sdpa")
         try:
             _chosen = forced, BACKENDS[forced][1](device, dtype)
         except Exception as e:  # ImportError, wrong GPU, wrong dtype: never fall back silently
-            raise RuntimeError(f"NANOCHAT_ATTN={forced!r} cannot run on {device} ({dtype}): {e}") from e
+            raise Unavailable(f"NANOCHAT_ATTN={forced!r} cannot run on {device} ({dtype}): {e}: unset it for the "
+                              f"fastest backend that loads") from e
     else:
         _chosen, why_not = _auto_choose(device, dtype)
         _warn_if_slow(device, _chosen[0], why_not)

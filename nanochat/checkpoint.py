@@ -15,21 +15,59 @@ processes resumes on 1 (or 3) and vice versa; see docs/RELIABILITY.md for what s
 """
 import dataclasses
 import errno
+import fcntl
 import json
 import os
 import re
 import shutil
+import socket
+import time
 import warnings
 
 import torch
 import torch.distributed as dist
 
+from nanochat.cli import BadInput, Missing, Unavailable
 from nanochat.common import atomic_write, fsync_path, get_base_dir
 from nanochat.gpt import GPTConfig, build_model
 
 
 def get_run_dir(model_tag):
     return os.path.join(get_base_dir(), "base_checkpoints", model_tag)
+
+
+def own_run(run_dir, rank=0):
+    """Make this job the one owner of a run until its rank 0 exits, or refuse with one line naming
+    the live owner. Two processes writing one run dir would replace each other's checkpoints and
+    mix their metrics. The lock is an flock on <run_dir>.lock (beside the dir, so that --overwrite
+    can move the dir aside under it): the kernel drops it when the process dies, however it dies,
+    so a crashed run (kill -9 too) leaves nothing to clean up. Under torchrun rank 0 holds it and
+    every rank gets the same answer. Returns the lock's open file: keep it until the run ends.
+    A filesystem without flock (some network mounts) gets a warning and no lock."""
+    path, error, handle = run_dir.rstrip("/") + ".lock", None, None
+    if rank == 0:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        handle = open(path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+            handle.flush()
+        except BlockingIOError:
+            handle.seek(0)
+            error = (f"{run_dir} is in use by {handle.read().strip() or 'another process'} ({path}): wait for it "
+                     f"to finish or stop it, or train under another --model-tag")
+            handle.close()
+        except OSError as e:  # no flock here (ENOLCK, ENOSYS): run, but say what is not guarded
+            warnings.warn(f"cannot lock {path} ({e.strerror}): nothing stops a second run on this --model-tag")
+    if dist.is_initialized():
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        raise BadInput(error)
+    return handle
 
 
 def newest_model_tag(base_dir=None):
@@ -79,7 +117,7 @@ def save_checkpoint(run_dir, step, model, optimizer, meta, loader_states, rank=0
         box = [None if error is None else str(error)]
         dist.broadcast_object_list(box, src=0)
         if rank != 0 and box[0] is not None:
-            raise RuntimeError(f"rank 0 could not save {final}: {box[0]}")
+            raise Unavailable(f"rank 0 could not save {final}: {box[0]}")
     if error is not None:
         raise error
     return final
@@ -146,16 +184,18 @@ def _no_space(final, need):
     while not os.path.ismount(mount):
         mount = os.path.dirname(mount)
     have = shutil.disk_usage(os.path.dirname(final)).free
-    return RuntimeError(f"no space left on {mount} ({final}): need {need / 1e9:.2f} GB, have {have / 1e9:.2f} GB; "
-                        f"free space or point NANOCHAT_BASE_DIR elsewhere")
+    return Unavailable(f"no space left on {mount} ({final}): need {need / 1e9:.2f} GB, have {have / 1e9:.2f} GB; "
+                       f"free space or point NANOCHAT_BASE_DIR elsewhere")
 
 
 def _damaged(path, e):
     # disk trouble, not a half-written save (those never get their final name): name the way back
     fix = f"delete {os.path.dirname(path)} to resume from the previous checkpoint"
     if isinstance(e, FileNotFoundError):
-        return FileNotFoundError(f"{path} is missing: {fix}")
-    return ValueError(f"{path} is truncated or corrupt ({type(e).__name__}): {fix}")
+        return Missing(f"{path} is missing: {fix}")
+    if isinstance(e, KeyError):
+        return BadInput(f"{path} has no {e.args[0]!r} field: {fix}")
+    return BadInput(f"{path} is truncated or corrupt ({type(e).__name__}): {fix}")
 
 
 def _torch_load(path, **kwargs):
@@ -170,12 +210,16 @@ def _torch_load(path, **kwargs):
 def load_meta(run_dir, step=None):
     steps = list_steps(run_dir)
     if not steps:
-        raise FileNotFoundError(f"no checkpoint in {run_dir}: train one with python -m scripts.base_train")
+        raise Missing(f"no checkpoint in {run_dir}: train one with python -m scripts.base_train")
     if step is not None and step not in steps:
-        raise FileNotFoundError(f"{run_dir} has no checkpoint at step {step}; it has step(s) "
-                                f"{', '.join(map(str, steps))} (leave out --step for the newest)")
-    step = steps[-1] if step is None else step
-    return _json_load(os.path.join(step_dir(run_dir, step), "meta.json"))
+        raise Missing(f"{run_dir} has no checkpoint at step {step}; it has step(s) "
+                      f"{', '.join(map(str, steps))} (leave out --step for the newest)")
+    path = os.path.join(step_dir(run_dir, steps[-1] if step is None else step), "meta.json")
+    meta = _json_load(path)
+    for field in ("step", "model_config"):  # valid JSON that is not ours (a hand edit, another tool)
+        if not isinstance(meta, dict) or field not in meta:
+            raise _damaged(path, KeyError(field))
+    return meta
 
 
 def _json_load(path):
@@ -198,9 +242,9 @@ def load_model(run_dir, device, step=None, vocab_size=None, tokenizer=None):
     vocab_size = tokenizer.vocab_size if tokenizer is not None else vocab_size
     trained = meta["model_config"]["vocab_size"]
     if vocab_size is not None and vocab_size != trained:
-        raise ValueError(f"checkpoint {step_dir(run_dir, meta['step'])} was trained with a vocab of {trained} tokens "
-                         f"but the tokenizer at {_tokenizer_path(tokenizer)} has {vocab_size}: "
-                         f"use the tokenizer the model was trained with")
+        raise BadInput(f"checkpoint {step_dir(run_dir, meta['step'])} was trained with a vocab of {trained} tokens "
+                       f"but the tokenizer at {_tokenizer_path(tokenizer)} has {vocab_size}: "
+                       f"use the tokenizer the model was trained with")
     if tokenizer is not None:
         check_tokenizer(run_dir, tokenizer, meta)
     model = build_model(GPTConfig(**meta["model_config"]), device)
@@ -226,9 +270,9 @@ def check_tokenizer(run_dir, tokenizer, meta=None):
         warnings.warn(f"checkpoint {step_dir(run_dir, meta['step'])} does not record its tokenizer: cannot "
                       f"check that {_tokenizer_path(tokenizer)} is the one it was trained with", stacklevel=2)
     elif saved != (current := tokenizer.fingerprint()):
-        raise ValueError(f"checkpoint {step_dir(run_dir, meta['step'])} was trained with tokenizer {saved} but "
-                         f"{_tokenizer_path(tokenizer)} is tokenizer {current}: put back the "
-                         f"tokenizer.json the model was trained with, or use another NANOCHAT_BASE_DIR")
+        raise BadInput(f"checkpoint {step_dir(run_dir, meta['step'])} was trained with tokenizer {saved} but "
+                       f"{_tokenizer_path(tokenizer)} is tokenizer {current}: put back the "
+                       f"tokenizer.json the model was trained with, or use another NANOCHAT_BASE_DIR")
 
 
 def checkpoints_using(tokenizer, base_dir=None):
@@ -261,14 +305,14 @@ def load_checkpoint(run_dir, model, optimizer, loaders, rank=0, step=None):
     meta = load_meta(run_dir, step)
     d = step_dir(run_dir, meta["step"])
     if meta["model_config"] != dataclasses.asdict(model.config):
-        raise ValueError(f"--resume: the checkpoint in {run_dir} is a different model ({meta['model_config']}); "
-                         f"use the same --depth and model flags or another --model-tag")
+        raise BadInput(f"--resume: the checkpoint in {run_dir} is a different model ({meta['model_config']}); "
+                       f"use the same --depth and model flags or another --model-tag")
     optimizer_state, streams = load_training_state(run_dir, meta["step"])
     world = dist.get_world_size() if dist.is_initialized() else 1
     if len(streams) != world * len(loaders):
-        raise ValueError(f"--resume: {d} has {len(streams)} data streams (processes × micro-steps) but this run "
-                         f"has {world} × {len(loaders)}: keep --total-batch-size and --device-batch-size, so that "
-                         f"processes × gradient accumulation stays {len(streams)}")
+        raise BadInput(f"--resume: {d} has {len(streams)} data streams (processes × micro-steps) but this run "
+                       f"has {world} × {len(loaders)}: keep --total-batch-size and --device-batch-size, so that "
+                       f"processes × gradient accumulation stays {len(streams)}")
     model.load_state_dict(load_weights(run_dir, meta["step"], next(model.parameters()).device))
     optimizer.load_full_state_dict(optimizer_state)
     for a, loader in enumerate(loaders):  # rank-major: this rank's streams are rank*A ... rank*A + A-1

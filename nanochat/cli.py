@@ -1,5 +1,5 @@
 """
-The command-line conventions every script follows, so that all of them behave alike:
+The command-line conventions every command follows, so that all of them behave alike:
 
 - `--help` names the program as it is invoked (`python -m scripts.base_train`), keeps the
   module docstring's layout, and shows each flag's default: a help text that already says its
@@ -8,9 +8,44 @@ The command-line conventions every script follows, so that all of them behave al
   convention), never a traceback and never the whole usage text burying the message.
 - Sentinel values mean one thing everywhere: a flag that is derived when left out has the
   default None and says "auto"; 0 switches a periodic action ("every N steps") off.
+- A user's mistake found later (a damaged file, a missing run, a setting the machine cannot
+  honour) is raised as a UserError naming what, where and the fix; run() prints it as one
+  `error:` line and exits 1. Any other exception is a bug and keeps its traceback.
 """
 import argparse
+import os
 import sys
+
+
+class UserError(Exception):
+    """A mistake in what the user gave (a flag, a file, a setting) or an input the machine cannot
+    use, raised on purpose with a message that names what, where and the fix."""
+
+
+# Each keeps its built-in kind too, so a caller can still catch "a file that is not there".
+class BadInput(UserError, ValueError):
+    """A flag value, file or setting that cannot be used as given."""
+
+
+class Missing(UserError, FileNotFoundError):
+    """A file, run or checkpoint that is not there."""
+
+
+class Unavailable(UserError, RuntimeError):
+    """What this machine or network cannot do as asked: no CUDA for --fp8, a host that does not answer."""
+
+
+def run(main, argv=None):
+    """A command's exit status: main(argv)'s (0 unless it returns a number), or 1 after a UserError,
+    printed as one `error:` line. Under torchrun every rank that hits one prints it (a mistake may
+    show on one rank only), ranks other than 0 naming themselves."""
+    try:
+        status = main(argv)
+    except UserError as e:
+        rank = int(os.environ.get("RANK", 0))
+        sys.stderr.write(f"error: {'' if rank == 0 else f'(rank {rank}) '}{' '.join(str(e).split())}\n")
+        return 1
+    return status if isinstance(status, int) else 0
 
 DEVICE_TYPES = ("cuda", "cpu", "mps")
 

@@ -10,11 +10,21 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
+from nanochat.cli import BadInput
+
 
 def get_base_dir():
     """Everything a run produces lives here: shards, tokenizer, checkpoints, report."""
-    base = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
-    os.makedirs(base, exist_ok=True)
+    given = os.environ.get("NANOCHAT_BASE_DIR")
+    base = given or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
+    try:
+        os.makedirs(base, exist_ok=True)
+    except OSError as e:  # under a regular file, on a read-only disk, without permission
+        where = f"NANOCHAT_BASE_DIR={given}" if given else f"the default base dir {base} (set NANOCHAT_BASE_DIR)"
+        raise BadInput(f"{where}: cannot create it ({e.strerror}): point NANOCHAT_BASE_DIR at a writable "
+                       f"directory") from None
+    if not os.access(base, os.W_OK):
+        raise BadInput(f"NANOCHAT_BASE_DIR={base}: not writable: point it at a writable directory")
     return base
 
 
@@ -51,7 +61,7 @@ def autodetect_device_type():
     forced = os.environ.get("NANOCHAT_DEVICE")
     if forced:
         if forced not in ("cuda", "mps", "cpu"):
-            raise ValueError(f"NANOCHAT_DEVICE={forced!r}: expected one of cuda, mps, cpu")
+            raise BadInput(f"NANOCHAT_DEVICE={forced!r}: expected one of cuda, mps, cpu")
         return forced
     if torch.cuda.is_available():
         return "cuda"
@@ -73,7 +83,7 @@ def compute_dtype(device_type):
     forced = os.environ.get("NANOCHAT_DTYPE")
     if forced:
         if forced not in _DTYPES:
-            raise ValueError(f"NANOCHAT_DTYPE={forced!r}: expected one of {', '.join(_DTYPES)}")
+            raise BadInput(f"NANOCHAT_DTYPE={forced!r}: expected one of {', '.join(_DTYPES)}")
         return _DTYPES[forced]
     if device_type == "cuda" and torch.cuda.get_device_capability()[0] >= 8:
         return torch.bfloat16

@@ -31,6 +31,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 
+from nanochat.cli import BadInput, Missing
 from nanochat.common import any_rank, get_base_dir, print0
 
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
@@ -49,7 +50,7 @@ def get_eval_bundle_dir(path=None):
     return path or os.path.join(get_base_dir(), "eval_bundle")
 
 
-class BundleError(ValueError):
+class BundleError(BadInput):
     """A missing or damaged file of the eval bundle: one line naming the file and the fix."""
     def __init__(self, path, what):
         bundle = os.path.dirname(path) if os.path.basename(path) in ("core.yaml", "eval_meta_data.csv") else \
@@ -91,9 +92,9 @@ def load_tasks(bundle_dir):
     for spec in config:
         label, kind = spec["label"], spec["icl_task_type"]
         if kind not in TASK_TYPES:
-            raise ValueError(f"core.yaml: task {label} has unknown icl_task_type {kind!r}")
+            raise BadInput(f"{os.path.join(bundle_dir, 'core.yaml')}: task {label} has unknown icl_task_type {kind!r}")
         if label not in baselines:
-            raise ValueError(f"eval_meta_data.csv has no random baseline for task {label}")
+            raise BadInput(f"{os.path.join(bundle_dir, 'eval_meta_data.csv')} has no random baseline for task {label}")
         path = os.path.join(bundle_dir, "eval_data", spec["dataset_uri"])
         data, problem = _read_task_file(path)
         tasks.append({
@@ -316,7 +317,8 @@ def evaluate_core(model, tokenizer, bundle_dir, device, max_per_task=None, shoul
                f"({n} items, {time.time() - t0:.1f}s)"
                + (f"  {repaired} repaired where the ruler fails (docs/EVAL.md)" if repaired else ""))
     if not results:
-        raise FileNotFoundError(f"no CORE task data found under {os.path.join(bundle_dir, 'eval_data')}")
+        raise Missing(f"no CORE task data found under {os.path.join(bundle_dir, 'eval_data')}: pass --eval-bundle "
+                      f"a whole copy, or delete it and run `python -m scripts.base_eval --download-only`")
     core = sum(r["centered"] for r in results.values()) / len(results)
     label = f"CORE over {len(results)}/{len(tasks)} tasks, " + items_label(max_per_task)
     return {"core": core, "core_label": label, "n_tasks": len(results), "n_total": len(tasks),

@@ -35,6 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from nanochat.cli import BadInput
 from nanochat.dataset import list_shards, open_shard, read_row_group
 
 CHUNK = 128  # documents added to the buffer at a time, as the record's loader tokenizes them
@@ -56,11 +57,11 @@ class DataLoader:
         self.empty = all(n <= rank for n in self.num_row_groups)
         if self.empty and not allow_empty:
             # base_train runs processes × micro-steps streams: each needs a row group of its own
-            raise ValueError(f"data stream {rank} of {world_size} gets no row group of the {split!r} shards "
-                             f"({sum(self.num_row_groups)} row groups in {len(self.paths)} shards; a training run "
-                             f"reads processes × gradient-accumulation micro-steps streams): lower --total-batch-size "
-                             f"or raise --device-batch-size (fewer micro-steps), or rebuild the shards with a "
-                             f"smaller --row-group-size (python -m nanochat.dataset --local ... --row-group-size 64)")
+            raise BadInput(f"data stream {rank} of {world_size} gets no row group of the {split!r} shards "
+                           f"({sum(self.num_row_groups)} row groups in {len(self.paths)} shards; a training run "
+                           f"reads processes × gradient-accumulation micro-steps streams): lower --total-batch-size "
+                           f"or raise --device-batch-size (fewer micro-steps), or rebuild the shards with a "
+                           f"smaller --row-group-size (python -m nanochat.dataset --local ... --row-group-size 64)")
         self.buffer = []           # (length, seq, docid, tokens), sorted: best-fit is a bisect
         self.pending = deque()     # (docid, tokens) tokenized but not yet in the buffer, in stream order
         self.cursor = (0, 0, rank, 0)  # docid of the next document the stream will deliver
@@ -198,13 +199,13 @@ class DataLoader:
 
     def load_state_dict(self, state):
         if (state["rank"], state["world_size"], state["split"]) != (self.rank, self.world_size, self.split):
-            raise ValueError(f"dataloader state is for rank {state['rank']}/{state['world_size']} "
-                             f"split {state['split']!r}, not rank {self.rank}/{self.world_size} {self.split!r}")
+            raise BadInput(f"dataloader state is for rank {state['rank']}/{state['world_size']} "
+                           f"split {state['split']!r}, not rank {self.rank}/{self.world_size} {self.split!r}")
         shards = [os.path.basename(p) for p in self.paths]
         if state["shards"] != shards:
-            raise ValueError(f"dataloader state was saved over {len(state['shards'])} {self.split} shards "
-                             f"({state['shards'][0]}..{state['shards'][-1]}) but {os.path.dirname(self.paths[0])} "
-                             f"now holds {len(shards)}: resume with the same shards")
+            raise BadInput(f"dataloader state was saved over {len(state['shards'])} {self.split} shards "
+                           f"({state['shards'][0]}..{state['shards'][-1]}) but {os.path.dirname(self.paths[0])} "
+                           f"now holds {len(shards)}: resume with the same shards")
         self.close()
         self.pending.clear()
         self.buffer, self.seq = [], 0

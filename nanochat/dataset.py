@@ -35,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nanochat.cli import ArgumentParser, check
+from nanochat.cli import ArgumentParser, BadInput, Missing, Unavailable, check, run
 from nanochat.common import atomic_write, get_base_dir
 
 BASE_URL = "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main"
@@ -44,6 +44,7 @@ VAL_SHARD = f"shard_{MAX_SHARD:05d}.parquet"
 CHUNK_SIZE = 1 << 20
 SHARD_RE = re.compile(r"shard_\d+\.parquet")  # full match, so .partial / .tmp files never count
 MANIFEST = "manifest.json"
+BUILDING = "building.json"  # written before a build's first shard, removed once its manifest is in place
 CLIMBMIX = "climbmix"  # the source name of downloaded shards, in manifests and NANOCHAT_DATA_SOURCE
 # shipped inside the package (see demo_data/NOTICE), so the CPU demo needs no network
 DEMO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_data")
@@ -86,8 +87,8 @@ def read_manifest(data_dir):
             return manifest
     except (ValueError, KeyError, TypeError):
         pass
-    raise ValueError(f"{path}: not a valid shard manifest; delete {data_dir} and build the shards "
-                     f"again (python -m nanochat.dataset --local PATH, or -n 8 to download)")
+    raise BadInput(f"{path}: not a valid shard manifest; delete {data_dir} and build the shards "
+                   f"again (python -m nanochat.dataset --local PATH, or -n 8 to download)")
 
 
 def write_manifest(data_dir, source, train, val):
@@ -108,10 +109,10 @@ def _legacy_splits(data_dir):
     if len(paths) >= 2 and val in paths:
         return {"train": [p for p in paths if p != val], "val": [val]}
     if len(paths) < 2:
-        raise FileNotFoundError(
+        raise Missing(
             f"found {len(paths)} shard(s) in {data_dir}, need at least 2 (train + val): run "
             f"`python -m nanochat.dataset -n 8` or `python -m nanochat.dataset --local PATH`")
-    raise FileNotFoundError(
+    raise Missing(
         f"{data_dir} holds {len(paths)} shards but no {MANIFEST} saying which is the val split (and no "
         f"ClimbMix val shard {VAL_SHARD}): delete {data_dir} and build it again with "
         f"`python -m nanochat.dataset --local PATH` (or `-n 8` to download ClimbMix)")
@@ -131,16 +132,16 @@ def list_shards(split, data_dir=None):
             if not os.path.exists(os.path.join(data_dir, name)):
                 fix = ("run `python -m nanochat.dataset -n 8` to download it again" if manifest["source"] == CLIMBMIX
                        else f"delete {data_dir} and build it again from {manifest['source']}")
-                raise FileNotFoundError(f"{os.path.join(data_dir, name)}: this {which} shard (listed in "
-                                        f"{MANIFEST}) is missing; {fix}")
+                raise Missing(f"{os.path.join(data_dir, name)}: this {which} shard (listed in "
+                              f"{MANIFEST}) is missing; {fix}")
     return [os.path.join(data_dir, name) for name in manifest[split]]
 
 
 def _unreadable(path, e):
     # pyarrow's messages can span lines and hold raw bytes of the damaged file: keep one clean line
     reason = " ".join("".join(c if c.isprintable() else " " for c in str(e)).split())
-    return ValueError(f"{path}: not a readable parquet shard ({reason}); delete it and run "
-                      f"python -m nanochat.dataset again (or rebuild with --local)")
+    return BadInput(f"{path}: not a readable parquet shard ({reason}); delete it and run "
+                    f"python -m nanochat.dataset again (or rebuild with --local)")
 
 
 def open_shard(path):
@@ -150,8 +151,8 @@ def open_shard(path):
     except (OSError, pa.ArrowException) as e:  # garbage, truncated or empty (a full disk, a killed copy)
         raise _unreadable(path, e) from None
     if "text" not in pf.schema_arrow.names:
-        raise ValueError(f"{path}: no 'text' column (columns: {', '.join(pf.schema_arrow.names)}); delete it "
-                         f"and run python -m nanochat.dataset again (or rebuild with --local)")
+        raise BadInput(f"{path}: no 'text' column (columns: {', '.join(pf.schema_arrow.names)}); delete it "
+                       f"and run python -m nanochat.dataset again (or rebuild with --local)")
     return pf
 
 
@@ -204,7 +205,7 @@ def _is_parquet(path):
         return False
 
 
-class HostUnreachable(RuntimeError):
+class HostUnreachable(Unavailable):
     """The host of a URL cannot be reached at all: retrying in a few seconds will not help."""
 
 
@@ -237,15 +238,15 @@ def download_file(url, path, verify, retries=5, backoff=2.0, timeout=30):
             if e.code == 416 and os.path.exists(tmp):  # our partial file is not a prefix: start over
                 os.remove(tmp)
             elif e.code < 500 and e.code not in (408, 429):  # asking again will not change the answer
-                raise RuntimeError(f"could not download {url}: {e}") from None
+                raise Unavailable(f"could not download {url}: {e}") from None
             error = e
             continue
         except (OSError, http.client.HTTPException) as e:  # refused, reset, dropped, timed out
             if unreachable := _unreachable(url, e):
                 raise unreachable from None
             if getattr(e, "errno", None) == errno.ENOSPC:  # retrying cannot help until space is freed
-                raise RuntimeError(f"no space left on device while writing {tmp}: free space in "
-                                   f"{os.path.dirname(tmp)} and run again (the partial download resumes)") from None
+                raise Unavailable(f"no space left on device while writing {tmp}: free space in "
+                                  f"{os.path.dirname(tmp)} and run again (the partial download resumes)") from None
             error = e
             continue
         if verify(tmp):
@@ -253,7 +254,7 @@ def download_file(url, path, verify, retries=5, backoff=2.0, timeout=30):
             return path
         os.remove(tmp)  # the bytes themselves are bad, so resuming them would not help
         error = "the downloaded file is corrupt or truncated"
-    raise RuntimeError(f"could not download {url} after {retries + 1} attempts: {error}")
+    raise Unavailable(f"could not download {url} after {retries + 1} attempts: {error}")
 
 
 def download_shard(index, data_dir=None, retries=5, backoff=2.0, timeout=30):
@@ -267,16 +268,16 @@ def _check_download_source(data_dir):
     data they would silently change the training data (and old names would pass for ClimbMix)."""
     manifest = read_manifest(data_dir)
     if manifest is not None and manifest["source"] != CLIMBMIX:
-        raise ValueError(f"{data_dir} holds shards built from {manifest['source']}, not {CLIMBMIX}: set "
-                         f"NANOCHAT_BASE_DIR to another dir (or --out), or delete {data_dir} to download")
+        raise BadInput(f"{data_dir} holds shards built from {manifest['source']}, not {CLIMBMIX}: set "
+                       f"NANOCHAT_BASE_DIR to another dir (or --out), or delete {data_dir} to download")
     # no manifest: only an interrupted download may be resumed, and download() fetches the val
     # shard first, so shards without it came from elsewhere (an old --local build) and would be
     # relabelled as ClimbMix train data by the manifest written at the end
     paths = _shard_paths(data_dir)
     if manifest is None and paths and os.path.join(data_dir, VAL_SHARD) not in paths:
-        raise ValueError(f"{data_dir} holds {len(paths)} shards with no {MANIFEST} and no ClimbMix val shard "
-                         f"{VAL_SHARD}, so they are not an interrupted ClimbMix download: set NANOCHAT_BASE_DIR "
-                         f"to another dir (or --out), or delete {data_dir} to download")
+        raise BadInput(f"{data_dir} holds {len(paths)} shards with no {MANIFEST} and no ClimbMix val shard "
+                       f"{VAL_SHARD}, so they are not an interrupted ClimbMix download: set NANOCHAT_BASE_DIR "
+                       f"to another dir (or --out), or delete {data_dir} to download")
 
 
 def download(num_train_shards=8, data_dir=None, workers=8, retries=5, backoff=2.0):
@@ -308,7 +309,7 @@ def download(num_train_shards=8, data_dir=None, workers=8, retries=5, backoff=2.
                 print(f"[{done}/{total}] failed: {e}", flush=True)
     if errors:
         first = errors[min(errors)]
-        raise RuntimeError(f"{first} ({len(errors)} of {total} shards failed; run again to resume)")
+        raise Unavailable(f"{first} ({len(errors)} of {total} shards failed; run again to resume)")
     train = [os.path.basename(p) for p in _shard_paths(data_dir) if os.path.basename(p) != VAL_SHARD]
     write_manifest(data_dir, CLIMBMIX, train, [VAL_SHARD])
 
@@ -335,37 +336,56 @@ def _write_shard(path, texts, row_group_size, split):
 
 
 def _refuse_existing(out_dir, source):
-    # new shards mixed into old ones would silently change the data and which shard is the val split
+    """New shards mixed into old ones would silently change the data and which shard is the val
+    split: refused. The one exception is a build of the same source that was killed before its
+    manifest was written: its partial shards are removed and the build starts again."""
+    building = _read_building(out_dir)
+    if building == source and read_manifest(out_dir) is None:
+        print(f"data: removing the shards of an unfinished build from {source} in {out_dir}, building again")
+        for path in _shard_paths(out_dir):
+            os.remove(path)
+        os.remove(os.path.join(out_dir, BUILDING))
     if not _shard_paths(out_dir) and not os.path.exists(os.path.join(out_dir, MANIFEST)):
         return
     old = (read_manifest(out_dir) or {}).get("source")
     if old == source:
-        raise ValueError(f"{out_dir} already holds shards built from {source}: use them as they are, "
-                         f"or delete {out_dir} to build them again")
-    raise ValueError(f"{out_dir} already holds shards from {old or 'another source (no ' + MANIFEST + ')'}, "
-                     f"not from {source}: set NANOCHAT_BASE_DIR to another dir (or pass --out), "
-                     f"or delete {out_dir}")
+        raise BadInput(f"{out_dir} already holds shards built from {source}: use them as they are, "
+                       f"or delete {out_dir} to build them again")
+    what = old or (f"an unfinished build from {building}" if building else f"another source (no {MANIFEST})")
+    raise BadInput(f"{out_dir} already holds shards from {what}, not from {source}: set NANOCHAT_BASE_DIR to "
+                   f"another dir (or pass --out), or delete {out_dir}")
+
+
+def _read_building(out_dir):
+    """The source of the build in progress (or killed) in out_dir, or None."""
+    try:
+        with open(os.path.join(out_dir, BUILDING), encoding="utf-8") as f:
+            return json.load(f)["source"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def write_shards(texts, out_dir, docs_per_shard=50_000, val_docs=10_000, row_group_size=None, source="write_shards"):
     """Write an iterable of documents as shards in out_dir: the first `val_docs` documents
     become the last shard (the val split), the rest shard_00000, shard_00001, ...; then the
     manifest, which records the split and `source`. row_group_size: documents per row group
-    (None: automatic, see MIN_ROW_GROUPS). Returns the paths."""
+    (None: automatic, see MIN_ROW_GROUPS). Returns the paths. A build killed midway leaves
+    building.json naming its source, so that the same command run again starts it over."""
     _refuse_existing(out_dir, source)
     if val_docs < 1 or docs_per_shard < 1:
-        raise ValueError(f"val_docs and docs_per_shard must be >= 1, got {val_docs} and {docs_per_shard}")
+        raise BadInput(f"val_docs and docs_per_shard must be >= 1, got {val_docs} and {docs_per_shard}")
     os.makedirs(out_dir, exist_ok=True)
-    docs = iter(texts)
-    val = list(itertools.islice(docs, val_docs))
-    paths = []
+    with atomic_write(os.path.join(out_dir, BUILDING)) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump({"source": source}, f)
+    docs, paths = iter(texts), []
     try:
+        val = list(itertools.islice(docs, val_docs))
         while batch := list(itertools.islice(docs, docs_per_shard)):
             paths.append(_write_shard(os.path.join(out_dir, f"shard_{len(paths):05d}.parquet"), batch, row_group_size,
                                        "train"))
             print(f"wrote {os.path.basename(paths[-1])}: {len(batch):,} train docs", flush=True)
         if not paths:
-            raise ValueError(f"only {len(val)} documents: need more than val_docs={val_docs} to leave some for training")
+            raise BadInput(f"only {len(val)} documents: need more than val_docs={val_docs} to leave some for training")
         paths.append(_write_shard(os.path.join(out_dir, f"shard_{len(paths):05d}.parquet"), val, row_group_size, "val"))
         print(f"wrote {os.path.basename(paths[-1])}: {len(val):,} val docs", flush=True)
         names = [os.path.basename(p) for p in paths]
@@ -374,41 +394,66 @@ def write_shards(texts, out_dir, docs_per_shard=50_000, val_docs=10_000, row_gro
         # leave nothing half-built behind: a re-run starts clean
         for path in paths:
             os.remove(path)
+        os.remove(os.path.join(out_dir, BUILDING))
         raise
+    os.remove(os.path.join(out_dir, BUILDING))
     return paths
 
 
-def _open_text(path):
-    # .gz files are read as they are: the demo corpus ships compressed
-    return gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")
+def _text_lines(path):
+    """(line number, line) of a text file (.gz files read as they are: the demo corpus ships
+    compressed), or one line naming the file, and the line, that cannot be read."""
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    yield lineno, raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise BadInput(f"{path}:{lineno}: not UTF-8 text: convert the file to UTF-8") from None
+    except (OSError, EOFError) as e:  # a .gz that is not gzip, or a truncated one
+        raise BadInput(f"{path}: cannot be read ({type(e).__name__}: {e}): is it really "
+                       f"{'gzip' if path.endswith('.gz') else 'a text file'}?") from None
+
+
+def _checked(text, where):
+    """A document's text, or one line naming the row that holds something else (null, a number, a list)."""
+    if not isinstance(text, str):
+        raise BadInput(f"{where}: the text is {json.dumps(text)[:40]}, not a string: fix or drop that row")
+    return text
 
 
 def _read_jsonl(path):
-    with _open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({e})") from None
-            if not isinstance(row, dict) or "text" not in row:
-                raise ValueError(f"{path}:{lineno}: no 'text' field")
-            yield row["text"]
+    for lineno, line in _text_lines(path):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise BadInput(f"{path}:{lineno}: invalid JSON ({e})") from None
+        if not isinstance(row, dict) or "text" not in row:
+            raise BadInput(f"{path}:{lineno}: no 'text' field")
+        yield _checked(row["text"], f"{path}:{lineno}")
 
 
 def _read_txt(path):
     # plain text has no document markers; blank lines (paragraphs, speeches) are the natural ones
-    with _open_text(path) as f:
-        yield from (doc.strip() for doc in re.split(r"\n\s*\n", f.read()) if doc.strip())
+    text = "".join(line for _, line in _text_lines(path))
+    yield from (doc.strip() for doc in re.split(r"\n\s*\n", text) if doc.strip())
 
 
 def _read_parquet(path):
-    pf = pq.ParquetFile(path)
+    try:
+        pf = pq.ParquetFile(path)
+    except (OSError, pa.ArrowException) as e:
+        raise BadInput(f"{path}: not a readable parquet file ({type(e).__name__}): is it really parquet?") from None
     if "text" not in pf.schema_arrow.names:
-        raise ValueError(f"{path}: no 'text' column (columns: {', '.join(pf.schema_arrow.names)})")
+        raise BadInput(f"{path}: no 'text' column (columns: {', '.join(pf.schema_arrow.names)})")
+    row = 0
     for rg in range(pf.num_row_groups):
-        yield from read_row_group(path, rg)
+        for text in read_row_group(path, rg):
+            row += 1
+            yield _checked(text, f"{path}: row {row}")
 
 
 READERS = {".jsonl": _read_jsonl, ".txt": _read_txt, ".parquet": _read_parquet,
@@ -421,16 +466,28 @@ def _file_type(path):
     return next((ext for ext in sorted(READERS, key=len, reverse=True) if name.endswith(ext)), None)
 
 
+def _files_in(directory):
+    """The files of a directory tree that have a reader; none is an error that lists what was skipped."""
+    files = sorted(os.path.join(root, name) for root, _, names in os.walk(directory) for name in names)
+    readable = [f for f in files if _file_type(f)]
+    if not readable:
+        skipped = ", ".join(os.path.relpath(f, directory) for f in files[:5]) + (" ..." if len(files) > 5 else "")
+        raise BadInput(f"{directory}: no {' / '.join(READERS)} files in it"
+                       + (f" (skipped {len(files)}: {skipped})" if files else " (it is empty)"))
+    return readable
+
+
 def read_local_documents(paths):
     """Yield the documents of .jsonl / .txt / .parquet files; directories are searched recursively."""
     for path in paths:
         if os.path.isdir(path):
-            files = [os.path.join(root, name) for root, _, names in os.walk(path) for name in names]
-            yield from read_local_documents(sorted(f for f in files if _file_type(f)))
+            yield from read_local_documents(_files_in(path))
             continue
+        if not os.path.exists(path):
+            raise Missing(f"{path} does not exist")
         reader = READERS.get(_file_type(path))
         if reader is None:
-            raise ValueError(f"{path}: unknown file type, expected {', '.join(READERS)} or a directory")
+            raise BadInput(f"{path}: unknown file type, expected {', '.join(READERS)} or a directory")
         yield from reader(path)
 
 
@@ -462,7 +519,7 @@ def build_hf(name, out_dir=None, config=None, split="train", text_column="text",
     try:
         from datasets import load_dataset  # optional: only this path needs it
     except ImportError:
-        raise RuntimeError("--hf needs the `datasets` package: pip install datasets") from None
+        raise Unavailable("--hf needs the `datasets` package: pip install datasets") from None
     out_dir = out_dir or get_data_dir()
     source = hf_source(name, config)
     _refuse_existing(out_dir, source)
@@ -471,11 +528,11 @@ def build_hf(name, out_dir=None, config=None, split="train", text_column="text",
         ds = ds.take(max_docs)
 
     def texts():
-        for row in ds:
+        for i, row in enumerate(ds):
             if text_column not in row:
-                raise ValueError(f"{name} has no column {text_column!r} (columns: {', '.join(row)}): "
-                                 f"pick one with --text-column")
-            yield row[text_column]
+                raise BadInput(f"{name} has no column {text_column!r} (columns: {', '.join(row)}): "
+                               f"pick one with --text-column")
+            yield _checked(row[text_column], f"{name}: row {i} of the shuffled stream, column {text_column!r}")
     return write_shards(texts(), out_dir, source=source, **shard_kwargs)
 
 
@@ -494,8 +551,8 @@ def already_built(out_dir, source):
 
 
 def shard_count(text):
-    """-n: a number of shards, or 'all' (None); -1, the old spelling of all, is accepted too."""
-    if text in ("all", "-1"):
+    """-n: a number of shards, or 'all' (None)."""
+    if text == "all":
         return None
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: expected a number of shards >= 1, or 'all'")
@@ -531,26 +588,22 @@ def main(argv=None):
         ("--val-docs", args.val_docs), ("--row-group-size", args.row_group_size)]])
     out_dir = args.out or get_data_dir()
     shard_kwargs = dict(docs_per_shard=args.docs_per_shard, val_docs=args.val_docs, row_group_size=args.row_group_size)
-    try:
-        if args.local or args.demo or args.hf:
-            name = "demo" if args.demo else hf_source(args.hf, args.hf_config) if args.hf else local_source(args.local)
-            if already_built(out_dir, name):  # a re-run (speedrun.sh after a preemption) keeps them
-                print(f"data: shards already in {out_dir} (built from {name})")
-                return 0
-        if args.local or args.demo:
-            paths = [DEMO_CORPUS] if args.demo else args.local
-            build_local(paths, out_dir, seed=args.seed, source=name, **shard_kwargs)
-        elif args.hf:
-            build_hf(args.hf, out_dir, config=args.hf_config, split=args.hf_split, text_column=args.text_column,
-                     max_docs=args.max_docs, seed=args.seed, **shard_kwargs)
-        else:
-            download(args.num_shards, out_dir, workers=args.workers)
-        print(f"done: {len(list_shards('train', out_dir))} train shard(s) + 1 val shard in {out_dir}")
-    except (RuntimeError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    if args.local or args.demo or args.hf:
+        name = "demo" if args.demo else hf_source(args.hf, args.hf_config) if args.hf else local_source(args.local)
+        if already_built(out_dir, name):  # a re-run (speedrun.sh after a preemption) keeps them
+            print(f"data: shards already in {out_dir} (built from {name})")
+            return 0
+    if args.local or args.demo:
+        paths = [DEMO_CORPUS] if args.demo else args.local
+        build_local(paths, out_dir, seed=args.seed, source=name, **shard_kwargs)
+    elif args.hf:
+        build_hf(args.hf, out_dir, config=args.hf_config, split=args.hf_split, text_column=args.text_column,
+                 max_docs=args.max_docs, seed=args.seed, **shard_kwargs)
+    else:
+        download(args.num_shards, out_dir, workers=args.workers)
+    print(f"done: {len(list_shards('train', out_dir))} train shard(s) + 1 val shard in {out_dir}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanochat.cli import Unavailable
+
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 
 
@@ -88,10 +90,10 @@ def convert_to_float8(model, linear_cls=nn.Linear, min_features=128):
     if not fp8_supported():
         if not torch.cuda.is_available():  # not the GPU's fault: torch cannot use CUDA
             from nanochat.common import cuda_unusable_reason
-            raise RuntimeError(f"--fp8 needs CUDA, and {cuda_unusable_reason()}")
+            raise Unavailable(f"--fp8 needs CUDA, and {cuda_unusable_reason()}")
         major, minor = torch.cuda.get_device_capability()
-        raise RuntimeError(f"--fp8 needs a CUDA GPU of compute capability >= 8.9 (H100, L40, RTX 4090), this "
-                           f"{torch.cuda.get_device_name()} is {major}.{minor}; drop --fp8 to train in bf16")
+        raise Unavailable(f"--fp8 needs a CUDA GPU of compute capability >= 8.9 (H100, L40, RTX 4090), this "
+                          f"{torch.cuda.get_device_name()} is {major}.{minor}; drop --fp8 to train in bf16")
     count = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):

@@ -25,6 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanochat.cli import BadInput, Unavailable
+
 
 def byte_level_alphabet():
     """The 256 characters a byte-level BPE (GPT-2's) writes bytes as: printable Latin-1 stands
@@ -43,8 +45,8 @@ class HFModel(nn.Module):
         cfg = hf_model.config
         seq_len = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
         if seq_len is None:
-            raise ValueError(f"{type(hf_model).__name__}: its config gives no context length "
-                             "(n_positions or max_position_embeddings)")
+            raise BadInput(f"{type(hf_model).__name__}: its config gives no context length "
+                           "(n_positions or max_position_embeddings)")
         self.config = SimpleNamespace(sequence_len=seq_len, vocab_size=cfg.vocab_size)
 
     def forward(self, idx, targets=None, loss_reduction="mean"):
@@ -68,7 +70,7 @@ class HFTokenizer:
         # own: <|endoftext|> (its eos, and its bos in transformers) is what it saw between documents.
         bos = hf_tokenizer.bos_token_id if hf_tokenizer.bos_token_id is not None else hf_tokenizer.eos_token_id
         if bos is None:
-            raise ValueError(f"tokenizer {hf_tokenizer.name_or_path!r} has neither a bos nor an eos token")
+            raise BadInput(f"tokenizer {hf_tokenizer.name_or_path!r} has neither a bos nor an eos token")
         self.bos_token_id = bos
         self.hf.model_max_length = int(1e12)  # we crop rows ourselves: silence the length warning
         self.enc = self  # the dataloader calls tokenizer.enc.encode_to_numpy
@@ -117,14 +119,14 @@ def load_hf_model(path, device):
     try:
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError:
-        raise SystemExit("error: --hf-path needs transformers: pip install -e '.[hf]'") from None
+        raise Unavailable("--hf-path needs transformers: pip install -e '.[hf]'") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SystemExit(f"error: --hf-path {path}: {first} (a Hugging Face model id like "
-                         f"openai-community/gpt2, or a local directory saved with save_pretrained)") from None
+        raise BadInput(f"--hf-path {path}: {first} (a Hugging Face model id like "
+                       f"openai-community/gpt2, or a local directory saved with save_pretrained)") from None
     model = HFModel(model.to(device=device, dtype=torch.float32))
     model.eval()
     return model, HFTokenizer(tokenizer)

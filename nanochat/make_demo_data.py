@@ -18,7 +18,7 @@ import random
 import shutil
 import sys
 
-from nanochat.cli import ArgumentParser, check
+from nanochat.cli import ArgumentParser, check, run
 from nanochat.dataset import DEMO_DIR
 
 CORPUS_FILES = ["web_dclm.jsonl", "tinyshakespeare.txt"]  # not the WikiText file: CC BY-SA
@@ -79,4 +79,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

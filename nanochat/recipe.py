@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from nanochat.cli import BadInput
 from nanochat.gpt import GPT, GPTConfig
 
 # --- the choices (tuned at the reference: d12, 2^19 tokens per step) --------------------------
@@ -186,12 +187,12 @@ def derive(depth=None, vocab_size=None, sequence_len=None, head_dim=None, window
     # Refused rather than raised to one micro-step: the LRs and the weight decay scale with B, so a
     # silently larger batch would change them too.
     if B < micro:
-        raise ValueError(f"the total batch of {B:,} tokens is smaller than one micro-step: device batch × seq len × "
-                         f"processes = {device_batch_size} × {config.sequence_len} × {processes} = {micro:,}: lower "
-                         f"--device-batch-size or raise --total-batch-size")
+        raise BadInput(f"the total batch of {B:,} tokens is smaller than one micro-step: device batch × seq len × "
+                       f"processes = {device_batch_size} × {config.sequence_len} × {processes} = {micro:,}: lower "
+                       f"--device-batch-size or raise --total-batch-size")
     if B % micro:
-        raise ValueError(f"--total-batch-size {B} is not a multiple of device batch × seq len × processes = "
-                         f"{micro}: change --total-batch-size or --device-batch-size")
+        raise BadInput(f"--total-batch-size {B} is not a multiple of device batch × seq len × processes = "
+                       f"{micro}: change --total-batch-size or --device-batch-size")
 
     # 4. horizon. For a tokens-per-parameter ratio, steps = floor(D / B): never more tokens than asked.
     # For a FLOPs budget the nearest whole step, as the record does (an isoFLOP grid compares runs at

@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import time
 
 import torch
@@ -20,7 +21,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from nanochat.checkpoint import newest_model_tag
-from nanochat.cli import ArgumentParser
+from nanochat.cli import ArgumentParser, Missing, run
 from nanochat.common import atomic_write, get_base_dir
 from nanochat.core_eval import RULES
 
@@ -397,7 +398,8 @@ def comparability_warnings(runs):
 
 
 def compare_table(runs):
-    """Final val bpb, CORE and training time of each run, and its difference from the first."""
+    """Final val bpb, CORE and training time of each run, and its difference from the first. A run
+    that has not reached its horizon says so, and a CORE measured before a run's last step says when."""
     def row_values(r):
         return [last_val(r).get("val_bpb"), r["ev"].get("core"), r["final"].get("elapsed")]
     base = row_values(runs[0])
@@ -405,8 +407,13 @@ def compare_table(runs):
     for r in runs:
         vals = row_values(r)
         deltas = [None if v is None or b is None else v - b for v, b in zip(vals, base)]
-        core = "n/a" if vals[1] is None else f"{vals[1]:.4f} ({r['ev'].get('core_label', 'CORE')})"
-        L.append(f"| {r['tag']} | {fmt(vals[0], '.4f')} | {core} | {fmt(vals[2], ',.0f')} | "
+        steps = [rec["step"] for recs in r["metrics"].values() for rec in recs if isinstance(rec.get("step"), int)]
+        last, horizon = max(steps, default=None), r["cfg"].get("num_iterations")
+        tag = r["tag"] if r["final"].get("step") == horizon else \
+            f"{r['tag']} (UNFINISHED: step {fmt(last)} of {fmt(horizon)})"
+        core = "n/a" if vals[1] is None else f"{vals[1]:.4f} ({r['ev'].get('core_label', 'CORE')}" + \
+            (f", at step {r['ev']['step']:,}" if r["ev"].get("step") not in (None, last) else "") + ")"
+        L.append(f"| {tag} | {fmt(vals[0], '.4f')} | {core} | {fmt(vals[2], ',.0f')} | "
                  f"{fmt(deltas[0], '+.4f')} | {fmt(deltas[1], '+.4f')} | {fmt(deltas[2], '+,.0f')} |")
     return L
 
@@ -417,9 +424,9 @@ def compare_runs(tags, base_dir=None):
     root = os.path.join(base_dir, "base_checkpoints")
     for tag in tags:  # a mistyped tag would otherwise compare as an empty run
         if not os.path.isdir(os.path.join(root, tag)):
-            raise SystemExit(f"error: no run {tag!r} under {root}: give the --model-tag of a training run "
-                             f"(there: {', '.join(sorted(os.listdir(root))) or 'none'})"
-                             if os.path.isdir(root) else f"error: no runs under {base_dir}")
+            raise Missing(f"no run {tag!r} under {root}: give the --model-tag of a training run "
+                          f"(there: {', '.join(sorted(os.listdir(root))) or 'none'})" if os.path.isdir(root)
+                          else f"no runs under {base_dir}: train one with python -m scripts.base_train")
     runs = [load_run(base_dir, tag) for tag in tags]
     path = os.path.join(base_dir, "report", "compare_" + "_vs_".join(tags) + ".png")
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -447,4 +454,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run(main))

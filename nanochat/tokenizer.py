@@ -10,6 +10,8 @@ import os
 
 import tiktoken
 
+from nanochat.cli import BadInput, Missing
+
 # GPT-4's split pattern, except numbers are split into groups of 1-2 digits (not 1-3):
 # a small vocab spends fewer slots on 3-digit numbers.
 SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
@@ -51,16 +53,16 @@ class Tokenizer:
         """Learn merges from an iterator of strings. vocab_size counts the specials too."""
         import rustbpe
         if vocab_size < MIN_VOCAB_SIZE:
-            raise ValueError(f"--vocab-size {vocab_size} is too small: need at least {MIN_VOCAB_SIZE} "
-                             f"(256 byte tokens + {len(SPECIAL_TOKENS)} specials)")
+            raise BadInput(f"--vocab-size {vocab_size} is too small: need at least {MIN_VOCAB_SIZE} "
+                           f"(256 byte tokens + {len(SPECIAL_TOKENS)} specials)")
         num_merges_vocab = vocab_size - len(SPECIAL_TOKENS)
         bpe = rustbpe.Tokenizer()
         bpe.train_from_iterator(texts, num_merges_vocab, pattern=pattern)
         ranks = {bytes(b): rank for b, rank in bpe.get_mergeable_ranks()}
         if len(ranks) < num_merges_vocab:  # rustbpe stops early when no pair is left to merge
-            raise ValueError(f"the training text ran out of pairs to merge at {len(ranks) + len(SPECIAL_TOKENS)} "
-                             f"tokens, short of --vocab-size {vocab_size}: use more text (--max-chars, more "
-                             f"shards) or a smaller --vocab-size")
+            raise BadInput(f"the training text ran out of pairs to merge at {len(ranks) + len(SPECIAL_TOKENS)} "
+                           f"tokens, short of --vocab-size {vocab_size}: use more text (--max-chars, more "
+                           f"shards) or a smaller --vocab-size")
         return cls(ranks, pattern)
 
     def save(self, directory):
@@ -82,15 +84,15 @@ class Tokenizer:
     def load(cls, directory):
         path = os.path.join(directory, "tokenizer.json")
         if not os.path.exists(path):
-            raise FileNotFoundError(f"no tokenizer at {path}; train one with: python -m scripts.tok_train")
+            raise Missing(f"no tokenizer at {path}; train one with: python -m scripts.tok_train")
         try:
             with open(path) as f:
                 data = json.load(f)
             ranks = {base64.b64decode(t): i for i, t in enumerate(data["tokens"])}
             tokenizer = cls(ranks, data["pattern"], data["special_tokens"])
         except (ValueError, KeyError, TypeError) as e:  # bad JSON, UTF-8 or base64, a missing field
-            raise ValueError(f"{path} is corrupt ({type(e).__name__}): retrain it with python -m scripts.tok_train "
-                             f"(a model trained with the old tokenizer needs that exact file back)") from None
+            raise BadInput(f"{path} is corrupt ({type(e).__name__}): retrain it with python -m scripts.tok_train "
+                           f"(a model trained with the old tokenizer needs that exact file back)") from None
         tokenizer.path = path
         return tokenizer
 

@@ -21,6 +21,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 import zipfile
@@ -28,10 +29,10 @@ import zlib
 
 import torch.distributed as dist
 
-from nanochat.cli import DEVICE_TYPES, ArgumentParser, check
+from nanochat.cli import DEVICE_TYPES, ArgumentParser, Missing, Unavailable, check, run
 from nanochat.checkpoint import get_run_dir, load_model, newest_model_tag, save_json
 from nanochat.common import compute_cleanup, compute_init, get_base_dir, print0
-from nanochat.core_eval import BundleError, evaluate_core, get_eval_bundle_dir
+from nanochat.core_eval import evaluate_core, get_eval_bundle_dir
 from nanochat.dataset import download_file, list_shards
 from nanochat.engine import SAMPLE_PROMPTS, sample_texts
 from nanochat.loss_eval import evaluate_split
@@ -68,7 +69,7 @@ def download_eval_bundle(dest, url=None, retries=4, backoff=2.0, timeout=60):
         download_file(url, zip_path, zipfile.is_zipfile, retries, backoff, timeout)
         _unpack(zip_path, dest)
     except (RuntimeError, zipfile.BadZipFile, zlib.error, EOFError) as e:
-        raise RuntimeError(f"{e}; download and unzip it yourself and pass --eval-bundle PATH/eval_bundle") from None
+        raise Unavailable(f"{e}; download and unzip it yourself and pass --eval-bundle PATH/eval_bundle") from None
     finally:
         if os.path.exists(zip_path):
             os.remove(zip_path)
@@ -97,7 +98,7 @@ def load_subject(args, device):
         return model, tokenizer, out_dir, {"model": args.hf_path, "step": None}
     tag = args.model_tag or newest_model_tag()
     if tag is None:
-        raise FileNotFoundError("no run under base_checkpoints/: train one with python -m scripts.base_train")
+        raise Missing("no run under base_checkpoints/: train one with python -m scripts.base_train")
     run_dir = get_run_dir(tag)
     tokenizer = get_tokenizer()
     model, meta = load_model(run_dir, device, args.step, tokenizer=tokenizer)
@@ -152,16 +153,14 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     if args.download_only:
-        try:
-            return ensure_eval_bundle(get_eval_bundle_dir(args.eval_bundle))
-        except RuntimeError as e:
-            raise SystemExit(f"error: {e}") from None
+        ensure_eval_bundle(get_eval_bundle_dir(args.eval_bundle))
+        return 0
 
     if args.bpb_tokens > 0:
         try:
             list_shards("val")  # fail now, not after a long CORE run: bpb needs the text shards
-        except FileNotFoundError as e:
-            raise SystemExit(f"error: {e} (or pass --bpb-tokens 0 to skip bpb)") from None
+        except Missing as e:
+            raise Missing(f"{e} (or pass --bpb-tokens 0 to skip bpb)") from None
 
     _, rank, _, world, device = compute_init(args.device_type)
     model, tokenizer, out_dir, subject = load_subject(args, device)
@@ -169,15 +168,9 @@ def main(argv=None):
            + f" on {world} x {device.type}")
 
     bundle = get_eval_bundle_dir(args.eval_bundle)
-    try:
-        ensure_eval_bundle(bundle, rank)
-    except RuntimeError as e:
-        raise SystemExit(f"error: {e}") from None
+    ensure_eval_bundle(bundle, rank)
     t0 = time.time()
-    try:
-        core = evaluate_core(model, tokenizer, bundle, device, args.core_max_per_task)
-    except BundleError as e:
-        raise SystemExit(f"error: {e}") from None
+    core = evaluate_core(model, tokenizer, bundle, device, args.core_max_per_task)
     print0(f"CORE took {time.time() - t0:.0f}s")
 
     model.eval()
@@ -200,6 +193,7 @@ def main(argv=None):
 
 if __name__ == "__main__":
     try:
-        main()
+        status = run(main)
     finally:
         compute_cleanup()
+    sys.exit(status)

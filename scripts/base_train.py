@@ -24,9 +24,9 @@ import torch
 import torch.distributed as dist
 
 from nanochat.attention import describe_backend, prepare_masks
-from nanochat.cli import DEVICE_TYPES, ArgumentParser, check, every, flag_error
-from nanochat.checkpoint import (check_tokenizer, get_run_dir, list_steps, load_checkpoint, load_meta, save_checkpoint,
-                                 step_dir)
+from nanochat.cli import DEVICE_TYPES, ArgumentParser, BadInput, Unavailable, check, every, flag_error, run
+from nanochat.checkpoint import (check_tokenizer, get_run_dir, list_steps, load_checkpoint, load_meta, own_run,
+                                 save_checkpoint, step_dir)
 from nanochat.common import atomic_write, compute_cleanup, compute_init, get_peak_flops, mfu, print0
 from nanochat.core_eval import evaluate_core, get_eval_bundle_dir
 from nanochat.dataloader import DataLoader
@@ -34,6 +34,7 @@ from nanochat.engine import sample_texts
 from nanochat.gpt import build_model
 from nanochat.dataset import read_manifest, get_data_dir
 from nanochat.loss_eval import evaluate_split
+from nanochat.memory import check_fits
 from nanochat.recipe import DEPTH, add_flags, flag_problems, from_flags
 from nanochat.tokenizer import get_tokenizer
 
@@ -67,6 +68,8 @@ def parse_args(argv=None):
     p.add_argument("--device-type", default=None, choices=DEVICE_TYPES, help="default: autodetect")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on with CUDA, off elsewhere)")
+    p.add_argument("--skip-memory-check", action="store_true",
+                   help="start even if the memory estimate says the run does not fit the GPU (or the RAM)")
     args = p.parse_args(argv)
     check(p, flag_problems(args) + [
         (args.bpb_tokens < 1, f"--bpb-tokens {args.bpb_tokens}: must be >= 1 (--eval-every 0 turns bpb off)"),
@@ -120,8 +123,8 @@ def probe_device_batch(model, seq_len, device, world, compiled=False):
         dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
         best = int(agreed)
     if best == 0:
-        raise RuntimeError("--device-batch-size auto: not even 1 sequence fits in GPU memory; "
-                           "use a smaller --depth or --max-seq-len")
+        raise Unavailable("--device-batch-size auto: not even 1 sequence fits in GPU memory; "
+                          "use a smaller --depth or --max-seq-len")
     print0(f"--device-batch-size auto: {best} (largest power of two that fits)")
     return best
 
@@ -171,6 +174,8 @@ def build(args, rank, world, device):
     auto_batch = args.device_batch_size == "auto"
     recipe = recipe_from_flags(args, tokenizer.vocab_size, world, 1 if auto_batch else None)
     T = recipe.config.sequence_len
+    if not args.skip_memory_check:  # before allocating: a run too big for the device is refused, named
+        check_fits(recipe.config, recipe.device_batch_size, world, device)
     model = build_model(recipe.config, device)
     use_compile = device.type == "cuda" if args.compile is None else bool(args.compile)
     # the training shape's masks exist before tracing (no recompile to pick them up), and mark the
@@ -204,8 +209,8 @@ def claim_run_dir(run_dir, args, rank):
     taken = os.path.isdir(run_dir) and bool(list_steps(run_dir) or any(
         os.path.exists(os.path.join(run_dir, name)) for name in ("metrics.jsonl", "config.json")))
     if taken and not (args.resume or args.overwrite):
-        raise ValueError(f"{run_dir} holds another run: continue it with --resume, start this one under another "
-                         f"--model-tag, or move the old one aside with --overwrite")
+        raise BadInput(f"{run_dir} holds another run: continue it with --resume, start this one under another "
+                       f"--model-tag, or move the old one aside with --overwrite")
     if dist.is_initialized():  # every rank has looked before rank 0 moves it
         dist.barrier()
     if taken and args.overwrite and rank == 0:
@@ -228,9 +233,9 @@ def resume(run):
         check_tokenizer(run.run_dir, run.tokenizer, meta)  # a retrained tokenizer would silently remap every token
         meta = load_checkpoint(run.run_dir, run.model, run.optimizer, run.loaders, rank=run.rank, step=meta["step"])
         if meta.get("num_iterations", run.recipe.num_iterations) != run.recipe.num_iterations:
-            raise ValueError(f"--resume: {step_dir(run.run_dir, meta['step'])} is from a run of "
-                             f"{meta['num_iterations']} steps, these flags give {run.recipe.num_iterations}: resume "
-                             f"with the run's flags, or start a new run under another --model-tag")
+            raise BadInput(f"--resume: {step_dir(run.run_dir, meta['step'])} is from a run of "
+                           f"{meta['num_iterations']} steps, these flags give {run.recipe.num_iterations}: resume "
+                           f"with the run's flags, or start a new run under another --model-tag")
         run.step = run.resume_step = meta["step"]
         run.elapsed, run.smooth_loss = meta["loop"]["elapsed"], meta["loop"]["smooth_loss"]
         run.resume_evaluated = meta["loop"].get("evaluated", True)  # checkpoints from before the field: as before
@@ -352,9 +357,9 @@ def train_step(run):
             (loss / accum).backward()
     except torch.cuda.OutOfMemoryError:
         b = run.recipe.device_batch_size
-        raise RuntimeError(f"CUDA out of memory at --device-batch-size {b}: try --device-batch-size "
-                           f"{max(1, b // 2)} (gradient accumulation keeps the total batch) or "
-                           f"--device-batch-size auto") from None
+        raise Unavailable(f"CUDA out of memory at --device-batch-size {b}: try --device-batch-size "
+                          f"{max(1, b // 2)} (gradient accumulation keeps the total batch) or "
+                          f"--device-batch-size auto") from None
     sched = run.recipe.schedule(run.step)
     optimizer.set_schedule(sched.lr_multiplier, sched.momentum, sched.muon_weight_decay)
     optimizer.step()
@@ -452,10 +457,11 @@ def train_loop(run, stop_signal):
 def train(args, stop_signal):
     """recipe -> model -> resume -> loop; one exit path, which always cleans up."""
     _, rank, _, world, device = compute_init(args.device_type)
-    run = None
+    run = lock = None
     try:
-        claim_run_dir(get_run_dir(run_tag(args)), args, rank)
-        run = build(args, rank, world, device)
+        run = build(args, rank, world, device)  # writes nothing: a bad flag leaves no trace
+        lock = own_run(run.run_dir, rank)  # one job per run dir, until this one exits
+        claim_run_dir(run.run_dir, args, rank)
         if args.resume:
             resume(run)
         if run.step == run.recipe.num_iterations and run.step == run.resume_step > 0 and run.resume_evaluated:
@@ -470,6 +476,8 @@ def train(args, stop_signal):
                 loader.close()
             if run.wandb_run:
                 run.wandb_run.finish()
+        if lock is not None:
+            lock.close()  # releases the run for the next job
         compute_cleanup()
 
 
@@ -491,4 +499,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run(main))

@@ -8,11 +8,12 @@ per rank, so the loader must stay far above that to never stall training.
 A batch is --device-batch-size rows of --max-seq-len tokens.
 """
 import os
+import sys
 import time
 
 import torch
 
-from nanochat.cli import DEVICE_TYPES, ArgumentParser, check
+from nanochat.cli import DEVICE_TYPES, ArgumentParser, check, run
 from nanochat.common import autodetect_device_type
 from nanochat.dataloader import DataLoader
 from nanochat.tokenizer import get_tokenizer
@@ -62,4 +63,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run(main))

@@ -23,7 +23,7 @@ import time
 import torch
 
 from nanochat.attention import BACKENDS, prepare_masks
-from nanochat.cli import DEVICE_TYPES, ArgumentParser, check
+from nanochat.cli import DEVICE_TYPES, ArgumentParser, check, run
 from nanochat.common import autodetect_device_type, compute_dtype, compute_init, get_peak_flops, mfu
 from nanochat.gpt import build_model, norm
 from nanochat.recipe import derive
@@ -169,7 +169,7 @@ def profile_step(step, device, rows=20):
     return [{"kernel": e.key, "ms": self_time(e) / 1e3, "share": self_time(e) / total, "calls": e.count} for e in top]
 
 
-def run(args):
+def bench(args):
     if args.attn:
         os.environ["NANOCHAT_ATTN"] = args.attn
     device_type = args.device_type or autodetect_device_type()
@@ -314,7 +314,7 @@ def main(argv=None):
     if args.matrix:
         results = run_matrix(args.device_type or autodetect_device_type())
     else:
-        results = run(args)
+        results = bench(args)
         if args.json != "/dev/stdout":
             print_result(results)
     if args.json:
@@ -324,4 +324,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run(main))

@@ -22,6 +22,7 @@ and the exit status is non-zero, so `speedrun.sh` stops before training starts.
 """
 import os
 import socket
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from nanochat import attention as attn
-from nanochat.cli import ArgumentParser
+from nanochat.cli import ArgumentParser, run
 from nanochat.common import (autodetect_device_type, compute_init, get_peak_flops, mfu,
                              nvidia_driver_version)
 from nanochat.gpt import GPTConfig, build_model
@@ -465,4 +466,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run(main))

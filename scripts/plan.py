@@ -16,20 +16,18 @@ logits' gradient are covered only by the 10% margin. The time is total FLOPs / (
 else 0.45 (assumed; see DEFAULT_MFU).
 """
 import argparse
-import functools
 import json
 import math
 import os
 import re
-from collections import defaultdict
+import sys
 
 import torch
-import torch.nn as nn
 
-from nanochat.cli import ArgumentParser, check, flag_error
+from nanochat.cli import ArgumentParser, check, flag_error, run
 from nanochat.common import PEAK_BF16_FLOPS
-from nanochat.gpt import GPT, GPTConfig
-from nanochat.optim import SHARD_MIN_NUMEL
+from nanochat.gpt import GPT
+from nanochat.memory import SAFETY, memory_estimate, saved_bytes
 from nanochat.recipe import VOCAB_SIZE, add_flags, flag_problems, from_flags
 
 # --gpu name -> (key in nanochat.common.PEAK_BF16_FLOPS, memory in GB = 1e9 bytes)
@@ -37,7 +35,6 @@ GPUS = {
     "h100": ("H100", 80), "h200": ("H200", 141), "a100": ("A100", 80), "a100-40gb": ("A100", 40),
     "b200": ("B200", 180), "l4": ("L4", 24), "4090": ("RTX 4090", 24),
 }
-SAFETY = 0.9  # use at most 90% of the GPU's memory
 # Measured on one H200 (docs/PERF.md, 2026-11-26): d24 at 16 x 2048, compiled, FlexAttention, the whole
 # optimizer on that one GPU: 49.1 % with fp8, 42.0 % in bf16. Assumed for other GPUs and runs: 45 %,
 # below the fp8 figure because an H100 has less memory bandwidth for the elementwise kernels and an
@@ -45,73 +42,6 @@ SAFETY = 0.9  # use at most 90% of the GPU's memory
 DEFAULT_MFU = 0.45
 BATCH_CANDIDATES = [2 ** i for i in range(7)]  # 1..64
 PERF_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "PERF.md")
-
-# Activations are MEASURED, not counted by hand: what the compiled model saves for backward depends on
-# what the compiler fuses and recomputes. measure_saved_bytes() compiles small models on the CPU with
-# the partitioner inductor uses (the "aot_eager_decomp_partition" backend: inductor's decompositions
-# and min-cut rematerialization, without generating kernels) and records every tensor the compiled
-# forward saves. Every saved per-token tensor is C, 4C or n_head wide, so the bytes per token per
-# layer grow exactly with the width at a fixed head_dim; outside the blocks they grow with C and V.
-PROBE_WIDTH, PROBE_VOCABS, PROBE_B, PROBE_T = 256, (512, 1024), 3, 40  # T, B: no model dim equals them
-# The backward's largest temporary (not saved, so not measured): the fp32 gradient of the logits.
-LOGIT_GRAD_BYTES_PER_VOCAB = 4
-
-
-def saved_for_backward(config, B=PROBE_B, T=PROBE_T):
-    """(bytes per token, other bytes) of the tensors that the compiled model (bf16, on the CPU) saves
-    for backward: each storage once, the parameters themselves not (they exist anyway). Per token:
-    the tensors with a B×T or T dimension; the rest are copies such as the bf16 casts of weights."""
-    import torch._dynamo
-    from unittest import mock
-    from nanochat.gpt import build_model
-    with mock.patch.dict(os.environ, NANOCHAT_DTYPE="bf16"):
-        torch.manual_seed(0)
-        model = build_model(config, "cpu")
-    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    per_token, other = {}, {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in own:
-            (per_token if T in t.shape or B * T in t.shape else other)[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    idx = torch.randint(0, config.vocab_size, (B, T))
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            torch.compile(model, backend="aot_eager_decomp_partition")(idx, idx)
-    finally:
-        torch._dynamo.reset()
-    return sum(per_token.values()) / (B * T), sum(other.values())
-
-
-@functools.lru_cache
-def measure_saved_bytes(head_dim, window_pattern):
-    """Saved-for-backward bytes of the compiled model per token: (per layer per n_embd element,
-    outside the blocks per n_embd element, per vocab entry), and (bytes per matmul weight element),
-    from three small models: depth 2 and 4 (their difference is two layers: one with a value
-    embedding, one without, as alternating layers have) and a second vocab size."""
-    C, (V1, V2) = PROBE_WIDTH, PROBE_VOCABS
-    cfg = lambda L, V: GPTConfig(sequence_len=PROBE_T * 2, vocab_size=V, n_layer=L, n_head=C // head_dim,  # noqa: E731
-                                 n_embd=C, window_pattern=window_pattern)
-    (s2, w2), (s4, _), (s2v, _) = [saved_for_backward(cfg(L, V)) for L, V in ((2, V1), (4, V1), (2, V2))]
-    per_layer = (s4 - s2) / 2
-    per_vocab = (s2v - s2) / (V2 - V1)
-    with torch.device("meta"):
-        matmul = sum(m.weight.numel() for m in GPT(cfg(2, V1)).modules() if isinstance(m, nn.Linear))
-    return per_layer / C, (s2 - 2 * per_layer - per_vocab * V1) / C, per_vocab, w2 / matmul
-
-
-# measure_saved_bytes() at the default head_dim and windows, recorded (torch 2.13.0) so that plan
-# answers at once instead of compiling for ~20 s, also on the GPU node where speedrun.sh runs it;
-# tests/test_plan.py re-measures it, so a torch whose compiler saves otherwise fails there.
-RECORDED_SAVED_BYTES = {(128, "SSSL"): (39.1328125, 8.1015625, 2.0, 2.000002347439882)}
-
-
-def saved_bytes(head_dim, window_pattern):
-    """measure_saved_bytes(), from the record where there is one."""
-    return RECORDED_SAVED_BYTES.get((head_dim, window_pattern)) or measure_saved_bytes(head_dim, window_pattern)
-
 
 def parse_args(argv=None):
     p = ArgumentParser("python -m scripts.plan", __doc__)
@@ -155,36 +85,6 @@ def plan_recipe(args, device_batch_size=None):
         return from_flags(args, args.vocab_size, args.gpus, device_batch_size)
     except ValueError as e:
         flag_error("python -m scripts.plan", str(e))
-
-
-def memory_estimate(model, device_batch_size, gpus):
-    """Estimated peak bytes per GPU for one micro-step of device_batch_size × seq_len tokens."""
-    cfg, W = model.config, gpus
-    block_params = {id(p) for p in model.blocks.parameters()}
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    weights = grads = adamw = 0
-    for p in model.parameters():
-        nbytes = p.numel() * (2 if id(p) in embeddings else 4)  # embeddings bf16; Linear weights, scalars fp32
-        weights += nbytes
-        grads += nbytes  # a gradient has its parameter's dtype
-        if id(p) not in block_params:  # AdamW: exp_avg + exp_avg_sq in fp32, sharded if large enough
-            sharded = W > 1 and p.numel() >= SHARD_MIN_NUMEL
-            adamw += 2 * 4 * (math.ceil(p.size(0) / W) * p[0].numel() if sharded and p.dim() > 0 else p.numel())
-    # Muon: matrices of one shape are handled W at a time, each rank owning whole matrices:
-    # ceil(n / W) fp32 momentum buffers per shape, plus the NorMuon factor (one per row or column)
-    by_shape = defaultdict(int)
-    for p in model.blocks.parameters():
-        by_shape[tuple(p.shape)] += 1
-    muon = sum(math.ceil(n / W) * 4 * (m * k + (m if m >= k else k)) for (m, k), n in by_shape.items())
-    tokens = device_batch_size * cfg.sequence_len
-    per_layer, outside, per_vocab, per_weight = saved_bytes(cfg.head_dim, cfg.window_pattern)
-    matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
-    activations = tokens * (cfg.n_embd * (per_layer * cfg.n_layer + outside) + per_vocab * cfg.vocab_size)
-    parts = dict(weights=weights, grads=grads, adamw_state=adamw, muon_state=muon, activations=activations,
-                 weight_copies=per_weight * matmul,  # the bf16 casts of the fp32 weights, saved for backward
-                 logits_grad=tokens * LOGIT_GRAD_BYTES_PER_VOCAB * cfg.vocab_size)
-    parts["total"] = sum(parts.values())
-    return parts
 
 
 def recorded_mfu(gpu_key, depth, fp8, path=None):
@@ -317,4 +217,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run(main))

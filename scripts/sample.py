@@ -10,7 +10,7 @@ A base model continues text; it does not answer questions. Give it the start of 
 """
 import sys
 
-from nanochat.cli import DEVICE_TYPES, ArgumentParser, check
+from nanochat.cli import DEVICE_TYPES, ArgumentParser, BadInput, Missing, check, run
 from nanochat.checkpoint import get_run_dir, load_model, newest_model_tag
 from nanochat.common import compute_init
 from nanochat.engine import Engine
@@ -37,11 +37,24 @@ def parse_args(argv=None):
     return args
 
 
+def check_length(model, n_prompt, max_tokens):
+    """Refuse a prompt the model cannot take at all (its rotary table ends there); warn when the
+    prompt and the completion run past the context it was trained on (the text beyond is unreliable)."""
+    trained, most = model.config.sequence_len, model.cos.size(1)
+    if n_prompt >= most:
+        raise BadInput(f"the prompt is {n_prompt} tokens (BOS included); this model takes at most {most - 1}: "
+                       f"shorten it (it was trained on {trained}-token contexts)")
+    if n_prompt + max_tokens > trained:
+        print(f"warning: the prompt ({n_prompt} tokens) + --max-tokens {max_tokens} run past the {trained}-token "
+              f"context the model was trained on: what comes after token {trained} is unreliable", file=sys.stderr)
+
+
 def complete(engine, tokenizer, prompt, args):
     """Print each sample's completion of `prompt`; one sample is streamed token by token.
     Returns the completions' texts."""
     out = sys.stdout
     tokens = tokenizer.encode(prompt, prepend=tokenizer.bos_token_id)
+    check_length(engine.model, len(tokens), args.max_tokens)
     kwargs = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k or None, seed=args.seed)
     if args.num_samples > 1:  # several at once: they finish together, so print them whole
         texts = [tokenizer.decode(ids) for ids in engine.generate_batch(tokens, args.num_samples, **kwargs)]
@@ -70,7 +83,7 @@ def main(argv=None):
     _, _, _, _, device = compute_init(args.device_type)
     tag = args.model_tag or newest_model_tag()
     if tag is None:
-        raise SystemExit("error: no run under base_checkpoints/: train one with python -m scripts.base_train")
+        raise Missing("no run under base_checkpoints/: train one with python -m scripts.base_train")
     tokenizer = get_tokenizer()
     model, meta = load_model(get_run_dir(tag), device, args.step, tokenizer=tokenizer)
     model.eval()
@@ -86,8 +99,11 @@ def main(argv=None):
             break
         if not prompt:
             break
-        complete(engine, tokenizer, prompt, args)
+        try:
+            complete(engine, tokenizer, prompt, args)
+        except BadInput as e:  # a prompt too long: ask for another
+            print(f"error: {e}", file=sys.stderr)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run(main))

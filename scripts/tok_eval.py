@@ -8,9 +8,10 @@ training step. The reference tokenizers are used only if a copy is available off
 """
 import hashlib
 import os
+import sys
 import tempfile
 
-from nanochat.cli import ArgumentParser
+from nanochat.cli import ArgumentParser, Missing, run
 from nanochat.checkpoint import save_json
 from nanochat.dataset import iter_documents
 from nanochat.tokenizer import Tokenizer, get_tokenizer, get_tokenizer_dir
@@ -30,7 +31,7 @@ def find_reference(name, path=None):
         cache_dir = os.environ.get("TIKTOKEN_CACHE_DIR") or os.path.join(tempfile.gettempdir(), "data-gym-cache")
         path = os.path.join(cache_dir, hashlib.sha1(url.encode()).hexdigest())
     elif not os.path.exists(path):
-        raise FileNotFoundError(f"--{name} {path}: no such file")
+        raise Missing(f"--{name} {path}: no such file")
     return Tokenizer.from_tiktoken_file(path, pattern, name=name) if os.path.exists(path) else None
 
 
@@ -76,4 +77,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run(main))

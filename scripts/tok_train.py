@@ -4,9 +4,10 @@ Train the BPE tokenizer on the first --max-chars characters of the training shar
     python -m scripts.tok_train --vocab-size 32768 --max-chars 2000000000
 """
 import os
+import sys
 import time
 
-from nanochat.cli import ArgumentParser, check
+from nanochat.cli import ArgumentParser, BadInput, check, run
 from nanochat.checkpoint import checkpoints_using, save_json
 from nanochat.dataset import iter_documents
 from nanochat.tokenizer import MIN_VOCAB_SIZE, SPECIAL_TOKENS, Tokenizer, get_tokenizer, get_tokenizer_dir
@@ -35,10 +36,10 @@ def refuse_to_orphan_checkpoints(force):
         return
     used = checkpoints_using(current)
     if used:
-        raise FileExistsError(f"{current.path} is the tokenizer of checkpoint {used[0]}"
-                              f"{f' (and {len(used) - 1} other runs)' if len(used) > 1 else ''}; retraining it "
-                              f"would make that model unusable: use another NANOCHAT_BASE_DIR, delete the "
-                              f"tokenizer and its checkpoints deliberately, or pass --force")
+        raise BadInput(f"{current.path} is the tokenizer of checkpoint {used[0]}"
+                       f"{f' (and {len(used) - 1} other runs)' if len(used) > 1 else ''}; retraining it "
+                       f"would make that model unusable: use another NANOCHAT_BASE_DIR, delete the "
+                       f"tokenizer and its checkpoints deliberately, or pass --force")
 
 
 def main(argv=None):
@@ -78,4 +79,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run(main))

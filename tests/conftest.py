@@ -2,6 +2,7 @@ import random
 
 import pytest
 
+from nanochat.cli import run
 from nanochat.dataset import write_shards
 from nanochat.tokenizer import Tokenizer
 
@@ -22,3 +23,12 @@ def base_dir(tmp_path, monkeypatch):
     """A base dir (NANOCHAT_BASE_DIR) with write_tiny_base's shards and tokenizer."""
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
     return write_tiny_base(tmp_path)
+
+
+def error_line(main, argv, capsys):
+    """The one `error:` line a command prints for a user's mistake, after checking that it exits 1
+    with that line alone on stderr (no traceback)."""
+    assert run(main, argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err.strip()

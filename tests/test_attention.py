@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from nanochat import attention as attn
+from nanochat.cli import UserError
 
 CPU = torch.device("cpu")
 # Uncompiled flex warns that it materializes the scores; that is the point of running it here.
@@ -179,10 +180,18 @@ def test_cpu_default_is_sdpa(fresh_choice, capsys):
 
 
 def test_forced_backend_is_used(fresh_choice, capsys):
+    fresh_choice.setenv("NANOCHAT_ATTN", "sdpa")
+    assert attn.get_backend(CPU, torch.float32) == "sdpa"
+    assert "attention backend: sdpa (PyTorch SDPA)" in capsys.readouterr().out
+    assert attn._chosen[1] is attn._sdpa
+
+
+def test_forced_flex_on_cpu_is_refused_at_start(fresh_choice):
+    # uncompiled flex would only fail at the first backward, after the model and data are built
     fresh_choice.setenv("NANOCHAT_ATTN", "flex")
-    assert attn.get_backend(CPU, torch.float32) == "flex"
-    assert "attention backend: flex (FlexAttention)" in capsys.readouterr().out
-    assert attn._chosen[1] is attn._flex
+    with pytest.raises(UserError, match="NANOCHAT_ATTN='flex' trains on CUDA only .*NANOCHAT_ATTN=sdpa"):
+        attn.get_backend(CPU, torch.float32)
+    assert attn._chosen is None
 
 
 def test_unknown_backend_names_the_variable(fresh_choice):

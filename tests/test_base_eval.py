@@ -21,6 +21,7 @@ from nanochat.dataset import write_shards
 from nanochat.gpt import GPTConfig, build_model
 from nanochat.tokenizer import Tokenizer, get_tokenizer_dir
 from scripts import base_eval
+from conftest import error_line
 
 BUNDLE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "eval_bundle")
 TASK_FILES = ["commonsense_reasoning/copa.jsonl", "language_understanding/winograd_wsc.jsonl"]
@@ -147,13 +148,11 @@ def test_main_end_to_end(base_dir, server, monkeypatch, capsys):
     assert "GPT-2 rows do not compare" not in md
 
 
-def test_main_404_exits_with_one_line(base_dir, server, monkeypatch):
+def test_main_404_exits_with_one_line(base_dir, server, monkeypatch, capsys):
     url, _, _ = server
     monkeypatch.setenv("NANOCHAT_EVAL_BUNDLE_URL", url + "/nope.zip")
-    with pytest.raises(SystemExit) as e:
-        base_eval.main(["--device-type", "cpu", "--bpb-tokens", "0"])
-    msg = str(e.value.code)
-    assert msg.startswith("error:") and url + "/nope.zip" in msg and "--eval-bundle" in msg and "\n" not in msg
+    msg = error_line(base_eval.main, ["--device-type", "cpu", "--bpb-tokens", "0"], capsys)
+    assert url + "/nope.zip" in msg and "--eval-bundle" in msg
     assert not (base_dir / "eval_bundle").exists()
 
 
@@ -172,12 +171,10 @@ def test_main_uses_given_bundle_and_newest_tag(base_dir, tmp_path):
     assert not (base_dir / "eval_bundle").exists()  # nothing downloaded
 
 
-def test_missing_shards_fail_before_core(tmp_path, monkeypatch):
+def test_missing_shards_fail_before_core(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))  # no shards, no checkpoint
-    with pytest.raises(SystemExit) as e:
-        base_eval.main(["--eval-bundle", BUNDLE, "--device-type", "cpu"])
-    msg = str(e.value.code)
-    assert msg.startswith("error: found 0 shard(s)") and "--bpb-tokens 0" in msg and "\n" not in msg
+    msg = error_line(base_eval.main, ["--eval-bundle", BUNDLE, "--device-type", "cpu"], capsys)
+    assert msg.startswith("error: found 0 shard(s)") and "--bpb-tokens 0" in msg
 
 
 def test_hf_path_excludes_our_checkpoint_flags(capsys):

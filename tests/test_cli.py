@@ -108,4 +108,7 @@ def test_one_spelling_per_flag(module_name, argv, capsys):
 
 def test_shard_count():
     from nanochat import dataset
-    assert dataset.shard_count("all") is None and dataset.shard_count("-1") is None and dataset.shard_count("3") == 3
+    assert dataset.shard_count("all") is None and dataset.shard_count("3") == 3
+    for bad in ("-1", "0", "x"):  # no hidden meaning for a negative number
+        with pytest.raises(argparse.ArgumentTypeError, match="expected a number of shards >= 1, or 'all'"):
+            dataset.shard_count(bad)

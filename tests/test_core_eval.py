@@ -244,7 +244,6 @@ def test_subset_accuracy_is_over_the_shuffled_items(tok):
 # Where the ruler fails: a sensible answer, and the item counted as repaired
 
 def test_repairs_where_the_ruler_fails(tok):
-    m = mc_model(tok)
     # a choice whose tokens are all shared with another's: the ruler's span is empty (a NaN mean);
     # every row then scores from its last shared token on
     t = task("multiple_choice", [{"query": "Q", "choices": ["red", "red dog"], "gold": 0}])

@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from nanochat import dataset
+from nanochat.cli import run
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(REPO_ROOT), "shared")
@@ -157,7 +158,7 @@ def test_unresolvable_host_fails_fast_with_one_line(monkeypatch, tmp_path, capsy
     # what a machine without network sees: the name of the data host does not resolve
     monkeypatch.setenv("NANOCHAT_DATA_URL", "http://nanochat-data.invalid/data")
     t0 = time.monotonic()
-    assert dataset.main(["-n", "8", "--out", str(tmp_path / "d")]) == 1  # default retries and backoff
+    assert run(dataset.main, ["-n", "8", "--out", str(tmp_path / "d")]) == 1  # default retries and backoff
     assert time.monotonic() - t0 < 10  # was 9 shards x 6 attempts, ~3 minutes
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1, err
@@ -245,7 +246,7 @@ def test_download_refuses_old_local_shards_without_manifest(server, tmp_path, ca
     # nothing fetched, nothing relabelled as ClimbMix
     assert server.requests == [] and not os.path.exists(os.path.join(data_dir, "manifest.json"))
     assert {n: open(os.path.join(data_dir, n), "rb").read() for n in shard_names(data_dir)} == before
-    assert dataset.main(["-n", "2"]) == 1
+    assert run(dataset.main, ["-n", "2"]) == 1
     assert "so they are not an interrupted ClimbMix download" in capsys.readouterr().err
     # an interrupted download (the val shard comes first, so it is there) still resumes
     resumed = str(tmp_path / "resumed")
@@ -373,18 +374,18 @@ def test_gzipped_files_are_read_as_they_are(local_corpus, tmp_path):
 def test_other_source_on_built_shards_is_refused_in_one_line(local_corpus, tmp_path, capsys):
     src, _ = local_corpus
     out = tmp_path / "o"
-    assert dataset.main(["--local", str(src / "a.jsonl"), str(src / "b.txt"), "--out", str(out)]) == 0
+    assert run(dataset.main, ["--local", str(src / "a.jsonl"), str(src / "b.txt"), "--out", str(out)]) == 0
     first = f"{src / 'a.jsonl'}, {src / 'b.txt'}"
     assert dataset.read_manifest(str(out))["source"] == first
     capsys.readouterr()
     # the same source again (speedrun.sh re-run): kept as it is, each shard opened to check it
     before = {n: os.path.getmtime(out / n) for n in os.listdir(out)}
-    assert dataset.main(["--local", str(src / "a.jsonl"), str(src / "b.txt"), "--out", str(out)]) == 0
+    assert run(dataset.main, ["--local", str(src / "a.jsonl"), str(src / "b.txt"), "--out", str(out)]) == 0
     assert capsys.readouterr().out == f"data: shards already in {out} (built from {first})\n"
     assert {n: os.path.getmtime(out / n) for n in os.listdir(out)} == before
     # other data on the same dir: said in one line with the fix, nothing touched
     for argv, new in [(["--local", str(src / "sub")], str(src / "sub")), (["--demo"], "demo")]:
-        assert dataset.main(argv + ["--out", str(out)]) == 1
+        assert run(dataset.main, argv + ["--out", str(out)]) == 1
         assert capsys.readouterr().err.splitlines() == [
             f"error: {out} already holds shards from {first}, not from {new}: set NANOCHAT_BASE_DIR to another "
             f"dir (or pass --out), or delete {out}"]
@@ -393,7 +394,7 @@ def test_other_source_on_built_shards_is_refused_in_one_line(local_corpus, tmp_p
     assert {n: os.path.getmtime(out / n) for n in os.listdir(out)} == before
     # shards with no manifest (an older version) are not taken for any source either
     os.remove(out / "manifest.json")
-    assert dataset.main(["--local", str(src / "a.jsonl"), str(src / "b.txt"), "--out", str(out)]) == 1
+    assert run(dataset.main, ["--local", str(src / "a.jsonl"), str(src / "b.txt"), "--out", str(out)]) == 1
     assert "already holds shards from another source (no manifest.json)" in capsys.readouterr().err
 
 
@@ -442,7 +443,7 @@ def test_cli_unknown_extension(tmp_path):
 def test_cli_local_build(local_corpus, tmp_path, capsys):
     src, _ = local_corpus
     out = tmp_path / "o"
-    assert dataset.main(["--local", str(src), "--out", str(out), "--docs-per-shard", "40"]) == 0
+    assert run(dataset.main, ["--local", str(src), "--out", str(out), "--docs-per-shard", "40"]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == f"done: 2 train shard(s) + 1 val shard in {out}"
 
 
@@ -488,7 +489,7 @@ DEMO_TASKS = 18  # hellaswag (used by 2 tasks), squad and coqa are not in the bu
 
 def test_demo_build(tmp_path, capsys):
     out = tmp_path / "base_data"
-    assert dataset.main(["--demo", "--out", str(out)]) == 0
+    assert run(dataset.main, ["--demo", "--out", str(out)]) == 0
     manifest = dataset.read_manifest(str(out))
     assert manifest["source"] == "demo"
     assert (manifest["train"], manifest["val"]) == (["shard_00000.parquet"], ["shard_00001.parquet"])

@@ -16,6 +16,7 @@ transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
 from nanochat import core_eval, hf_model  # noqa: E402
+from nanochat.cli import UserError  # noqa: E402
 from scripts import base_eval  # noqa: E402
 from test_core_eval import write_bundle  # noqa: E402
 
@@ -143,7 +144,7 @@ def test_base_eval_hf_path(saved, base_dir, tmp_path):
 
 
 def test_bad_hf_path_is_one_line(tmp_path):
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(UserError) as e:
         hf_model.load_hf_model(str(tmp_path / "no-such-model"), "cpu")
-    msg = str(e.value.code)
-    assert msg.startswith("error: --hf-path") and "no-such-model" in msg and "\n" not in msg
+    msg = str(e.value)
+    assert msg.startswith("--hf-path") and "no-such-model" in msg and "\n" not in msg

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from nanochat import memory
 from nanochat.gpt import GPT, GPTConfig
 from scripts import plan
 
@@ -86,8 +87,8 @@ def test_measured_activations_extrapolate_to_another_model():
     # the estimate (from depth 2 and 4 at width 256 and two vocab sizes) against a direct measurement
     # of a model of another depth, width and vocab: within 2 %
     cfg = GPTConfig(sequence_len=80, vocab_size=768, n_layer=6, n_head=3, n_embd=384)
-    per_layer, outside, per_vocab, per_weight = plan.measure_saved_bytes(cfg.head_dim, cfg.window_pattern)
-    direct, copies = plan.saved_for_backward(cfg)
+    per_layer, outside, per_vocab, per_weight = memory.measure_saved_bytes(cfg.head_dim, cfg.window_pattern)
+    direct, copies = memory.saved_for_backward(cfg)
     estimate = cfg.n_embd * (per_layer * cfg.n_layer + outside) + per_vocab * cfg.vocab_size
     assert estimate == pytest.approx(direct, rel=0.02), (estimate, direct)
     with torch.device("meta"):
@@ -97,8 +98,17 @@ def test_measured_activations_extrapolate_to_another_model():
     # in bf16 is all the head saves (the softcap and the fp32 logits are recomputed in backward)
     assert 36 < per_layer < 43 and 1.9 < per_vocab < 2.2 and per_weight == pytest.approx(2.0, rel=0.05)
     # plan uses a recorded copy of this measurement at these defaults: it must still be what torch measures
-    recorded = plan.RECORDED_SAVED_BYTES[(cfg.head_dim, cfg.window_pattern)]
+    recorded = memory.RECORDED_SAVED_BYTES[(cfg.head_dim, cfg.window_pattern)]
     assert recorded == pytest.approx((per_layer, outside, per_vocab, per_weight), rel=1e-6)
+
+
+def test_the_eager_fp32_record_predicts_a_cpu_run():
+    # base_train's memory check on a CPU: the recorded eager fp32 bytes against a direct measurement
+    # of another depth, width and vocab, within 2 %
+    cfg = GPTConfig(sequence_len=80, vocab_size=768, n_layer=6, n_head=3, n_embd=384)
+    per_layer, outside, per_vocab, _ = memory.EAGER_FP32_SAVED_BYTES
+    direct, _ = memory.saved_for_backward(cfg, compiled=False)
+    assert cfg.n_embd * (per_layer * cfg.n_layer + outside) + per_vocab * cfg.vocab_size == pytest.approx(direct, rel=0.02)
 
 
 def test_d24_batch_16_memory_is_the_measured_one(d24):

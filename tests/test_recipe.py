@@ -3,7 +3,6 @@ The derived recipe (nanochat/recipe.py): the d24 speedrun numbers, the auto-batc
 optimizer group table and the schedule, pinned.
 """
 import json
-import math
 
 import pytest
 

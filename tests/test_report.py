@@ -6,6 +6,7 @@ import time
 import pytest
 
 from nanochat import report
+from nanochat.cli import UserError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TASKS = {"arc_easy": (0.55, 0.40, 25.0, 2376), "piqa": (0.62, 0.24, 50.0, 1838), "lambada_openai": (0.30, 0.30, 0.0, 5153)}
@@ -208,15 +209,21 @@ def test_failed_write_keeps_previous_report(base, monkeypatch):
 
 # --- --compare: runs side by side ---
 
-def make_run(base, tag, val_bpbs, core, label="CORE over 3/22 tasks", elapsed=100.0, vocab=4096, rules=report.RULES):
+def make_run(base, tag, val_bpbs, core, label="CORE over 3/22 tasks", elapsed=100.0, vocab=4096, rules=report.RULES,
+             horizon=None, core_step=None):
+    """A run of len(val_bpbs) val records 10 steps apart; it ends at its horizon unless one is given."""
+    last = 10 * (len(val_bpbs) - 1)
     run_dir = os.path.join(base, "base_checkpoints", tag)
-    write_json(os.path.join(run_dir, "config.json"), {"model_config": {"vocab_size": vocab}})
+    write_json(os.path.join(run_dir, "config.json"), {"model_config": {"vocab_size": vocab},
+                                                      "num_iterations": horizon or last})
     recs = [{"type": "val", "step": 10 * i, "val_bpb": v, "tokens": 8192 * 10 * i, "flops": 1e9 * i,
              "elapsed": 5.0 * i} for i, v in enumerate(val_bpbs)]
-    recs.append({"type": "final", "step": 10 * (len(val_bpbs) - 1), "val_bpb": val_bpbs[-1], "elapsed": elapsed})
+    if horizon in (None, last):
+        recs.append({"type": "final", "step": last, "val_bpb": val_bpbs[-1], "elapsed": elapsed})
     with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
         f.write("".join(json.dumps(r) + "\n" for r in recs))
-    write_json(os.path.join(run_dir, "base_eval.json"), {"core": core, "core_label": label, "rules": rules})
+    write_json(os.path.join(run_dir, "base_eval.json"), {"core": core, "core_label": label, "rules": rules,
+                                                         "step": last if core_step is None else core_step})
 
 
 def test_compare_table_deltas_and_plot(base, capsys):
@@ -243,9 +250,18 @@ def test_compare_warns_when_not_comparable(base, capsys):
     assert "different CORE rules: a: leaderboard, rev 1, b: DCLM v1 semantics, rev 2" in warnings[2]
 
 
+def test_compare_marks_an_unfinished_run_and_an_early_core(base):
+    make_run(base, "baseline", [3.0, 2.5, 2.2], 0.10, core_step=10)
+    make_run(base, "stopped", [3.0, 2.4], 0.12, horizon=20)
+    rows = {line.split(" |")[0]: line for line in report.compare_runs(["baseline", "stopped"], base_dir=str(base))
+            if line.startswith("| ")}
+    assert "| baseline" in rows and "at step 10)" in rows["| baseline"]  # CORE measured before its last step (20)
+    assert "| stopped (UNFINISHED: step 10 of 20)" in rows and "at step" not in rows["| stopped (UNFINISHED: step 10 of 20)"]
+
+
 def test_compare_unknown_tag_names_the_runs_there(base):
     make_run(base, "baseline", [3.0], 0.1)
-    with pytest.raises(SystemExit, match="no run 'nope' .*there: baseline"):
+    with pytest.raises(UserError, match="no run 'nope' .*there: baseline"):
         report.compare_runs(["baseline", "nope"], base_dir=str(base))
 
 
