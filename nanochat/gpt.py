@@ -10,7 +10,6 @@ Relative to GPT-2 it keeps the shape (pre-norm blocks of attention + MLP) and ch
 - logits soft-capped at ±15
 `--depth` is the one dial: width, heads and every learning rate follow from it.
 """
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -253,25 +252,6 @@ class GPT(nn.Module):
             "smear_backout": [self.smear_gate.weight, self.smear_lambda, self.backout_lambda],
             "matrices": list(self.blocks.parameters()),
         }
-
-    def setup_optimizer(self, groups, compile=None):
-        """MuonAdamW over the recipe's groups (nanochat.recipe: LRs, betas, decays and their reasons).
-        A Muon group is split by matrix shape: Muon orthogonalizes a stack of same-shape matrices at once.
-        compile: MuonAdamW's (default: compile the updates on CUDA)."""
-        from nanochat.optim import MuonAdamW
-        params = self.param_groups()
-        out = []
-        for g in groups:
-            hyper = {k: v for k, v in dataclasses.asdict(g).items() if v is not None}
-            if g.kind == "adamw":
-                out.append(dict(hyper, params=params[g.name]))
-                continue
-            by_shape = {}
-            for p in params[g.name]:
-                by_shape.setdefault(p.shape, []).append(p)
-            out += [dict(hyper, params=ps) for ps in by_shape.values()]
-        assert sum(len(g["params"]) for g in out) == len(list(self.parameters())), "a parameter has no group"
-        return MuonAdamW(out, compile=compile)
 
 
 def build_model(config, device):

@@ -26,6 +26,7 @@ Training loop contract (the loop never all-reduces anything itself):
     optimizer.step()
     model.zero_grad(set_to_none=True)
 """
+import dataclasses
 
 import torch
 import torch.distributed as dist
@@ -52,7 +53,7 @@ POLAR_EXPRESS_COEFFS = [
 
 # The dtype of Muon's orthogonalization (MuonEq + Polar Express). None: the device's compute dtype,
 # bf16 on GPUs (Muon's main cost, and the result needs little precision), fp32 on CPUs, where bf16
-# matmuls are emulated (~45x slower than fp32 on the 2-core dev VM). Tests pin it to compare runs.
+# matmuls are emulated (tens of times slower than fp32: docs/PERF.md). Tests pin it to compare runs.
 ORTHO_DTYPE = None
 
 
@@ -137,30 +138,53 @@ def scalar(x, device, dtype=torch.float64):
     return torch.full((), x, dtype=dtype, device=device)
 
 
+# -----------------------------------------------------------------------------
+# The optimizer: the math above, applied per group, and the distributed bookkeeping around it
+
+def ceil_div(a, b):
+    return -(-a // b)
+
+
 def pad_rows(t, world):
     """t with zero rows appended so dim 0 splits evenly into `world` blocks (t itself if it does)."""
     extra = -t.size(0) % world
     return t if extra == 0 else torch.cat([t, t.new_zeros(extra, *t.shape[1:])])
 
 
-ADAMW_DEFAULTS = dict(betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0)
-MUON_DEFAULTS = dict(momentum=0.95, beta2=0.9, weight_decay=0.0, ns_steps=5)
+@dataclasses.dataclass(eq=False)
+class Unit:
+    """What is reduced across ranks as one: an AdamW parameter, or a round of up to W same-shape
+    Muon matrices (rank r updates the r-th). grad: what this rank updates once the reduction lands
+    (the whole gradient, its block of rows, or one matrix); work: that reduction, in flight."""
+    group: int  # index into param_groups
+    params: list
+    sharded: bool
+    n_ready: int = 0  # gradients of this step that are final
+    grad: torch.Tensor = None
+    work: object = None
+
+    def reset(self):
+        self.n_ready, self.grad, self.work = 0, None, None
+
+
+HYPERPARAMETERS = {"muon": ("lr", "momentum", "beta2", "weight_decay", "ns_steps"),
+                   "adamw": ("lr", "betas", "eps", "weight_decay")}
 
 
 class MuonAdamW(torch.optim.Optimizer):
     """param_groups: dicts with kind="muon" (params: 2-D matrices, all of one shape; lr, momentum,
-    beta2, weight_decay, ns_steps) or kind="adamw" (params, lr, betas, eps, weight_decay).
+    beta2, weight_decay, ns_steps) or kind="adamw" (params, lr, betas, eps, weight_decay), every
+    value given: the recipe is their one source, the optimizer has no defaults of its own.
     Every group also gets initial_lr; step() reads lr, momentum, weight_decay from the group each
     time, so schedules just overwrite them. Every parameter must get a gradient every step.
     compile: torch.compile the two update functions (default: when the parameters are on CUDA, where
     eager mode launches hundreds of small kernels per step; one fused graph per group instead)."""
 
     def __init__(self, param_groups, compile=None):
-        groups = []
         for g in param_groups:
-            assert g["kind"] in ("muon", "adamw"), g["kind"]
-            groups.append({**(MUON_DEFAULTS if g["kind"] == "muon" else ADAMW_DEFAULTS), **g})
-        super().__init__(groups, {})
+            missing = [k for k in HYPERPARAMETERS[g["kind"]] if k not in g]
+            assert not missing, f"a {g['kind']} group without {', '.join(missing)}"
+        super().__init__(param_groups, {})
         for group in self.param_groups:
             group["initial_lr"] = group["lr"]
             if group["kind"] == "muon":
@@ -183,12 +207,10 @@ class MuonAdamW(torch.optim.Optimizer):
         for gi, group in enumerate(self.param_groups):
             ps, W = group["params"], self.world
             if group["kind"] == "adamw":
-                self.units += [dict(gi=gi, params=[p], sharded=W > 1 and p.numel() >= SHARD_MIN_NUMEL) for p in ps]
+                self.units += [Unit(gi, [p], sharded=W > 1 and p.numel() >= SHARD_MIN_NUMEL) for p in ps]
             else:
-                self.units += [dict(gi=gi, params=ps[i:i + W], sharded=W > 1) for i in range(0, len(ps), W)]
-        for unit in self.units:
-            unit.update(n_ready=0, grad=None, work=None)
-        self.unit_of = {p: unit for unit in self.units for p in unit["params"]}
+                self.units += [Unit(gi, ps[i:i + W], sharded=W > 1) for i in range(0, len(ps), W)]
+        self.unit_of = {p: unit for unit in self.units for p in unit.params}
         # Post-accumulate hooks fire once p.grad holds this backward's full gradient. Every rank runs the
         # same graph, so hooks fire (and collectives launch) in the same order everywhere.
         if self.world > 1:
@@ -198,27 +220,27 @@ class MuonAdamW(torch.optim.Optimizer):
         if not self.sync_grads:  # an earlier micro-step: keep accumulating locally
             return
         unit = self.unit_of[p]
-        if unit["grad"] is not None:
+        if unit.grad is not None:
             raise RuntimeError("gradient reduced twice: set optimizer.sync_grads = False on all but the last micro-step")
-        unit["n_ready"] += 1
-        if unit["n_ready"] == len(unit["params"]):
+        unit.n_ready += 1
+        if unit.n_ready == len(unit.params):
             self._reduce(unit)
 
     def _reduce(self, unit):
-        """Start averaging the unit's gradients over ranks. unit["grad"] becomes what this rank updates:
+        """Start averaging the unit's gradients over ranks. unit.grad becomes what this rank updates:
         the whole gradient (small tensors), its block of rows (large ones) or one matrix (a Muon round)."""
-        ps, W = unit["params"], self.world
-        if self.param_groups[unit["gi"]]["kind"] == "muon":
+        ps, W = unit.params, self.world
+        if self.param_groups[unit.group]["kind"] == "muon":
             grad = torch.stack([p.grad for p in ps] + [torch.zeros_like(ps[0].grad)] * (W - len(ps)))
         else:
-            grad = pad_rows(ps[0].grad, W) if unit["sharded"] else ps[0].grad
+            grad = pad_rows(ps[0].grad, W) if unit.sharded else ps[0].grad
         if W == 1:
-            unit["grad"] = grad
-        elif not unit["sharded"]:
-            unit["grad"], unit["work"] = grad, dist.all_reduce(grad, op=dist.ReduceOp.AVG, async_op=True)
-        else:  # gloo supports reduce-scatter and AVG too (torch 2.13), so CPU tests run the NCCL code path
+            unit.grad = grad
+        elif not unit.sharded:
+            unit.grad, unit.work = grad, dist.all_reduce(grad, op=dist.ReduceOp.AVG, async_op=True)
+        else:  # gloo supports reduce-scatter and AVG too, so CPU tests run the NCCL code path
             out = grad.new_empty(grad.size(0) // W, *grad.shape[1:])
-            unit["grad"], unit["work"] = out, dist.reduce_scatter_single(out, grad, op=dist.ReduceOp.AVG, async_op=True)
+            unit.grad, unit.work = out, dist.reduce_scatter_single(out, grad, op=dist.ReduceOp.AVG, async_op=True)
 
     def set_schedule(self, lr_multiplier, momentum, muon_weight_decay):
         """This step's scheduled values: every group's LR at lr_multiplier × its initial LR (AdamW's
@@ -232,14 +254,14 @@ class MuonAdamW(torch.optim.Optimizer):
     def step(self, closure=None):
         assert closure is None, "closures are not supported"
         for unit in self.units:  # whatever no hook started (one process, sync_grads off, no hooks) starts now
-            if unit["grad"] is None:
+            if unit.grad is None:
                 self._reduce(unit)
         gathers = []  # (work, [(dst, src), ...]): copies to make once an all-gather has landed
         for gi, group in enumerate(self.param_groups):
-            units = [u for u in self.units if u["gi"] == gi]
+            units = [u for u in self.units if u.group == gi]
             for unit in units:
-                if unit["work"] is not None:
-                    unit["work"].wait()
+                if unit.work is not None:
+                    unit.work.wait()
             step_fn = self._muon_step if group["kind"] == "muon" else self._adamw_step
             gathers += step_fn(group, units)  # this group's all-gathers overlap the next group's math
         for work, copies in gathers:
@@ -247,14 +269,14 @@ class MuonAdamW(torch.optim.Optimizer):
             for dst, src in copies:
                 dst.copy_(src)
         for unit in self.units:
-            unit.update(n_ready=0, grad=None, work=None)
+            unit.reset()
 
     def _adamw_step(self, group, units):
         mine = []  # (param, the rows of it this rank updates, their gradient)
         for unit in units:
-            p, grad = unit["params"][0], unit["grad"]
+            p, grad = unit.params[0], unit.grad
             own = p
-            if unit["sharded"]:  # this rank's block of rows: fewer (or none) at the end of the tensor
+            if unit.sharded:  # this rank's block of rows: fewer (or none) at the end of the tensor
                 own = p[self.rank * grad.size(0):(self.rank + 1) * grad.size(0)]
                 grad = grad[:own.size(0)]
             mine.append((p, own, grad))
@@ -273,8 +295,8 @@ class MuonAdamW(torch.optim.Optimizer):
                               scalar(group["weight_decay"], device))
         gathers = []
         for unit in units:
-            if unit["sharded"]:  # in-place all-gather: our block is already in place in `full`
-                p, k = unit["params"][0], unit["grad"].size(0)
+            if unit.sharded:  # in-place all-gather: our block is already in place in `full`
+                p, k = unit.params[0], unit.grad.size(0)
                 full = pad_rows(p, self.world)  # p itself unless rows had to be padded
                 work = dist.all_gather_single(full, full[self.rank * k:(self.rank + 1) * k], async_op=True)
                 gathers.append((work, [(p, full[:p.size(0)])] if full.size(0) != p.size(0) else []))
@@ -282,8 +304,8 @@ class MuonAdamW(torch.optim.Optimizer):
 
     def _muon_step(self, group, units):
         # this rank's matrices, one per round (None: a zero pad in the last round), and their gradients
-        mine = [u["params"][self.rank] if self.rank < len(u["params"]) else None for u in units]
-        grad = torch.cat([u["grad"] for u in units]).float()  # (R, m, n)
+        mine = [u.params[self.rank] if self.rank < len(u.params) else None for u in units]
+        grad = torch.cat([u.grad for u in units]).float()  # (R, m, n)
         like = group["params"][0]
         p = torch.stack([q if q is not None else torch.zeros_like(like) for q in mine]).float()
         state = self.state[like]  # one state per group, stacked like p
@@ -304,7 +326,7 @@ class MuonAdamW(torch.optim.Optimizer):
         for j, unit in enumerate(units):  # round j: every rank contributes its matrix, all get all W
             full = p.new_empty(self.world, *p.shape[1:])
             work = dist.all_gather_single(full, p[j:j + 1], async_op=True)
-            gathers.append((work, list(zip(unit["params"], full.unbind(0)))))
+            gathers.append((work, list(zip(unit.params, full.unbind(0)))))
         return gathers
 
     def load_state_dict(self, state_dict):
@@ -336,7 +358,7 @@ class MuonAdamW(torch.optim.Optimizer):
         """The whole tensor from this rank's block t of a tensor sharded by rows (rows=None: t is not
         sharded, every rank holds it whole), dropping the padding rows: on CPU on rank 0, None elsewhere."""
         if rows is not None:
-            t = self._gather_rows(t, -(-rows // self.world))
+            t = self._gather_rows(t, ceil_div(rows, self.world))
             t = None if t is None else t[:rows]
         return t.to("cpu", copy=True) if self.rank == 0 else None
 
@@ -352,11 +374,11 @@ class MuonAdamW(torch.optim.Optimizer):
             if group["kind"] == "adamw":
                 for j, p in enumerate(ps):
                     if s := self.state.get(p):
-                        rows = p.size(0) if self.unit_of[p]["sharded"] else None
+                        rows = p.size(0) if self.unit_of[p].sharded else None
                         state[i + j] = dict(step=s["step"], exp_avg=self._whole(s["exp_avg"], rows),
                                             exp_avg_sq=self._whole(s["exp_avg_sq"], rows))
             elif self.state.get(ps[0]):  # one stacked state per group, under its first matrix
-                s, R = self.state[ps[0]], -(-len(ps) // W)  # R rounds: this rank's stack has R matrices
+                s, R = self.state[ps[0]], ceil_div(len(ps), W)  # R rounds: this rank's stack has R matrices
                 for key, v in s.items():
                     full = self._gather_rows(v, R)
                     for j in range(len(ps)) if keep else ():  # matrix j: round j // W of rank j % W; pads unread
@@ -386,12 +408,34 @@ class MuonAdamW(torch.optim.Optimizer):
             if group["kind"] == "adamw":
                 for p, s in zip(ps, saved):
                     if s:  # sharded: this rank's block of rows (fewer or none at the end, like step())
-                        k = -(-p.size(0) // W) if self.unit_of[p]["sharded"] else None
+                        k = ceil_div(p.size(0), W) if self.unit_of[p].sharded else None
                         own = lambda t: t if k is None else t[r * k:(r + 1) * k]
                         self.state[p] = dict(step=s["step"], exp_avg=fp32(own(s["exp_avg"])),
                                              exp_avg_sq=fp32(own(s["exp_avg_sq"])))
             elif saved[0]:  # this rank's matrices r, r+W, ... stacked; zero state for the last round's pads
-                mine = range(r, -(-len(ps) // W) * W, W)
+                mine = range(r, ceil_div(len(ps), W) * W, W)
                 self.state[ps[0]] = {k: fp32(torch.stack([saved[j][k] if j < len(ps) else torch.zeros_like(v)
                                                           for j in mine])) for k, v in saved[0].items()}
             i += len(ps)
+
+
+# -----------------------------------------------------------------------------
+# Built from the recipe
+
+def build_optimizer(model, groups, compile=None):
+    """MuonAdamW over a model's parameters, grouped as the recipe says (nanochat.recipe: every LR,
+    beta and decay, with its reason; model.param_groups() names the parameters). A Muon group is
+    split by matrix shape: Muon orthogonalizes a stack of same-shape matrices at once.
+    compile: MuonAdamW's (default: compile the updates on CUDA)."""
+    params, out = model.param_groups(), []
+    for g in groups:
+        hyper = {k: v for k, v in dataclasses.asdict(g).items() if v is not None}
+        if g.kind == "adamw":
+            out.append(dict(hyper, params=params[g.name]))
+            continue
+        by_shape = {}
+        for p in params[g.name]:
+            by_shape.setdefault(p.shape, []).append(p)
+        out += [dict(hyper, params=ps) for ps in by_shape.values()]
+    assert sum(len(g["params"]) for g in out) == len(list(model.parameters())), "a parameter has no group"
+    return MuonAdamW(out, compile=compile)

@@ -37,6 +37,7 @@ from nanochat.loss_eval import evaluate_split
 from nanochat.memory import check_fits
 from nanochat.recipe import DEPTH, add_flags, flag_problems, from_flags
 from nanochat.tokenizer import get_tokenizer
+from nanochat.optim import build_optimizer
 
 def parse_args(argv=None):
     p = ArgumentParser("python -m scripts.base_train", __doc__)
@@ -190,7 +191,7 @@ def build(args, rank, world, device):
         from nanochat.fp8 import convert_to_float8, disable_fp8
         convert_to_float8(model.blocks)  # the head stays bf16: its softcapped logits are precision-sensitive
         eval_mode = lambda: disable_fp8(model)  # noqa: E731
-    optimizer = model.setup_optimizer(recipe.param_groups)
+    optimizer = build_optimizer(model, recipe.param_groups)
     step_model = torch.compile(model) if use_compile else model
     # Data: each rank runs `accum` micro-streams, stream (rank, a) being loader rank*accum + a of
     # world*accum. The global batch is then the same for any split of world × accum: 8 GPUs with

@@ -27,6 +27,7 @@ from nanochat.cli import DEVICE_TYPES, ArgumentParser, check, run
 from nanochat.common import autodetect_device_type, compute_dtype, compute_init, get_peak_flops, mfu
 from nanochat.gpt import build_model, norm
 from nanochat.recipe import derive
+from nanochat.optim import build_optimizer
 
 
 def parse_args(argv=None):
@@ -187,7 +188,7 @@ def bench(args):
         convert_to_float8(model.blocks)
     from nanochat.attention import get_backend
     flops_per_token = model.estimate_flops()
-    optimizer = None if args.no_optimizer else model.setup_optimizer(recipe.param_groups)
+    optimizer = None if args.no_optimizer else build_optimizer(model, recipe.param_groups)
     step_model = torch.compile(model) if use_compile else model
     B, T = args.device_batch_size, args.max_seq_len  # rows, tokens per row
     x = torch.randint(0, args.vocab_size, (B, T), device=device)

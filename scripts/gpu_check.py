@@ -36,6 +36,7 @@ from nanochat.cli import ArgumentParser, run
 from nanochat.common import (autodetect_device_type, compute_init, get_peak_flops, mfu,
                              nvidia_driver_version)
 from nanochat.gpt import GPTConfig, build_model
+from nanochat.optim import build_optimizer
 
 
 @dataclass
@@ -58,7 +59,7 @@ def make_optimizer(model, compile=None):
     cfg = model.config
     recipe = derive(depth=cfg.n_layer, vocab_size=cfg.vocab_size, sequence_len=cfg.sequence_len,
                     head_dim=cfg.head_dim, window_pattern=cfg.window_pattern, device_batch_size=1, num_iterations=1)
-    return model.setup_optimizer(recipe.param_groups, compile=compile)
+    return build_optimizer(model, recipe.param_groups, compile=compile)
 
 # -----------------------------------------------------------------------------
 # environment

@@ -16,6 +16,17 @@ from nanochat.optim import MuonAdamW
 
 MUON = ("attn", "fc", "proj")
 
+def adamw_group(params, lr, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0):
+    """A MuonAdamW AdamW group, every hyperparameter given (the optimizer has no defaults of its own)."""
+    return dict(kind="adamw", params=params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+
+def muon_group(params, lr, momentum=0.95, beta2=0.9, weight_decay=0.0, ns_steps=5):
+    """A MuonAdamW Muon group, every hyperparameter given."""
+    return dict(kind="muon", params=params, lr=lr, momentum=momentum, beta2=beta2, weight_decay=weight_decay,
+                ns_steps=ns_steps)
+
+
 
 @dataclasses.dataclass(frozen=True)
 class Toy:
@@ -69,12 +80,12 @@ class Toy:
 
     def make_optimizer(self, P):
         return MuonAdamW([
-            dict(kind="adamw", params=[P["emb"], P["wide"], P["ve"]], lr=0.05),
-            dict(kind="adamw", params=[P["head"]], lr=0.01, weight_decay=0.1),
-            dict(kind="adamw", params=[P["lam"], P["gain"]], lr=0.02, betas=(0.9, 0.99)),
-            dict(kind="muon", params=[P[f"attn{i}"] for i in range(self.n_attn)], lr=0.02, weight_decay=0.2),
-            dict(kind="muon", params=[P[f"fc{i}"] for i in range(3)], lr=0.02, weight_decay=0.2),
-            dict(kind="muon", params=[P[f"proj{i}"] for i in range(2)], lr=0.02, weight_decay=0.2),
+            adamw_group(params=[P["emb"], P["wide"], P["ve"]], lr=0.05),
+            adamw_group(params=[P["head"]], lr=0.01, weight_decay=0.1),
+            adamw_group(params=[P["lam"], P["gain"]], lr=0.02, betas=(0.9, 0.99)),
+            muon_group(params=[P[f"attn{i}"] for i in range(self.n_attn)], lr=0.02, weight_decay=0.2),
+            muon_group(params=[P[f"fc{i}"] for i in range(3)], lr=0.02, weight_decay=0.2),
+            muon_group(params=[P[f"proj{i}"] for i in range(2)], lr=0.02, weight_decay=0.2),
         ])
 
 

@@ -3,6 +3,7 @@ import torch
 
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig, build_model
+from nanochat.optim import build_optimizer
 
 
 def tiny_config(**kw):
@@ -114,7 +115,7 @@ def recipe_groups(depth=4, total_batch_size=2 ** 19, weight_decay=None):
 
 def test_optimizer_groups_cover_every_param_once():
     model = build_model(tiny_config(depth=4), "cpu")
-    opt = model.setup_optimizer(recipe_groups())
+    opt = build_optimizer(model, recipe_groups())
     seen = [p for g in opt.param_groups for p in g["params"]]
     assert len(seen) == len(set(map(id, seen))) == len(list(model.parameters()))
     muon = [p for g in opt.param_groups if g["kind"] == "muon" for p in g["params"]]
@@ -123,7 +124,7 @@ def test_optimizer_groups_cover_every_param_once():
     s = (model.config.n_embd / 768) ** -0.5
     lm_head_group = next(g for g in opt.param_groups if model.lm_head.weight in g["params"])
     assert lm_head_group["lr"] == pytest.approx(0.008 * s) and lm_head_group["betas"] == (0.8, 0.96)
-    lr4x = next(g for g in model.setup_optimizer(recipe_groups(total_batch_size=2 ** 21)).param_groups
+    lr4x = next(g for g in build_optimizer(model, recipe_groups(total_batch_size=2 ** 21)).param_groups
                 if g["kind"] == "adamw")["lr"]
     assert lr4x == pytest.approx(2 * 0.008 * s)  # × sqrt(B / 2^19)
 
@@ -162,7 +163,7 @@ def test_tiny_model_overfits_one_batch():
     model = build_model(tiny_config(depth=2), "cpu")
     # no Muon decay: the derived one (∝ P_d12 / P) is huge for a model this small, and this test
     # runs at a constant LR with no schedule
-    opt = model.setup_optimizer(recipe_groups(depth=2, weight_decay=0.0))
+    opt = build_optimizer(model, recipe_groups(depth=2, weight_decay=0.0))
     idx = torch.randint(0, 64, (4, 33))
     x, y = idx[:, :-1], idx[:, 1:]
     for step in range(150):

@@ -9,8 +9,8 @@ import torch
 import torch.distributed as dist
 
 from nanochat import optim
-from nanochat.optim import MuonAdamW, muon_eq, muon_plus, normuon, polar_express
-from optim_toy import MUON, Toy, orthogonalize_in, spawn_gloo
+from nanochat.optim import MuonAdamW, build_optimizer, muon_eq, muon_plus, normuon, polar_express
+from optim_toy import MUON, Toy, adamw_group, muon_group, orthogonalize_in, spawn_gloo
 
 
 def random_matrix(m, n, cond, gen):
@@ -64,8 +64,8 @@ def test_adamw_matches_torch():
     ours = [torch.randn(s, generator=gen).requires_grad_() for s in shapes]
     ref = [p.detach().clone().requires_grad_() for p in ours]
     init = [p.detach().clone() for p in ours]
-    opt = MuonAdamW([dict(kind="adamw", params=ours[:2], lr=0.01, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.1),
-                     dict(kind="adamw", params=ours[2:], lr=0.03, betas=(0.9, 0.99), eps=1e-8)])
+    opt = MuonAdamW([adamw_group(params=ours[:2], lr=0.01, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.1),
+                     adamw_group(params=ours[2:], lr=0.03, betas=(0.9, 0.99), eps=1e-8)])
     topt = torch.optim.AdamW([dict(params=ref[:2], lr=0.01, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.1),
                               dict(params=ref[2:], lr=0.03, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0)])
     for step in range(20):
@@ -86,8 +86,8 @@ def test_adamw_bf16_param_keeps_fp32_state():
     gen = torch.Generator().manual_seed(0)
     p = torch.randn(8, 16, generator=gen).bfloat16().requires_grad_()
     p32 = p.detach().float().requires_grad_()  # the same update done entirely in fp32
-    opt = MuonAdamW([dict(kind="adamw", params=[p], lr=0.01, weight_decay=0.1)])
-    opt32 = MuonAdamW([dict(kind="adamw", params=[p32], lr=0.01, weight_decay=0.1)])
+    opt = MuonAdamW([adamw_group(params=[p], lr=0.01, weight_decay=0.1)])
+    opt32 = MuonAdamW([adamw_group(params=[p32], lr=0.01, weight_decay=0.1)])
     p.grad = torch.randn(8, 16, generator=gen).bfloat16()
     p32.grad = p.grad.float()
     opt.step()
@@ -97,7 +97,7 @@ def test_adamw_bf16_param_keeps_fp32_state():
     assert p.dtype == torch.bfloat16
     assert torch.equal(p, p32.bfloat16())  # fp32 math, rounded to bf16 once at the end
     # a save/load round trip must not quietly turn the moments into bf16 (torch's default would)
-    fresh = MuonAdamW([dict(kind="adamw", params=[p], lr=0.01)])
+    fresh = MuonAdamW([adamw_group(params=[p], lr=0.01)])
     fresh.load_state_dict(opt.state_dict())
     assert fresh.state[p]["exp_avg"].dtype == torch.float32
     assert torch.equal(fresh.state[p]["exp_avg_sq"], state["exp_avg_sq"])
@@ -111,7 +111,7 @@ def muon_step_delta(p0, grad, **group):
     """p_before - p_after for one Muon step on a single matrix."""
     p = p0.clone().requires_grad_()
     p.grad = grad.clone()
-    MuonAdamW([dict(kind="muon", params=[p], **group)]).step()
+    MuonAdamW([muon_group(params=[p], **group)]).step()
     return p0 - p.detach()
 
 
@@ -236,7 +236,7 @@ def test_muon_steps_match_float64(shape):
     refs = [p.detach().double() for p in ps]
     states = [dict(buf=torch.zeros(shape, dtype=torch.float64), v=torch.zeros(max(shape) if shape[0] < shape[1]
                    else shape[0], dtype=torch.float64)) for _ in ps]
-    opt = MuonAdamW([dict(kind="muon", params=ps, lr=0.05, momentum=0.9, weight_decay=0.3)])
+    opt = MuonAdamW([muon_group(params=ps, lr=0.05, momentum=0.9, weight_decay=0.3)])
     for step in range(3):
         grads = [torch.randn(*shape, generator=gen) for _ in ps]
         for p, g in zip(ps, grads):
@@ -251,7 +251,7 @@ def test_muon_steps_match_float64(shape):
     p.grad = torch.randn(*shape, generator=gen)
     before = p.detach().double()
     with orthogonalize_in(torch.bfloat16):
-        MuonAdamW([dict(kind="muon", params=[p], lr=0.05, momentum=0.9, weight_decay=0.0)]).step()
+        MuonAdamW([muon_group(params=[p], lr=0.05, momentum=0.9, weight_decay=0.0)]).step()
     fresh = {k: torch.zeros_like(v) for k, v in states[0].items()}
     expected = before - ref_muon_step(before, p.grad.double(), fresh, 0.05, 0.9, 0.0)
     got = before - p.detach().double()
@@ -265,9 +265,9 @@ def test_orthogonalization_runs_in_the_devices_compute_dtype(monkeypatch):
     monkeypatch.setattr(optim, "polar_express", lambda X, steps=5: seen.append(X.dtype) or real(X, steps))
     p = torch.randn(8, 16, requires_grad=True)
     p.grad = torch.randn(8, 16)
-    MuonAdamW([dict(kind="muon", params=[p], lr=0.05)]).step()
+    MuonAdamW([muon_group(params=[p], lr=0.05)]).step()
     monkeypatch.setenv("NANOCHAT_DTYPE", "bf16")  # what compute_dtype answers on a GPU
-    MuonAdamW([dict(kind="muon", params=[p], lr=0.05)]).step()
+    MuonAdamW([muon_group(params=[p], lr=0.05)]).step()
     assert seen == [torch.float32, torch.bfloat16]
 
 
@@ -293,7 +293,7 @@ def test_adamw_recipe_groups_match_torch():
                     total_batch_size=2 ** 20)
     torch.manual_seed(0)
     model = build_model(recipe.config, "cpu")
-    opt = model.setup_optimizer(recipe.param_groups)
+    opt = build_optimizer(model, recipe.param_groups)
     named = model.param_groups()
     adam_groups = [g for g in recipe.param_groups if g.kind == "adamw"]
     ref = {g.name: [p.detach().clone().requires_grad_() for p in named[g.name]] for g in adam_groups}
@@ -351,7 +351,7 @@ def train(world, rank, scenario):
             opt.sync_grads = m == micro - 1 and scenario != "nohooks"
             sl = slice((rank * micro + m) * chunk, (rank * micro + m + 1) * chunk)
             (loss_fn(P, fixed, idx[sl], tgt[sl]) / micro).backward()
-            launched.append(sum(u["grad"] is not None for u in opt.units))
+            launched.append(sum(u.grad is not None for u in opt.units))
         for group in opt.param_groups:  # schedules write into the groups; step() must read them
             group["lr"] = group["initial_lr"] * (1.0 - 0.1 * step)
             if group["kind"] == "muon":

@@ -246,7 +246,7 @@ def test_load_takes_exactly_this_ranks_share(runs):
     opt = make_optimizer(P)
     opt.rank, opt.world = 1, 3  # pretend: rank 1 of 3 (no collective is needed to load)
     for u in opt.units:
-        u["sharded"] = u["params"][0].numel() >= SHARD_MIN and opt.param_groups[u["gi"]]["kind"] == "adamw"
+        u.sharded = u.params[0].numel() >= SHARD_MIN and opt.param_groups[u.group]["kind"] == "adamw"
     opt.load_full_state_dict(full)
     # emb: 101 rows -> blocks of 34, rank 1 owns rows 34..67; wide: 2 rows -> blocks of 1, rank 1 owns row 1
     assert torch.equal(opt.state[P["emb"]]["exp_avg"], full["state"][0]["exp_avg"][34:68])

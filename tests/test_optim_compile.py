@@ -7,7 +7,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from nanochat.optim import MuonAdamW
-from optim_toy import orthogonalize_in
+from optim_toy import adamw_group, muon_group, orthogonalize_in
 
 
 def make(compile):
@@ -16,8 +16,8 @@ def make(compile):
     muon = [(torch.randn(24, 8, generator=gen) * 0.1).requires_grad_() for _ in range(3)]
     adamw = [torch.randn(10, 8, generator=gen).requires_grad_(), torch.randn(6, 4, generator=gen).bfloat16().requires_grad_(),
              torch.tensor(0.5).requires_grad_()]
-    opt = MuonAdamW([dict(kind="muon", params=muon, lr=0.02, momentum=0.9, weight_decay=0.1),
-                     dict(kind="adamw", params=adamw, lr=0.01, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.1)],
+    opt = MuonAdamW([muon_group(params=muon, lr=0.02, momentum=0.9, weight_decay=0.1),
+                     adamw_group(params=adamw, lr=0.01, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.1)],
                     compile=compile)
     return muon + adamw, opt
 
