@@ -1,5 +1,5 @@
 """
-Attention: one function, attention(q, k, v, window), several kernels behind it.
+Attention: one function, attention(q, k, v, window), causal, with a sliding window.
 
 Tensors use flash-attn's layout, (B, T, H, D). Attention is always causal, with the queries
 aligned to the END of the keys: query i sits at absolute position Tk - Tq + i. Training has
@@ -7,13 +7,16 @@ Tq == Tk; a KV-cache decode step has a few new queries against the whole cache, 
 rule covers both. A sliding window lets the query at position t see key j iff
 0 <= t - j <= window (flash-attn's window_size=(window, 0)); window >= Tk is plain causal.
 
-Backends, best first. The first one that loads and fits the device is used for the whole
-process; NANOCHAT_ATTN=<name> forces one and fails loudly if it cannot run here.
+sdpa_attention() right below is the reference: PyTorch's scaled_dot_product_attention with that
+rule as a boolean mask, on any device. It is what attention computes, and what runs on a CPU.
+The fast GPU kernels sit apart, further down, each tested against it (tests/test_attention.py,
+scripts/gpu_check.py). One backend is chosen per process, the first that loads, best first;
+NANOCHAT_ATTN=<name> forces one and fails loudly if it cannot run here:
   fa3   flash-attn 3, Hopper                          import flash_attn_interface (build from source)
   fa4   flash-attn 4 (CuTe DSL), Hopper and Blackwell  from flash_attn.cute import ... (pip: the
         `gpu` extra, a pure-Python wheel that compiles its kernels at first use; no source build)
   flex  FlexAttention, any CUDA GPU: block-sparse, so short windows skip whole tiles
-  sdpa  F.scaled_dot_product_attention, anywhere; the default off CUDA
+  sdpa  the reference, anywhere; the default off CUDA
 """
 import functools
 import os
@@ -25,76 +28,38 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 from nanochat.cli import BadInput, Unavailable
 from nanochat.common import print0
 
-# -----------------------------------------------------------------------------
-# Masks. Every mask is a pure function of (window, Tq, Tk, device), so each is built once and
-# then reused by every layer and every step. There are two caches, because torch.compile guards
-# on every global dict that traced code reads: a change to such a dict recompiles the whole model
-# on its next call, and after 8 recompiles dynamo gives up and runs the rest of training eagerly.
-#   _traced_masks  read by compiled code only. It holds the training shapes, so it stops changing
-#                  after the first compiled calls; prepare_masks() can fill it before compiling.
-#   _masks         everything else: uncompiled evaluation and sampling at any shape (CORE's
-#                  variable lengths, every KV-cache decode step). It may grow and be cleared
-#                  freely, since no compiled graph ever reads it.
 
-_traced_masks = {}
-_masks = {}
+def attention(q, k, v, window):
+    """Causal attention of q (B, Tq, H, D) over k, v (B, Tk, H, D), Tq <= Tk, queries aligned to
+    the end of the keys, sliding window `window`. Returns (B, Tq, H, D) in q's dtype (possibly a
+    non-contiguous view: use .reshape, or .contiguous() before .view)."""
+    if _chosen is None:
+        get_backend(q.device, q.dtype)
+    return _chosen[1](q, k, v, window)
 
 
-def _cached(build, window, Tq, Tk, device):
-    key = (build, window, Tq, Tk, device)
-    if torch.compiler.is_compiling():
-        mask = _traced_masks.get(key)
-        if mask is None:  # first trace at this shape: build in the graph, then recompile once
-            mask = _traced_masks[key] = build(window, Tq, Tk, device)
-        return mask
-    mask = _traced_masks.get(key)
-    if mask is None:
-        mask = _masks.get(key)
-    if mask is None:
-        if len(_masks) >= 64:  # variable-length evaluation would otherwise grow it without bound
-            _masks.clear()
-        mask = _masks[key] = build(window, Tq, Tk, device)
-    return mask
-
-
-def prepare_masks(windows, T, device):
-    """Build the masks of a training shape (one sequence length T, these per-layer windows) before
-    torch.compile traces the model: the first compiled call then finds them and does not recompile
-    once to pick them up. They also mark the training shape for flex, which runs uncompiled calls
-    at this shape only (see _flex). Returns how many masks were built."""
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:  # q.device always carries the index
-        device = torch.device("cuda", torch.cuda.current_device())
-    build = {"flex": _block_mask, "sdpa": _bool_mask}.get(get_backend(device))
-    if build is None:
-        return 0  # flash-attn needs no mask
-    needed = sorted({w for w in windows if build is _block_mask or w < T})  # sdpa's causal case needs none
-    for w in needed:
-        if (build, w, T, T, device) not in _traced_masks:
-            _traced_masks[(build, w, T, T, device)] = build(w, T, T, device)
-    return len(needed)
-
-
-def _bool_mask(window, Tq, Tk, device):
+def window_mask(window, Tq, Tk, device):
     """(Tq, Tk) booleans, True where the query may see the key."""
     t = torch.arange(Tk - Tq, Tk, device=device)[:, None]  # absolute positions of the queries
     j = torch.arange(Tk, device=device)[None, :]
     return (j <= t) & (t - j <= window)
 
 
-def _block_mask(window, Tq, Tk, device):
-    """The same rule as _bool_mask, as a FlexAttention BlockMask: tiles that are fully masked
-    (everything farther back than the window) are never computed."""
-    offset = Tk - Tq
+def sdpa_attention(q, k, v, window):
+    """The reference. The mask is built on every call: it costs little next to the attention it
+    masks, and since nothing is cached, a compiled graph reads no global state, so evaluation and
+    sampling at other shapes can never make it recompile."""
+    Tq, Tk = q.size(1), k.size(1)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # SDPA wants (B, H, T, D)
+    if Tq == Tk and window >= Tk:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # lets SDPA pick flash
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=window_mask(window, Tq, Tk, q.device))
+    return out.transpose(1, 2)
 
-    def causal_window(b, h, q_idx, kv_idx):
-        t = q_idx + offset
-        return (kv_idx <= t) & (t - kv_idx <= window)
 
-    return create_block_mask(causal_window, None, None, Tq, Tk, device=device)
-
-# -----------------------------------------------------------------------------
-# The kernels. Each takes and returns (B, T, H, D).
+# =============================================================================
+# The fast kernels: the same function, for speed on GPUs. Each takes and returns (B, T, H, D).
 
 _flash_fn = None  # flash_attn_func of flash-attn 3 or 4, whichever loaded
 _no_window = -1   # how that version spells "no window": -1 for flash-attn 3, None for 4
@@ -114,15 +79,59 @@ def _flash_with(flash_fn, no_window, q, k, v, window):
     return out[0] if isinstance(out, tuple) else out  # some versions also return the log-sum-exp
 
 
+# FlexAttention needs a BlockMask per (window, shape), which is slow to build, so those of the
+# training shapes are built once, before anything is compiled (build_model calls prepare_flex), and
+# kept in _flex_masks. Compiled code reads that dict, and torch.compile guards on what it reads: a
+# dict that changed after compiling would recompile the whole model. Nothing else ever writes it.
+_flex_masks = {}  # (window, Tq, Tk, device) -> BlockMask
+
+
+def _block_mask(window, Tq, Tk, device):
+    """window_mask's rule as a FlexAttention BlockMask: tiles that are fully masked (everything
+    farther back than the window) are never computed."""
+    offset = Tk - Tq
+
+    def causal_window(b, h, q_idx, kv_idx):
+        t = q_idx + offset
+        return (kv_idx <= t) & (t - kv_idx <= window)
+
+    return create_block_mask(causal_window, None, None, Tq, Tk, device=device)
+
+
+def prepare_flex(windows, T, device):
+    """Build flex's block masks for the training shape (sequence length T, these per-layer windows)
+    before torch.compile traces the model, so that it finds them instead of recompiling once to
+    pick them up. They also mark the shapes that the compiled flex kernel runs (see _flex). A no-op
+    unless flex is the backend. Returns how many masks were built."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # q.device always carries the index
+        device = torch.device("cuda", torch.cuda.current_device())
+    if get_backend(device) != "flex":
+        return 0
+    needed = [(w, T, T, device) for w in sorted(set(windows)) if (w, T, T, device) not in _flex_masks]
+    for key in needed:
+        _flex_masks[key] = _block_mask(*key)
+    return len(needed)
+
+
+def _flex_block_mask(window, Tq, Tk, device):
+    key = (window, Tq, Tk, device)
+    if key in _flex_masks:
+        return _flex_masks[key]
+    mask = _block_mask(*key)
+    if torch.compiler.is_compiling():  # a training shape nobody prepared: kept; one recompile picks it up
+        _flex_masks[key] = mask
+    return mask
+
+
 def _flex(q, k, v, window):
     # The compiled flex kernel specializes on every new shape. Uncompiled callers at shapes other
     # than training's (CORE's variable lengths, every KV-cache decode step) would recompile it per
     # call until dynamo's limit of 8, after which flex runs unfused and materializes every score
-    # (seen on an H200, torch 2.11: the in-training CORE took 6-10 s per 50-item task). SDPA takes
-    # any shape without compiling and applies the same mask rule, so those calls go there. The
-    # training shapes are the ones in _traced_masks (prepare_masks, or the first compiled trace).
-    if not torch.compiler.is_compiling() and (_block_mask, window, q.size(1), k.size(1), q.device) not in _traced_masks:
-        return _sdpa(q, k, v, window)
+    # (an in-training CORE took seconds per item: docs/PERF.md). The reference takes any shape
+    # without compiling and applies the same rule, so those calls go there.
+    if not torch.compiler.is_compiling() and (window, q.size(1), k.size(1), q.device) not in _flex_masks:
+        return sdpa_attention(q, k, v, window)
     return _flex_kernel(q, k, v, window)
 
 
@@ -131,19 +140,8 @@ def _flex_kernel(q, k, v, window):
 
 
 def _flex_with(flex_fn, q, k, v, window):
-    block_mask = _cached(_block_mask, window, q.size(1), k.size(1), q.device)
+    block_mask = _flex_block_mask(window, q.size(1), k.size(1), q.device)
     out = flex_fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask)
-    return out.transpose(1, 2)
-
-
-def _sdpa(q, k, v, window):
-    Tq, Tk = q.size(1), k.size(1)
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # SDPA wants (B, H, T, D)
-    if Tq == Tk and window >= Tk:
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # lets SDPA pick flash
-    else:
-        mask = _cached(_bool_mask, window, Tq, Tk, q.device)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return out.transpose(1, 2)
 
 # -----------------------------------------------------------------------------
@@ -183,7 +181,7 @@ def _load_flex(device, dtype):
 
 
 def _load_sdpa(device, dtype):
-    return _sdpa
+    return sdpa_attention
 
 
 BACKENDS = {  # name -> (what it is, loader), in auto-selection order
@@ -276,12 +274,3 @@ def get_backend(device=None, dtype=None):
 def describe_backend():
     """The chosen backend for logs and the report, e.g. "fa4 (flash-attn 4)"; None before one is chosen."""
     return None if _chosen is None else f"{_chosen[0]} ({BACKENDS[_chosen[0]][0]})"
-
-
-def attention(q, k, v, window):
-    """Causal attention of q (B, Tq, H, D) over k, v (B, Tk, H, D), Tq <= Tk, queries aligned to
-    the end of the keys, sliding window `window`. Returns (B, Tq, H, D) in q's dtype (possibly a
-    non-contiguous view: use .reshape, or .contiguous() before .view)."""
-    if _chosen is None:
-        get_backend(q.device, q.dtype)
-    return _chosen[1](q, k, v, window)

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanochat.attention import attention, get_backend
+from nanochat.attention import attention, get_backend, prepare_flex
 from nanochat.common import compute_dtype
 
 
@@ -263,4 +263,7 @@ def build_model(config, device):
     model.to_empty(device=device)
     model.init_weights()
     get_backend(device, model.wte.weight.dtype)  # pick (and print) the kernel now, not inside torch.compile
+    # flex's masks of the training shape, before anything compiles: a plain torch.compile(model) then
+    # never recompiles for them (a no-op with every other backend)
+    prepare_flex(config.window_sizes(), config.sequence_len, device)
     return model

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.distributed as dist
 
-from nanochat.attention import describe_backend, prepare_masks
+from nanochat.attention import describe_backend
 from nanochat.cli import DEVICE_TYPES, ArgumentParser, BadInput, Unavailable, check, every, flag_error, run
 from nanochat.checkpoint import (check_tokenizer, get_run_dir, list_steps, load_checkpoint, load_meta, own_run,
                                  save_checkpoint, step_dir)
@@ -179,9 +179,6 @@ def build(args, rank, world, device):
         check_fits(recipe.config, recipe.device_batch_size, world, device)
     model = build_model(recipe.config, device)
     use_compile = device.type == "cuda" if args.compile is None else bool(args.compile)
-    # the training shape's masks exist before tracing (no recompile to pick them up), and mark the
-    # training shape for flex, which sends every other uncompiled shape to SDPA
-    prepare_masks(recipe.config.window_sizes(), T, device)
     if auto_batch:  # the batch depends on the model's memory: probe, then re-derive (at most one micro-step)
         fits = probe_device_batch(model, T, device, world, compiled=use_compile)
         recipe = recipe_from_flags(args, tokenizer.vocab_size, world,

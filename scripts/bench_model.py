@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from nanochat.attention import BACKENDS, prepare_masks
+from nanochat.attention import BACKENDS
 from nanochat.cli import DEVICE_TYPES, ArgumentParser, check, run
 from nanochat.common import autodetect_device_type, compute_dtype, compute_init, get_peak_flops, mfu
 from nanochat.gpt import build_model, norm
@@ -182,7 +182,6 @@ def bench(args):
                     total_batch_size=args.device_batch_size * args.max_seq_len, num_iterations=1)
     config = recipe.config
     model = build_model(config, device)
-    prepare_masks(config.window_sizes(), args.max_seq_len, device)  # as base_train: flex runs at this shape
     if args.fp8:
         from nanochat.fp8 import convert_to_float8
         convert_to_float8(model.blocks)

@@ -100,7 +100,7 @@ def compare_backend(kernel, device, dtype, Tq, Tk, window, backward):
     shapes = [(2, Tq, H, D), (2, Tk, H, D), (2, Tk, H, D)]
     q, k, v = (torch.randn(s, device=device, generator=g).to(dtype).requires_grad_(backward) for s in shapes)
     ref_in = [x.detach().float().requires_grad_(backward) for x in (q, k, v)]
-    out, ref = kernel(q, k, v, window), attn._sdpa(*ref_in, window)
+    out, ref = kernel(q, k, v, window), attn.sdpa_attention(*ref_in, window)
     errs = [rel_err(out, ref)]
     if backward:
         w = torch.randn(ref.shape, device=device, generator=g)
@@ -281,7 +281,6 @@ def timed_steps(device, config, B, use_fp8, use_compile, steps, warmup):
     """Build, (convert,) compile, warm up, then time `steps` full steps. Returns (tok/s, MFU, GiB, losses)."""
     torch.manual_seed(0)
     model = build_model(config, device)
-    attn.prepare_masks(config.window_sizes(), config.sequence_len, device)
     if use_fp8:
         from nanochat.fp8 import convert_to_float8
         convert_to_float8(model.blocks)

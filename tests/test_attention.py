@@ -136,8 +136,7 @@ def test_traces_without_graph_breaks(name, monkeypatch):
     import torch._dynamo
     import torch._dynamo.testing
     monkeypatch.setattr(attn, "_chosen", (name, load(name)))
-    monkeypatch.setattr(attn, "_masks", {})
-    monkeypatch.setattr(attn, "_traced_masks", {})
+    monkeypatch.setattr(attn, "_flex_masks", {})
     torch._dynamo.reset()
     counter = torch._dynamo.testing.CompileCounter()
     f = torch.compile(lambda q, k, v: attn.attention(q, k, v, 4) + attn.attention(q, k, v, 100),
@@ -150,12 +149,10 @@ def test_traces_without_graph_breaks(name, monkeypatch):
     torch._dynamo.reset()
 
 
-def test_mask_built_once_per_shape(monkeypatch):
-    monkeypatch.setattr(attn, "_masks", {})
-    a = attn._cached(attn._bool_mask, 4, 16, 16, CPU)
-    assert attn._cached(attn._bool_mask, 4, 16, 16, CPU) is a
-    assert attn._cached(attn._bool_mask, 5, 16, 16, CPU) is not a
-    assert a.sum() == sum(min(t, 4) + 1 for t in range(16))
+def test_window_mask_rule():
+    a = attn.window_mask(4, 16, 16, CPU)
+    assert a.sum() == sum(min(t, 4) + 1 for t in range(16))  # each query sees itself and 4 back
+    assert attn.window_mask(4, 3, 16, CPU).tolist() == a[-3:].tolist()  # queries aligned to the end
 
 
 # -----------------------------------------------------------------------------
@@ -183,7 +180,7 @@ def test_forced_backend_is_used(fresh_choice, capsys):
     fresh_choice.setenv("NANOCHAT_ATTN", "sdpa")
     assert attn.get_backend(CPU, torch.float32) == "sdpa"
     assert "attention backend: sdpa (PyTorch SDPA)" in capsys.readouterr().out
-    assert attn._chosen[1] is attn._sdpa
+    assert attn._chosen[1] is attn.sdpa_attention
 
 
 def test_forced_flex_on_cpu_is_refused_at_start(fresh_choice):
@@ -226,7 +223,7 @@ def test_cuda_backend_matches_reference(name, Tq, Tk, window):
     out.float().square().sum().backward()  # gradients agree with SDPA's
     grads = [x.grad for x in (q, k, v)]
     q2, k2, v2 = (x.detach().clone().requires_grad_() for x in (q, k, v))
-    attn._sdpa(q2, k2, v2, window).float().square().sum().backward()
+    attn.sdpa_attention(q2, k2, v2, window).float().square().sum().backward()
     for got, want in zip(grads, (q2.grad, k2.grad, v2.grad)):
         torch.testing.assert_close(got.float(), want.float(), atol=5e-2, rtol=5e-2)
 
@@ -237,13 +234,12 @@ def test_cuda_backend_matches_reference(name, Tq, Tk, window):
 
 
 def test_eval_and_sampling_rounds_never_recompile_the_training_graph(monkeypatch):
+    # a plain torch.compile(model), with no call to remember beforehand
     import torch._dynamo
     import torch._dynamo.testing
     from nanochat.engine import Engine
     from nanochat.gpt import GPTConfig, build_model
-    monkeypatch.setattr(attn, "_chosen", ("sdpa", attn._sdpa))
-    monkeypatch.setattr(attn, "_masks", {})
-    monkeypatch.setattr(attn, "_traced_masks", {})
+    monkeypatch.setattr(attn, "_chosen", ("sdpa", attn.sdpa_attention))
     torch._dynamo.reset()
     # T = 256 gives the short layers a 128-token window, so training needs a real mask
     config = GPTConfig(sequence_len=256, vocab_size=64, n_layer=2, n_head=2, n_embd=64)
@@ -259,9 +255,10 @@ def test_eval_and_sampling_rounds_never_recompile_the_training_graph(monkeypatch
         with torch.no_grad():
             step_model(x, x)          # the compiled validation loss, as base_train runs it
 
-    for _ in range(2):  # the first calls compile (masks for the training shape are built here)
+    for _ in range(2):
         train_and_val()
     compiled = counter.frame_count
+    assert compiled == 2  # one graph with gradients, one without: nothing they read changed after tracing
     for round in range(10):  # more rounds than dynamo's recompile limit (8)
         with torch.no_grad():
             model(x[:, :100 + round])  # uncompiled evaluation at a new length (CORE-like)
@@ -271,23 +268,23 @@ def test_eval_and_sampling_rounds_never_recompile_the_training_graph(monkeypatch
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("prepared", [False, True])
-def test_prepared_masks_save_the_first_recompile(monkeypatch, prepared):
+def test_prepared_flex_masks_save_the_first_recompile(monkeypatch):
     import torch._dynamo
     import torch._dynamo.testing
-    monkeypatch.setattr(attn, "_chosen", ("sdpa", attn._sdpa))
-    monkeypatch.setattr(attn, "_traced_masks", {})
-    torch._dynamo.reset()
-    if prepared:
-        assert attn.prepare_masks([4, 100, 16], 16, "cpu") == 1  # only the window shorter than T needs one
-    counter = torch._dynamo.testing.CompileCounter()
-    f = torch.compile(lambda q, k, v: attn.attention(q, k, v, 4), backend=counter, fullgraph=True)
-    q, k, v = qkv()
-    for _ in range(3):
-        out = f(q, k, v)
-    torch.testing.assert_close(out.double(), reference(q, k, v, 4), atol=4e-6, rtol=1e-5)
-    assert counter.frame_count == (1 if prepared else 2)
-    assert len(attn._traced_masks) == 1
+    kernel = load("flex")
+    for prepared in (False, True):
+        monkeypatch.setattr(attn, "_flex_masks", {})
+        monkeypatch.setattr(attn, "_chosen", ("flex", lambda *a: kernel(*a)))
+        torch._dynamo.reset()
+        if prepared:
+            assert attn.prepare_flex([4, 16, 4], 16, "cpu") == 2  # one per distinct window
+        counter = torch._dynamo.testing.CompileCounter()
+        f = torch.compile(lambda q, k, v: attn.attention(q, k, v, 4), backend=counter)
+        q, k, v = qkv()
+        for _ in range(3):
+            out = f(q, k, v)
+        torch.testing.assert_close(out.double(), reference(q, k, v, 4), atol=4e-6, rtol=1e-5)
+        assert counter.frame_count == (1 if prepared else 2), prepared
     torch._dynamo.reset()
 
 
@@ -334,9 +331,9 @@ def test_flex_runs_training_shapes_and_sends_other_uncompiled_shapes_to_sdpa(mon
     flex_calls = []
     kernel = load("flex")
     monkeypatch.setattr(attn, "_flex_kernel", lambda *a: flex_calls.append(a[0].shape) or kernel(*a))
-    monkeypatch.setattr(attn, "_traced_masks", {})
+    monkeypatch.setattr(attn, "_flex_masks", {})
     monkeypatch.setattr(attn, "_chosen", ("flex", attn._flex))
-    assert attn.prepare_masks([4, 16], 16, "cpu") == 2
+    assert attn.prepare_flex([4, 16], 16, "cpu") == 2
     for Tq, Tk, window in [(16, 16, 4), (16, 16, 16), (12, 12, 4), (1, 16, 4), (5, 16, 16)]:
         q, k, v = qkv(Tq=Tq, Tk=Tk)
         torch.testing.assert_close(attn.attention(q, k, v, window).double(), reference(q, k, v, window),

@@ -28,7 +28,7 @@ def test_cpu_run_passes():
 
 def test_wrong_attention_kernel_fails_with_one_line(monkeypatch, capsys):
     def off_by_a_bit(q, k, v, window):
-        return attn._sdpa(q, k, v, window) * 1.01  # 1 % off: far beyond fp32 rounding
+        return attn.sdpa_attention(q, k, v, window) * 1.01  # 1 % off: far beyond fp32 rounding
 
     monkeypatch.setitem(attn.BACKENDS, "flex", ("FlexAttention", lambda device, dtype: off_by_a_bit))
     with pytest.raises(SystemExit) as exc:
@@ -56,8 +56,8 @@ def test_unknown_check_names_the_flag(capsys):
 
 def test_compare_backend_catches_a_wrong_gradient():
     def wrong_backward(q, k, v, window):  # right forward, gradient of v doubled
-        out = attn._sdpa(q, k, v, window)
-        return out + (attn._sdpa(q, k, v, window) - out.detach())
+        out = attn.sdpa_attention(q, k, v, window)
+        return out + (attn.sdpa_attention(q, k, v, window) - out.detach())
     cpu = torch.device("cpu")
-    assert gpu_check.compare_backend(attn._sdpa, cpu, torch.float32, 16, 64, 8, True) < 1e-6
+    assert gpu_check.compare_backend(attn.sdpa_attention, cpu, torch.float32, 16, 64, 8, True) < 1e-6
     assert gpu_check.compare_backend(wrong_backward, cpu, torch.float32, 16, 64, 8, True) > 0.5
