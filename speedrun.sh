@@ -142,4 +142,4 @@ else
     "${LAUNCH[@]}" scripts.base_eval $EVAL_ARGS $DEVICE_ARGS --model-tag "$TAG" --eval-bundle "$BUNDLE" ${NANOCHAT_EVAL_ARGS:-}
 fi
 mark end
-$PY -m nanochat.report --model-tag "$TAG"
+$PY -m scripts.report --model-tag "$TAG"

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from nanochat.cli import BadInput
-from nanochat.dataset import list_shards, open_shard, read_row_group
+from nanochat.shards import list_shards, open_shard, read_row_group
 
 CHUNK = 128  # documents added to the buffer at a time, as the record's loader tokenizes them
 

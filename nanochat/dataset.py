@@ -1,9 +1,7 @@
 """
-The pretraining data: a directory of parquet shards, each with one `text` column stored in
-row groups (the unit a data stream reads), and a manifest.json that records where the shards came from
-and which of them are the train and the val split. The split is written down when the
-shards are made, never guessed from file names later: a lost val shard must be an error,
-not a train shard silently promoted to val (the model would be scored on its training data).
+Making the pretraining data: download ClimbMix's shards, or build shards in the same format
+(nanochat/shards.py, which training reads) from local files, a Hugging Face dataset or the demo
+corpus shipped in the package. Every build ends by writing the manifest that records the split.
 
     python -m nanochat.dataset -n 170                 # download 170 ClimbMix train shards + val (-n all: every one)
     python -m nanochat.dataset --demo                 # the small corpus shipped in nanochat/demo_data
@@ -36,16 +34,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from nanochat.cli import ArgumentParser, BadInput, Missing, Unavailable, check, run
-from nanochat.common import atomic_write, get_base_dir
+from nanochat.common import atomic_write
+from nanochat.shards import (CLIMBMIX, MANIFEST, _shard_paths, get_data_dir, list_shards, open_shard, read_manifest,
+                             read_row_group)
 
 BASE_URL = "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main"
 MAX_SHARD = 6542  # shards 0..6542 exist upstream; the last one is the validation split
 VAL_SHARD = f"shard_{MAX_SHARD:05d}.parquet"
 CHUNK_SIZE = 1 << 20
-SHARD_RE = re.compile(r"shard_\d+\.parquet")  # full match, so .partial / .tmp files never count
-MANIFEST = "manifest.json"
 BUILDING = "building.json"  # written before a build's first shard, removed once its manifest is in place
-CLIMBMIX = "climbmix"  # the source name of downloaded shards, in manifests and NANOCHAT_DATA_SOURCE
 # shipped inside the package (see demo_data/NOTICE), so the CPU demo needs no network
 DEMO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_data")
 DEMO_CORPUS = os.path.join(DEMO_DIR, "corpus")
@@ -55,12 +52,6 @@ OFFLINE_HINT = ("offline, run with NANOCHAT_DATA_SOURCE=demo (the built-in demo 
                 "(NANOCHAT_EVAL_BUNDLE_URL for the eval bundle) at a mirror")
 
 
-def get_data_dir():
-    data_dir = os.path.join(get_base_dir(), "base_data")
-    os.makedirs(data_dir, exist_ok=True)
-    return data_dir
-
-
 def shard_url(index):
     # read at call time so a mirror (or a test server) can be swapped in with NANOCHAT_DATA_URL
     base = os.environ.get("NANOCHAT_DATA_URL") or BASE_URL
@@ -68,28 +59,7 @@ def shard_url(index):
 
 
 # -----------------------------------------------------------------------------
-# Reading shards
-
-def _shard_paths(data_dir):
-    names = os.listdir(data_dir) if os.path.isdir(data_dir) else []
-    return sorted(os.path.join(data_dir, n) for n in names if SHARD_RE.fullmatch(n))
-
-
-def read_manifest(data_dir):
-    """The manifest of data_dir ({"source", "train", "val", "docs"}), or None if there is none."""
-    path = os.path.join(data_dir, MANIFEST)
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            manifest = json.load(f)
-        if isinstance(manifest["source"], str) and manifest["train"] and manifest["val"]:
-            return manifest
-    except (ValueError, KeyError, TypeError):
-        pass
-    raise BadInput(f"{path}: not a valid shard manifest; delete {data_dir} and build the shards "
-                   f"again (python -m nanochat.dataset --local PATH, or -n 8 to download)")
-
+# Downloading shards
 
 def write_manifest(data_dir, source, train, val):
     """Record which shards (file names in data_dir) are train and which val, and their source."""
@@ -100,80 +70,6 @@ def write_manifest(data_dir, source, train, val):
             json.dump(manifest, f, indent=1)
     return manifest
 
-
-def _legacy_splits(data_dir):
-    """Shards without a manifest: only a ClimbMix download (from before manifests existed) can be
-    split safely, because its val shard has a known index. Anything else is an error."""
-    paths = _shard_paths(data_dir)
-    val = os.path.join(data_dir, VAL_SHARD)
-    if len(paths) >= 2 and val in paths:
-        return {"train": [p for p in paths if p != val], "val": [val]}
-    if len(paths) < 2:
-        raise Missing(
-            f"found {len(paths)} shard(s) in {data_dir}, need at least 2 (train + val): run "
-            f"`python -m nanochat.dataset -n 8` or `python -m nanochat.dataset --local PATH`")
-    raise Missing(
-        f"{data_dir} holds {len(paths)} shards but no {MANIFEST} saying which is the val split (and no "
-        f"ClimbMix val shard {VAL_SHARD}): delete {data_dir} and build it again with "
-        f"`python -m nanochat.dataset --local PATH` (or `-n 8` to download ClimbMix)")
-
-
-def list_shards(split, data_dir=None):
-    """The shard paths of one split, as the manifest records them. Every shard the manifest
-    names must exist: a missing one is an error naming the file and how to get it back."""
-    if split not in ("train", "val"):
-        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    data_dir = data_dir or get_data_dir()
-    manifest = read_manifest(data_dir)
-    if manifest is None:
-        return _legacy_splits(data_dir)[split]
-    for which in ("val", "train"):
-        for name in manifest[which]:
-            if not os.path.exists(os.path.join(data_dir, name)):
-                fix = ("run `python -m nanochat.dataset -n 8` to download it again" if manifest["source"] == CLIMBMIX
-                       else f"delete {data_dir} and build it again from {manifest['source']}")
-                raise Missing(f"{os.path.join(data_dir, name)}: this {which} shard (listed in "
-                              f"{MANIFEST}) is missing; {fix}")
-    return [os.path.join(data_dir, name) for name in manifest[split]]
-
-
-def _unreadable(path, e):
-    # pyarrow's messages can span lines and hold raw bytes of the damaged file: keep one clean line
-    reason = " ".join("".join(c if c.isprintable() else " " for c in str(e)).split())
-    return BadInput(f"{path}: not a readable parquet shard ({reason}); delete it and run "
-                    f"python -m nanochat.dataset again (or rebuild with --local)")
-
-
-def open_shard(path):
-    """The ParquetFile of a shard, or a one-line ValueError naming the damaged file and the fix."""
-    try:
-        pf = pq.ParquetFile(path)
-    except (OSError, pa.ArrowException) as e:  # garbage, truncated or empty (a full disk, a killed copy)
-        raise _unreadable(path, e) from None
-    if "text" not in pf.schema_arrow.names:
-        raise BadInput(f"{path}: no 'text' column (columns: {', '.join(pf.schema_arrow.names)}); delete it "
-                       f"and run python -m nanochat.dataset again (or rebuild with --local)")
-    return pf
-
-
-def read_row_group(path, rg):
-    """The documents (strings) of one row group of a shard."""
-    try:
-        return open_shard(path).read_row_group(rg, columns=["text"]).column("text").to_pylist()
-    except (OSError, pa.ArrowException) as e:  # a sound footer over damaged pages shows up only here
-        raise _unreadable(path, e) from None
-
-
-def iter_documents(split, data_dir=None, rank=0, world_size=1):
-    """Yield the documents of a split, shard by shard. Rank r reads row groups r, r+W, r+2W, ...
-    of every shard, so W ranks together see each document exactly once without coordinating."""
-    for path in list_shards(split, data_dir):
-        for rg in range(rank, open_shard(path).num_row_groups, world_size):
-            yield from read_row_group(path, rg)
-
-
-# -----------------------------------------------------------------------------
-# Downloading shards
 
 def _fetch(url, tmp, timeout):
     """One attempt at streaming `url` into `tmp`, continuing a partial file if the server allows."""

@@ -1,5 +1,5 @@
 """
-The GPT: a decoder-only Transformer in the mid-2026 speedrun recipe.
+The GPT: a decoder-only Transformer, the GPT-2 speedrun record's model.
 
 Relative to GPT-2 it keeps the shape (pre-norm blocks of attention + MLP) and changes the parts:
 - rotary position embeddings instead of learned ones, and RMSNorm on q and k (QK-norm)

@@ -13,7 +13,6 @@ import json
 import os
 import platform
 import subprocess
-import sys
 import time
 
 import torch
@@ -21,7 +20,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from nanochat.checkpoint import newest_model_tag
-from nanochat.cli import ArgumentParser, Missing, run
+from nanochat.cli import Missing
 from nanochat.common import atomic_write, get_base_dir
 from nanochat.core_eval import RULES
 
@@ -160,13 +159,7 @@ def header_section(ctx, start_time, gpu_hour_cost):
     if stages:
         wall, how = sum(sec for _, sec in stages), "stages that ran, summed over re-runs"
         start_time = start_time if start_time is not None else first
-    else:  # no stage log: from the given or recorded start until now
-        if start_time is None:
-            try:
-                with open(os.path.join(base_dir, "speedrun_start")) as f:
-                    start_time = float(f.read().strip())
-            except (OSError, ValueError):
-                pass
+    else:  # no stage log (not run by speedrun.sh): from the given start until now
         wall, how = (time.time() - start_time if start_time is not None else None), "since the start"
     n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if n_gpus == 0:
@@ -436,22 +429,3 @@ def compare_runs(tags, base_dir=None):
     lines += [f"plot: {path}" if plotted else "plot: none (no run has val bpb records)"]
     print("\n".join(lines))
     return lines
-
-
-def main(argv=None):
-    p = ArgumentParser("python -m nanochat.report", "Write report.md and plots for a run, or compare runs "
-                       "(--compare baseline my-idea).")
-    p.add_argument("--model-tag", default=None, help="run under base_checkpoints/ (default: the newest)")
-    p.add_argument("--start-time", type=float, default=None,
-                   help="epoch seconds the run started (default: the speedrun_start file of the base dir)")
-    p.add_argument("--gpu-hour-cost", type=float, default=3.0, help="dollars per GPU-hour for the cost estimate")
-    p.add_argument("--compare", nargs="+", metavar="TAG", default=None,
-                   help="compare these runs instead (val bpb curves, final val bpb, CORE, time; the first is the baseline)")
-    a = p.parse_args(argv)
-    if a.compare:
-        return compare_runs(a.compare)
-    print(write_report(model_tag=a.model_tag, start_time=a.start_time, gpu_hour_cost=a.gpu_hour_cost))
-
-
-if __name__ == "__main__":
-    sys.exit(run(main))

@@ -33,9 +33,10 @@ from nanochat.cli import DEVICE_TYPES, ArgumentParser, Missing, Unavailable, che
 from nanochat.checkpoint import get_run_dir, load_model, newest_model_tag, save_json
 from nanochat.common import compute_cleanup, compute_init, get_base_dir, print0
 from nanochat.core_eval import evaluate_core, get_eval_bundle_dir
-from nanochat.dataset import download_file, list_shards
+from nanochat.dataset import download_file
 from nanochat.engine import SAMPLE_PROMPTS, sample_texts
 from nanochat.loss_eval import evaluate_split
+from nanochat.shards import list_shards
 from nanochat.tokenizer import get_tokenizer
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"

@@ -32,7 +32,7 @@ from nanochat.core_eval import evaluate_core, get_eval_bundle_dir
 from nanochat.dataloader import DataLoader
 from nanochat.engine import sample_texts
 from nanochat.gpt import build_model
-from nanochat.dataset import read_manifest, get_data_dir
+from nanochat.shards import get_data_dir, read_manifest
 from nanochat.loss_eval import evaluate_split
 from nanochat.memory import check_fits
 from nanochat.recipe import DEPTH, add_flags, flag_problems, from_flags

@@ -12,14 +12,12 @@ optimizer state are counted; the activations are what the compiled model saves f
 MEASURED on small models on the CPU (recorded for the default head dim and windows, else about
 20 s) and scaled to this one; allocator overhead, fragmentation and temporaries other than the
 logits' gradient are covered only by the 10% margin. The time is total FLOPs / (gpus × bf16 peak
-× MFU); the MFU is --mfu, else one recorded for this GPU, depth and precision in docs/PERF.md,
-else 0.45 (assumed; see DEFAULT_MFU).
+× MFU); the MFU is --mfu, else one measured on this GPU at this depth and precision (MEASURED_MFU,
+from docs/PERF.md), else 0.45 (assumed; see DEFAULT_MFU).
 """
 import argparse
 import json
 import math
-import os
-import re
 import sys
 
 import torch
@@ -35,13 +33,15 @@ GPUS = {
     "h100": ("H100", 80), "h200": ("H200", 141), "a100": ("A100", 80), "a100-40gb": ("A100", 40),
     "b200": ("B200", 180), "l4": ("L4", 24), "4090": ("RTX 4090", 24),
 }
-# Measured on one H200 (docs/PERF.md, 2026-11-26): d24 at 16 x 2048, compiled, FlexAttention, the whole
-# optimizer on that one GPU: 49.1 % with fp8, 42.0 % in bf16. Assumed for other GPUs and runs: 45 %,
-# below the fp8 figure because an H100 has less memory bandwidth for the elementwise kernels and an
-# 8-GPU run adds communication (unmeasured), above the bf16 one because 8 GPUs shard the optimizer.
+# MFU measured on a GPU kind, at a depth and precision (fp8 or not): docs/PERF.md has each with its
+# command. One GPU, the whole optimizer on it, d24 at 16 x 2048 compiled with FlexAttention, and d12
+# in base_train. Other GPUs and runs assume 45 %: below the fp8 figure because an H100 has less memory
+# bandwidth for the elementwise kernels and an 8-GPU run adds communication (unmeasured), above the
+# bf16 one because 8 GPUs shard the optimizer.
+MEASURED_MFU = {("H200", 24, True): 0.491, ("H200", 24, False): 0.420, ("H200", 12, False): 0.386}
 DEFAULT_MFU = 0.45
 BATCH_CANDIDATES = [2 ** i for i in range(7)]  # 1..64
-PERF_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "PERF.md")
+
 
 def parse_args(argv=None):
     p = ArgumentParser("python -m scripts.plan", __doc__)
@@ -87,33 +87,13 @@ def plan_recipe(args, device_batch_size=None):
         flag_error("python -m scripts.plan", str(e))
 
 
-def recorded_mfu(gpu_key, depth, fp8, path=None):
-    """An MFU measured on this GPU kind at this depth and precision, from a table row of docs/PERF.md
-    naming the GPU and 'd<depth>', saying 'fp8' exactly when fp8 is on, with an 'MFU xx%' / 'xx% MFU'
-    figure; None if there is none."""
-    try:
-        with open(path or PERF_PATH) as f:
-            lines = f.readlines()
-    except OSError:
-        return None
-    name = re.compile(r"(?<![\w-])" + re.escape(gpu_key) + r"(?![\w-])", re.IGNORECASE)
-    model = re.compile(rf"(?<![\w-])d{depth}(?![\w-])")
-    figure = re.compile(r"MFU\D{0,3}?(\d+(?:\.\d+)?)\s*%|(\d+(?:\.\d+)?)\s*%\s*MFU", re.IGNORECASE)
-    for line in lines:
-        if not (line.startswith("|") and name.search(line) and model.search(line)):
-            continue
-        if ("fp8" in line.lower()) == fp8 and (m := figure.search(line)):
-            return float(m.group(1) or m.group(2)) / 100
-    return None
-
-
 def time_and_cost(args, depth, peak_key, peak, total_flops):
     """(MFU, where it comes from, training seconds, dollars): total FLOPs at that fraction of the
-    GPUs' bf16 peak. The MFU is --mfu, else one measured on this GPU (docs/PERF.md), else assumed."""
+    GPUs' bf16 peak. The MFU is --mfu, else one measured on this GPU (MEASURED_MFU), else assumed."""
     if args.mfu is not None:
         mfu, mfu_source = args.mfu, "given (--mfu)"
-    elif (recorded := recorded_mfu(peak_key, depth, args.fp8)) is not None:
-        mfu, mfu_source = recorded, "measured, docs/PERF.md"
+    elif (peak_key, depth, args.fp8) in MEASURED_MFU:
+        mfu, mfu_source = MEASURED_MFU[peak_key, depth, args.fp8], "measured, docs/PERF.md"
     else:
         mfu, mfu_source = DEFAULT_MFU, "assumed, not measured"
     seconds = total_flops / (args.gpus * peak * mfu)

@@ -13,7 +13,7 @@ import tempfile
 
 from nanochat.cli import ArgumentParser, Missing, run
 from nanochat.checkpoint import save_json
-from nanochat.dataset import iter_documents
+from nanochat.shards import iter_documents
 from nanochat.tokenizer import Tokenizer, get_tokenizer, get_tokenizer_dir
 
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""

@@ -9,7 +9,7 @@ import time
 
 from nanochat.cli import ArgumentParser, BadInput, check, run
 from nanochat.checkpoint import checkpoints_using, save_json
-from nanochat.dataset import iter_documents
+from nanochat.shards import iter_documents
 from nanochat.tokenizer import MIN_VOCAB_SIZE, SPECIAL_TOKENS, Tokenizer, get_tokenizer, get_tokenizer_dir
 
 

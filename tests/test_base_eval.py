@@ -174,7 +174,7 @@ def test_main_uses_given_bundle_and_newest_tag(base_dir, tmp_path):
 def test_missing_shards_fail_before_core(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))  # no shards, no checkpoint
     msg = error_line(base_eval.main, ["--eval-bundle", BUNDLE, "--device-type", "cpu"], capsys)
-    assert msg.startswith("error: found 0 shard(s)") and "--bpb-tokens 0" in msg
+    assert msg.startswith("error: no manifest.json in") and "--bpb-tokens 0" in msg
 
 
 def test_hf_path_excludes_our_checkpoint_flags(capsys):

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from nanochat import dataset
+from nanochat import dataset, shards
 from nanochat.cli import run
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -90,9 +90,9 @@ def shard_names(data_dir):
 def test_download_good_shard(server, tmp_path):
     server.files["shard_00003.parquet"] = src = make_shard_bytes(tmp_path, "a")
     path = dataset.download_shard(3, **FAST)
-    assert path == os.path.join(dataset.get_data_dir(), "shard_00003.parquet")
+    assert path == os.path.join(shards.get_data_dir(), "shard_00003.parquet")
     assert open(path, "rb").read() == src
-    assert shard_names(dataset.get_data_dir()) == ["shard_00003.parquet"]  # no temp file left over
+    assert shard_names(shards.get_data_dir()) == ["shard_00003.parquet"]  # no temp file left over
 
 
 def test_dropped_connection_once_restarts_when_server_ignores_range(server, tmp_path):
@@ -121,7 +121,7 @@ def test_dropped_connection_always_fails_cleanly(server, tmp_path):
     assert os.environ["NANOCHAT_DATA_URL"] + "/shard_00000.parquet" in msg and "dropped" in msg
     assert "\n" not in msg
     assert len(server.requests) == FAST["retries"] + 1
-    assert not os.path.exists(os.path.join(dataset.get_data_dir(), "shard_00000.parquet"))
+    assert not os.path.exists(os.path.join(shards.get_data_dir(), "shard_00000.parquet"))
 
 
 def test_truncated_file_fails_verification(server, tmp_path):
@@ -130,7 +130,7 @@ def test_truncated_file_fails_verification(server, tmp_path):
     with pytest.raises(RuntimeError, match="corrupt or truncated"):
         dataset.download_shard(1, **FAST)
     assert len(server.requests) == FAST["retries"] + 1
-    assert shard_names(dataset.get_data_dir()) == []  # neither the final name nor a bad temp file
+    assert shard_names(shards.get_data_dir()) == []  # neither the final name nor a bad temp file
 
 
 def test_404_does_not_retry(server):
@@ -166,7 +166,7 @@ def test_unresolvable_host_fails_fast_with_one_line(monkeypatch, tmp_path, capsy
     for part in ["cannot reach nanochat-data.invalid (", "NANOCHAT_DATA_SOURCE=demo", "NANOCHAT_DATA_SOURCE=path/to/texts",
                  "NANOCHAT_EVAL_BUNDLE=path/to/eval_bundle", "NANOCHAT_DATA_URL"]:
         assert part in err[0]
-    assert not dataset._shard_paths(str(tmp_path / "d"))
+    assert not shards._shard_paths(str(tmp_path / "d"))
 
 
 def test_unresolvable_eval_bundle_host_fails_fast(monkeypatch, tmp_path):
@@ -212,9 +212,9 @@ def test_download_then_rerun_is_a_no_op(server, tmp_path, capsys):
         server.files[f"shard_{i:05d}.parquet"] = make_shard_bytes(tmp_path, str(i), n_docs=300)
     dataset.download(2, **FAST)
     assert len(server.requests) == 3
-    assert [os.path.basename(p) for p in dataset.list_shards("train")] == ["shard_00000.parquet", "shard_00001.parquet"]
-    assert [os.path.basename(p) for p in dataset.list_shards("val")] == ["shard_06542.parquet"]
-    assert dataset.read_manifest(dataset.get_data_dir()) == {
+    assert [os.path.basename(p) for p in shards.list_shards("train")] == ["shard_00000.parquet", "shard_00001.parquet"]
+    assert [os.path.basename(p) for p in shards.list_shards("val")] == ["shard_06542.parquet"]
+    assert shards.read_manifest(shards.get_data_dir()) == {
         "source": "climbmix", "train": ["shard_00000.parquet", "shard_00001.parquet"],
         "val": ["shard_06542.parquet"],
         "docs": {"shard_00000.parquet": 300, "shard_00001.parquet": 300, "shard_06542.parquet": 300}}
@@ -228,13 +228,13 @@ def test_download_reports_first_error_after_the_rest(server, tmp_path):
         server.files[f"shard_{i:05d}.parquet"] = make_shard_bytes(tmp_path, str(i), n_docs=300)
     with pytest.raises(RuntimeError, match="shard_00001.parquet: HTTP Error 404"):
         dataset.download(2, **FAST)
-    assert shard_names(dataset.get_data_dir()) == ["shard_00000.parquet", "shard_06542.parquet"]
+    assert shard_names(shards.get_data_dir()) == ["shard_00000.parquet", "shard_06542.parquet"]
 
 
 def test_download_refuses_old_local_shards_without_manifest(server, tmp_path, capsys):
     for i in (0, 1, dataset.MAX_SHARD):
         server.files[f"shard_{i:05d}.parquet"] = make_shard_bytes(tmp_path, str(i), n_docs=300)
-    data_dir = dataset.get_data_dir()
+    data_dir = shards.get_data_dir()
     dataset.write_shards([f"local doc {i}" for i in range(30)], data_dir, docs_per_shard=10, val_docs=5)
     os.remove(os.path.join(data_dir, "manifest.json"))  # built by a version from before manifests
     before = {n: open(os.path.join(data_dir, n), "rb").read() for n in shard_names(data_dir)}
@@ -253,7 +253,7 @@ def test_download_refuses_old_local_shards_without_manifest(server, tmp_path, ca
     os.makedirs(resumed)
     dataset.download_shard(dataset.MAX_SHARD, resumed, **FAST)
     dataset.download(2, resumed, **FAST)
-    assert dataset.read_manifest(resumed)["train"] == ["shard_00000.parquet", "shard_00001.parquet"]
+    assert shards.read_manifest(resumed)["train"] == ["shard_00000.parquet", "shard_00001.parquet"]
 
 
 def test_download_fetches_the_val_shard_before_any_train_shard(server, tmp_path):
@@ -268,57 +268,53 @@ def test_download_fetches_the_val_shard_before_any_train_shard(server, tmp_path)
 
 def test_list_shards_errors(tmp_path):
     with pytest.raises(ValueError, match="'test'"):
-        dataset.list_shards("test", str(tmp_path))
+        shards.list_shards("test", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="python -m nanochat.dataset -n 8") as exc:
-        dataset.list_shards("train", str(tmp_path))
+        shards.list_shards("train", str(tmp_path))
     assert str(tmp_path) in str(exc.value)
     dataset.write_shards(["a", "b"], str(tmp_path), docs_per_shard=5, val_docs=1)
     os.remove(tmp_path / "shard_00000.parquet")  # only the val shard left: no train split
     (tmp_path / "shard_00007.parquet.partial").write_bytes(b"junk")  # temp files never count
     with pytest.raises(FileNotFoundError) as exc:
-        dataset.list_shards("val", str(tmp_path))  # any missing shard, whichever split is asked for
+        shards.list_shards("val", str(tmp_path))  # any missing shard, whichever split is asked for
     assert str(exc.value) == (f"{tmp_path / 'shard_00000.parquet'}: this train shard (listed in manifest.json) "
                               f"is missing; delete {tmp_path} and build it again from write_shards")
     os.remove(tmp_path / "manifest.json")
-    with pytest.raises(FileNotFoundError, match="found 1 shard"):
-        dataset.list_shards("val", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"no manifest.json in .* \(it holds 1 shards of an unfinished"):
+        shards.list_shards("val", str(tmp_path))
 
 
 def test_missing_val_shard_is_an_error_not_a_train_shard_promoted(tmp_path):
     dataset.write_shards([f"doc {i}" for i in range(30)], str(tmp_path), docs_per_shard=10, val_docs=5)
-    assert dataset.read_manifest(str(tmp_path)) == {
+    assert shards.read_manifest(str(tmp_path)) == {
         "source": "write_shards", "train": [f"shard_{i:05d}.parquet" for i in range(3)],
         "val": ["shard_00003.parquet"], "docs": {"shard_00000.parquet": 10, "shard_00001.parquet": 10,
                                                  "shard_00002.parquet": 5, "shard_00003.parquet": 5}}
     os.remove(tmp_path / "shard_00003.parquet")
     for split in ("val", "train"):  # before manifests, val silently became shard_00002, a train shard
         with pytest.raises(FileNotFoundError) as exc:
-            dataset.list_shards(split, str(tmp_path))
+            shards.list_shards(split, str(tmp_path))
         assert str(exc.value).startswith(f"{tmp_path / 'shard_00003.parquet'}: this val shard (listed in "
                                          f"manifest.json) is missing; delete {tmp_path} and build it again")
     # the same for downloaded shards, whose fix is to download the missing one again
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "source": "climbmix"}))
     with pytest.raises(FileNotFoundError, match=r"this val shard .* is missing; run `python -m nanochat.dataset -n 8`"):
-        dataset.list_shards("train", str(tmp_path))
+        shards.list_shards("train", str(tmp_path))
 
 
 def test_shards_without_manifest(tmp_path):
-    # built by hand or by an older version: nothing says which shard is val, so nothing is guessed
-    for name in ("shard_00000.parquet", "shard_00001.parquet"):
+    # built by hand, or an interrupted download: nothing says which shard is val, so nothing is
+    # guessed, not even ClimbMix's last shard by its index
+    for name in ("shard_00000.parquet", "shard_00001.parquet", "shard_06542.parquet"):
         pq.write_table(pa.table({"text": ["x"]}), tmp_path / name)
     with pytest.raises(FileNotFoundError) as exc:
-        dataset.list_shards("val", str(tmp_path))
-    assert str(exc.value).startswith(f"{tmp_path} holds 2 shards but no manifest.json saying which is the val split")
-    assert "python -m nanochat.dataset --local PATH" in str(exc.value)
-    # a ClimbMix download from before manifests: its val shard is known by its index
-    pq.write_table(pa.table({"text": ["v"]}), tmp_path / "shard_06542.parquet")
-    assert [os.path.basename(p) for p in dataset.list_shards("train", str(tmp_path))] == [
-        "shard_00000.parquet", "shard_00001.parquet"]
-    assert [os.path.basename(p) for p in dataset.list_shards("val", str(tmp_path))] == ["shard_06542.parquet"]
+        shards.list_shards("val", str(tmp_path))
+    assert str(exc.value).startswith(f"no manifest.json in {tmp_path} (it holds 3 shards of an unfinished build")
+    assert "python -m nanochat.dataset --local PATH" in str(exc.value) and "-n 8" in str(exc.value)
     (tmp_path / "manifest.json").write_text('{"source": "x"}')
     with pytest.raises(ValueError, match="manifest.json: not a valid shard manifest; delete"):
-        dataset.list_shards("val", str(tmp_path))
+        shards.list_shards("val", str(tmp_path))
 
 
 # -----------------------------------------------------------------------------
@@ -350,12 +346,12 @@ def test_build_local(local_corpus, tmp_path):
     paths = dataset.build_local([str(src)], out, docs_per_shard=20, row_group_size=8)
     # 75 docs: val keeps 75 // 10 = 7, the other 68 make shards of 20, 20, 20, 8
     assert [os.path.basename(p) for p in paths] == [f"shard_{i:05d}.parquet" for i in range(5)]
-    assert dataset.list_shards("val", out) == [paths[-1]]
+    assert shards.list_shards("val", out) == [paths[-1]]
     rows = [pq.ParquetFile(p).metadata.num_rows for p in paths]
     assert rows == [20, 20, 20, 8, 7]
     meta = pq.ParquetFile(paths[0]).metadata
     assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == [8, 8, 4]
-    train, val = list(dataset.iter_documents("train", out)), list(dataset.iter_documents("val", out))
+    train, val = list(shards.iter_documents("train", out)), list(shards.iter_documents("val", out))
     assert Counter(train + val) == Counter(docs)
     assert not set(val) <= set(docs[:30])  # shuffled: val is not just the head of the first file
     # a second build into the same dir would mix two datasets: refused
@@ -376,7 +372,7 @@ def test_other_source_on_built_shards_is_refused_in_one_line(local_corpus, tmp_p
     out = tmp_path / "o"
     assert run(dataset.main, ["--local", str(src / "a.jsonl"), str(src / "b.txt"), "--out", str(out)]) == 0
     first = f"{src / 'a.jsonl'}, {src / 'b.txt'}"
-    assert dataset.read_manifest(str(out))["source"] == first
+    assert shards.read_manifest(str(out))["source"] == first
     capsys.readouterr()
     # the same source again (speedrun.sh re-run): kept as it is, each shard opened to check it
     before = {n: os.path.getmtime(out / n) for n in os.listdir(out)}
@@ -402,9 +398,9 @@ def test_iter_documents_ranks_partition_the_data(local_corpus, tmp_path):
     src, _ = local_corpus
     out = str(tmp_path / "out")
     dataset.build_local([str(src)], out, docs_per_shard=20, row_group_size=4)
-    everything = list(dataset.iter_documents("train", out))
-    r0 = list(dataset.iter_documents("train", out, rank=0, world_size=2))
-    r1 = list(dataset.iter_documents("train", out, rank=1, world_size=2))
+    everything = list(shards.iter_documents("train", out))
+    r0 = list(shards.iter_documents("train", out, rank=0, world_size=2))
+    r1 = list(shards.iter_documents("train", out, rank=1, world_size=2))
     assert r0 and r1 and not set(r0) & set(r1)
     assert Counter(r0 + r1) == Counter(everything) and len(everything) == 68
 
@@ -469,7 +465,7 @@ def test_build_hf(hf_dir, tmp_path):
     out = str(tmp_path / "out")
     paths = dataset.build_hf(str(src), out, docs_per_shard=20, val_docs=10, row_group_size=8)
     assert len(paths) == 4 and pq.ParquetFile(paths[-1]).metadata.num_rows == 10
-    found = list(dataset.iter_documents("train", out)) + list(dataset.iter_documents("val", out))
+    found = list(shards.iter_documents("train", out)) + list(shards.iter_documents("val", out))
     assert Counter(found) == Counter(docs)
     assert found != docs  # shuffled
 
@@ -490,12 +486,12 @@ DEMO_TASKS = 18  # hellaswag (used by 2 tasks), squad and coqa are not in the bu
 def test_demo_build(tmp_path, capsys):
     out = tmp_path / "base_data"
     assert run(dataset.main, ["--demo", "--out", str(out)]) == 0
-    manifest = dataset.read_manifest(str(out))
+    manifest = shards.read_manifest(str(out))
     assert manifest["source"] == "demo"
     assert (manifest["train"], manifest["val"]) == (["shard_00000.parquet"], ["shard_00001.parquet"])
     # 780 web pages + 7,222 blank-line-separated Shakespeare passages; 10% of them are val
     assert manifest["docs"] == {"shard_00000.parquet": 7202, "shard_00001.parquet": 800}
-    found = list(dataset.iter_documents("train", str(out))) + list(dataset.iter_documents("val", str(out)))
+    found = list(shards.iter_documents("train", str(out))) + list(shards.iter_documents("val", str(out)))
     assert Counter(found) == Counter(dataset.read_local_documents([dataset.DEMO_CORPUS]))
     assert capsys.readouterr().out.splitlines()[-1] == f"done: 1 train shard(s) + 1 val shard in {out}"
     # automatic row groups: 64 in the train shard, 8 in the val shard (with 1,024 documents per row
@@ -516,7 +512,7 @@ def test_demo_shards_feed_every_data_stream_of_the_readme_commands(tmp_path, mon
     assert derive(depth=12, vocab_size=8192, sequence_len=2048, processes=1, device_batch_size=16).grad_accum_steps == 16
     out = tmp_path / "base_data"
     dataset.build_local([dataset.DEMO_CORPUS], str(out), source="demo")
-    tok = Tokenizer.train(iter(list(dataset.iter_documents("train", str(out)))[:50]), vocab_size=300)
+    tok = Tokenizer.train(iter(list(shards.iter_documents("train", str(out)))[:50]), vocab_size=300)
     for split, streams in (("train", 64), ("val", 8)):
         loader = DataLoader(tok, 2, 32, split, data_dir=str(out), rank=streams - 1, world_size=streams)
         x, _ = next(loader)

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from nanochat import checkpoint, dataset
+from nanochat import shards as shards_module  # the fixture `shards` is a directory of them
 from nanochat.dataloader import DataLoader
 from nanochat.gpt import GPTConfig, build_model
 from nanochat.tokenizer import Tokenizer
@@ -78,10 +79,10 @@ def test_corrupt_shard_is_a_one_line_error_and_nothing_is_touched(shards, tok, d
         DataLoader(tok, 2, 32, "train", data_dir=str(shards))
     assert str(bad) in one_line(exc) and "python -m nanochat.dataset" in str(exc.value)
     with pytest.raises(ValueError, match=expected) as exc:
-        list(dataset.iter_documents("train", str(shards)))
+        list(shards_module.iter_documents("train", str(shards)))
     assert str(bad) in one_line(exc)
     with pytest.raises(ValueError, match=expected):
-        dataset.read_row_group(str(bad), 0)
+        shards_module.read_row_group(str(bad), 0)
     assert snapshot(shards) == before  # the bad shard and its neighbours, byte for byte
 
 

@@ -59,20 +59,20 @@ def test_time_scales_with_gpus_and_mfu(d24):
     assert faster["cost"] == pytest.approx(faster["hours"] * 8 * 3.0)
 
 
-def test_mfu_read_from_perf_md(tmp_path, monkeypatch):
-    perf = tmp_path / "PERF.md"
-    perf.write_text("| date | device | config | MFU |\n|---|---|---|---|\n"
-                    "| 2026-12-01 | 8×H100 SXM | d12, bf16 | MFU 38.0% |\n"
-                    "| 2026-12-01 | 8×H100 SXM | d24, bf16 | MFU 44.0% |\n"
-                    "| 2026-12-01 | 8×H100 SXM | d24, fp8 | MFU 52.5% |\n")
-    monkeypatch.setattr(plan, "PERF_PATH", str(perf))
-    assert plan.recorded_mfu("H100", 24, fp8=True) == pytest.approx(0.525)
-    assert plan.recorded_mfu("H100", 24, fp8=False) == pytest.approx(0.44)
-    assert plan.recorded_mfu("H100", 12, fp8=False) == pytest.approx(0.38)
-    assert plan.recorded_mfu("H100", 2, fp8=False) is None  # not d24's or d12's figure
-    assert plan.recorded_mfu("H200", 24, fp8=True) is None
-    out = plan.main(D24 + ["--fp8"])
-    assert out["mfu"] == pytest.approx(0.525) and "measured" in out["mfu_source"]
+def test_a_measured_mfu_is_used_where_there_is_one(monkeypatch):
+    monkeypatch.setattr(plan, "MEASURED_MFU", {("H100", 24, True): 0.525, ("H100", 24, False): 0.44})
+    fp8 = plan.main(D24 + ["--fp8"])
+    assert fp8["mfu"] == pytest.approx(0.525) and fp8["mfu_source"] == "measured, docs/PERF.md"
+    assert plan.main(D24)["mfu"] == pytest.approx(0.44)
+    assert plan.main(D24[:1] + ["12"] + D24[2:])["mfu_source"] == "assumed, not measured"  # not d24's figure
+
+
+def test_measured_mfus_are_the_ones_in_perf_md():
+    import os
+    perf = open(os.path.join(os.path.dirname(__file__), "..", "docs", "PERF.md")).read()
+    for (gpu, depth, fp8), mfu in plan.MEASURED_MFU.items():
+        assert any(f"| NVIDIA {gpu} | d{depth}" in line and ("fp8" in line) == fp8 and f"MFU {100 * mfu:.1f}%" in line
+                   for line in perf.splitlines()), (gpu, depth, fp8)
 
 
 def test_unknown_gpu_is_a_flag_error(capsys):
@@ -128,7 +128,7 @@ def test_readme_plan_example_is_the_speedruns_and_its_numbers_are_what_plan_prin
     # the speedrun's own flags on an 8×H100 node (speedrun.sh: TRAIN_ARGS with BATCH=16 and --fp8)
     assert argv == ["--depth", "24", "--target-param-data-ratio", "8", "--device-batch-size", "16", "--fp8",
                     "--gpus", "8", "--gpu", "h100"]
-    monkeypatch.setattr(plan, "recorded_mfu", lambda *a, **k: None)  # the README quotes the assumed MFU
+    monkeypatch.setattr(plan, "MEASURED_MFU", {})  # the README quotes the assumed MFU
     out = plan.main(argv)
     shown = readme[readme.index(command):][:400]
     assert f"steps {out['num_iterations']:,};" in shown

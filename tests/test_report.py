@@ -7,6 +7,7 @@ import pytest
 
 from nanochat import report
 from nanochat.cli import UserError
+from scripts import report as report_cli
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TASKS = {"arc_easy": (0.55, 0.40, 25.0, 2376), "piqa": (0.62, 0.24, 50.0, 1838), "lambada_openai": (0.30, 0.30, 0.0, 5153)}
@@ -166,21 +167,19 @@ def test_empty_base_dir(base):
     assert "- config: not run" in md and "- training: not run" in md
 
 
-def test_newest_run_is_default_and_start_file(base):
+def test_newest_run_is_default_and_the_given_start_time(base):
     make_config(os.path.join(base, "base_checkpoints", "old"))
     new = os.path.join(base, "base_checkpoints", "new")
     make_config(new)
     os.utime(os.path.join(base, "base_checkpoints", "old"), (1, 1))
-    with open(os.path.join(base, "speedrun_start"), "w") as f:
-        f.write(str(time.time() - 2 * 3600))
-    md = open(report.write_report()).read()
+    md = open(report.write_report(start_time=time.time() - 2 * 3600)).read()
     assert "- run: new" in md
     assert "total wall time: 2.00 h" in md
 
 
 def test_main_atomic_no_temp_files(base, capsys):
     make_full_run(base)
-    report.main(["--model-tag", "d4", "--gpu-hour-cost", "2.5"])
+    report_cli.main(["--model-tag", "d4", "--gpu-hour-cost", "2.5"])
     assert capsys.readouterr().out.strip() == os.path.join(base, "report.md")
     leftovers = [f for d in (base, os.path.join(base, "report")) for f in os.listdir(d) if ".tmp" in f]
     assert leftovers == []
@@ -229,7 +228,7 @@ def make_run(base, tag, val_bpbs, core, label="CORE over 3/22 tasks", elapsed=10
 def test_compare_table_deltas_and_plot(base, capsys):
     make_run(base, "baseline", [3.0, 2.5, 2.2], 0.10)
     make_run(base, "my-idea", [3.0, 2.4, 2.1], 0.12, elapsed=90.0)
-    report.main(["--compare", "baseline", "my-idea"])
+    report_cli.main(["--compare", "baseline", "my-idea"])
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| my-idea") or line.startswith("| baseline")]
     assert rows[0].startswith("| baseline | 2.2000 | 0.1000 (CORE over 3/22 tasks) | 100 | +0.0000 | +0.0000 | +0 |")
