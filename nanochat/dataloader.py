@@ -219,3 +219,28 @@ class DataLoader:
             self._add(docid, tokens[docid])
         self.cursor = tuple(state["cursor"])
         self.tokens_seen, self.tokens_cropped = state["tokens_seen"], state["tokens_cropped"]
+
+
+class StepLoader:
+    """The batches of one optimizer step on one rank: one from each of its `accum` data streams,
+    one per gradient-accumulation micro-step. Stream (rank, a) is DataLoader rank*accum + a of
+    world*accum, so the global batch is the same for any split of processes × micro-steps: 8 GPUs
+    with accum 1 see exactly the batches of 1 GPU with accum 8 (and a checkpoint resumes on either)."""
+
+    def __init__(self, tokenizer, B, T, split, device, rank, world, accum):
+        self.streams = [DataLoader(tokenizer, B, T, split, device, rank=rank * accum + a, world_size=world * accum)
+                        for a in range(accum)]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        """[(x, y)] of the step's micro-steps, each (B, T)."""
+        return [next(stream) for stream in self.streams]
+
+    def state_dict(self):
+        return [stream.state_dict() for stream in self.streams]
+
+    def close(self):
+        for stream in self.streams:
+            stream.close()

@@ -45,6 +45,23 @@ MUON_WEIGHT_DECAY = 0.28  # at the reference
 # remembering, lower again across the warmdown so the annealing settles
 MOMENTUM_START, MOMENTUM_PEAK, MOMENTUM_END = 0.85, 0.97, 0.90
 MOMENTUM_WARMUP_STEPS = 400
+# AdamW, per group: the LR at the reference, whether it scales with width (s) and with batch (b),
+# the betas and the (decoupled) weight decay. Rule 5 below gives s and b.
+#                  lr     × s    × b    betas          decay
+ADAMW_GROUPS = {
+    # the output head: a small LR, β2 0.96 (its gradients shift with the data mix), light decay
+    "lm_head":       (0.008, True,  True,  (0.8, 0.96),  0.01),
+    # embeddings see sparse rows: a long second-moment memory (0.995) keeps rare tokens' steps sane;
+    # the token embedding's decay is tiny (rare rows would otherwise shrink between their updates)
+    "wte":           (0.3,   True,  True,  (0.8, 0.995), 0.001),
+    "value_embeds":  (0.15,  True,  True,  (0.8, 0.995), 0.01),
+    # per-layer scalars: resid_lambdas decay toward 0 (pull the stream scale down), x0_lambdas are
+    # slow-moving (β1 0.96) and free
+    "resid_lambdas": (0.005, False, True,  (0.8, 0.95),  0.05),
+    "x0_lambdas":    (0.5,   False, True,  (0.96, 0.95), 0.0),
+    # smear gate and λs: tiny scalars, one fixed LR (not batch-scaled: their gradient is not noisy)
+    "smear_backout": (0.2,   False, False, (0.8, 0.95),  0.0),
+}
 NORMUON_BETA2 = 0.9  # NorMuon's second-moment EMA
 NS_STEPS = 5  # Polar Express iterations
 ADAMW_EPS = 1e-10  # tiny: the embeddings' rare rows get gradients of ~1e-8 and must still move
@@ -141,25 +158,13 @@ def horizon_params(counts):
 
 
 def param_groups(s, b, matrix_lr, muon_wd):
-    """The optimizer groups at LR multiplier 1, for width scale s and batch scale b (rule 5)."""
-    adamw = lambda name, lr, betas, wd: Group(name, "adamw", lr, betas, ADAMW_EPS, wd)  # noqa: E731
-    return (
-        # the output head: small LR, β2 0.96 (its gradients shift with the data mix), light decay
-        adamw("lm_head", 0.008 * s * b, (0.8, 0.96), 0.01),
-        # embeddings see sparse rows: a long second-moment memory (0.995) keeps rare tokens' steps sane;
-        # the token embedding's decay is tiny (rare rows would otherwise shrink between their updates)
-        adamw("wte", 0.3 * s * b, (0.8, 0.995), 0.001),
-        adamw("value_embeds", 0.15 * s * b, (0.8, 0.995), 0.01),
-        # per-layer scalars: resid_lambdas decay toward 0 (pull the stream scale down), x0_lambdas
-        # are slow-moving (β1 0.96) and free
-        adamw("resid_lambdas", 0.005 * b, (0.8, 0.95), 0.05),
-        adamw("x0_lambdas", 0.5 * b, (0.96, 0.95), 0.0),
-        # smear gate and λs: tiny scalars, one fixed LR (not batch-scaled: their gradient is not noisy)
-        adamw("smear_backout", 0.2, (0.8, 0.95), 0.0),
-        # every matrix inside the blocks (value-embedding gates included): Muon
-        Group("matrices", "muon", matrix_lr * b, None, None, muon_wd, momentum=MOMENTUM_START, beta2=NORMUON_BETA2,
-              ns_steps=NS_STEPS),
-    )
+    """The optimizer groups at LR multiplier 1, for width scale s and batch scale b (rule 5): the
+    AdamW groups of ADAMW_GROUPS, then every matrix inside the blocks (value-embedding gates
+    included) under Muon."""
+    adamw = tuple(Group(name, "adamw", lr * (s if by_width else 1) * (b if by_batch else 1), betas, ADAMW_EPS, wd)
+                  for name, (lr, by_width, by_batch, betas, wd) in ADAMW_GROUPS.items())
+    return adamw + (Group("matrices", "muon", matrix_lr * b, None, None, muon_wd, momentum=MOMENTUM_START,
+                          beta2=NORMUON_BETA2, ns_steps=NS_STEPS),)
 
 
 def derive(depth=None, vocab_size=None, sequence_len=None, head_dim=None, window_pattern=None, processes=1,

@@ -11,33 +11,32 @@ accumulates gradients up to the total batch. Metrics go to <run dir>/metrics.jso
 wandb with --run); checkpoints to <run dir>/step_NNNNNN; --resume continues exactly.
 """
 import argparse
-import json
-import math
 import os
 import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.distributed as dist
 
-from nanochat.attention import describe_backend
-from nanochat.cli import DEVICE_TYPES, ArgumentParser, BadInput, Unavailable, check, every, flag_error, run
-from nanochat.checkpoint import (check_tokenizer, get_run_dir, list_steps, load_checkpoint, load_meta, own_run,
-                                 save_checkpoint, step_dir)
-from nanochat.common import atomic_write, compute_cleanup, compute_init, get_peak_flops, mfu, print0
+from nanochat import cli
+from nanochat.cli import DEVICE_TYPES, ArgumentParser, Unavailable, check, every, flag_error
+from nanochat.checkpoint import get_run_dir, list_steps, own_run, step_dir
+from nanochat.common import compute_cleanup, compute_init, get_peak_flops, mfu, print0
 from nanochat.core_eval import evaluate_core, get_eval_bundle_dir
-from nanochat.dataloader import DataLoader
+from nanochat.dataloader import StepLoader
 from nanochat.engine import sample_texts
 from nanochat.gpt import build_model
-from nanochat.shards import get_data_dir, read_manifest
 from nanochat.loss_eval import evaluate_split
 from nanochat.memory import check_fits
-from nanochat.recipe import DEPTH, add_flags, flag_problems, from_flags
-from nanochat.tokenizer import get_tokenizer
 from nanochat.optim import build_optimizer
+from nanochat.recipe import DEPTH, add_flags, flag_problems, from_flags
+from nanochat.run import (Run, agree, claim_run_dir, log, probe_device_batch, resume, save, save_every_minutes,
+                          start_logging)
+from nanochat.tokenizer import get_tokenizer
+
+# -----------------------------------------------------------------------------
+# Flags: the run's shape (shared with scripts.plan), then evaluation, logging and checkpoints
 
 def parse_args(argv=None):
     p = ArgumentParser("python -m scripts.base_train", __doc__)
@@ -91,45 +90,6 @@ def run_tag(args):
     return args.model_tag or f"d{args.depth or DEPTH}"
 
 
-def probe_device_batch(model, seq_len, device, world, compiled=False):
-    """The largest power-of-two device batch whose forward + backward, plus the optimizer state
-    still to be allocated (~8 bytes per parameter, sharded), fits in 90% of the GPU's memory.
-    compiled: probe the model as training will run it (torch.compile saves less for backward than
-    eager: the eager model would pick too small a batch). One dynamic-shape compile serves every
-    probed batch; it is dropped afterwards, so training compiles its own static graph."""
-    if device.type != "cuda":
-        return 16  # no out-of-memory to probe for: the CPU default
-    forward = torch.compile(model, dynamic=True) if compiled else model
-    total = torch.cuda.get_device_properties(device).total_memory
-    optimizer_bytes = 8 * sum(p.numel() for p in model.parameters()) / world
-    best = 0
-    for b in (1, 2, 4, 8, 16, 32, 64):
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-        try:
-            x = torch.randint(0, model.config.vocab_size, (b, seq_len), device=device)
-            forward(x, x).backward()
-            fits = torch.cuda.max_memory_allocated(device) + optimizer_bytes <= 0.9 * total
-        except torch.cuda.OutOfMemoryError:
-            fits = False
-        model.zero_grad(set_to_none=True)
-        if not fits:
-            break
-        best = b
-    if compiled:
-        torch._dynamo.reset()
-    torch.cuda.empty_cache()
-    if dist.is_initialized():  # every rank must run the same batch
-        agreed = torch.tensor(best, device=device)
-        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
-        best = int(agreed)
-    if best == 0:
-        raise Unavailable("--device-batch-size auto: not even 1 sequence fits in GPU memory; "
-                          "use a smaller --depth or --max-seq-len")
-    print0(f"--device-batch-size auto: {best} (largest power of two that fits)")
-    return best
-
-
 def recipe_from_flags(args, vocab_size, world, device_batch_size=None):
     """The run's recipe from the flags; a batch the processes cannot split is a flag error (one line)."""
     try:
@@ -138,39 +98,11 @@ def recipe_from_flags(args, vocab_size, world, device_batch_size=None):
         flag_error("python -m scripts.base_train", str(e))
 
 
-@dataclass
-class Run:
-    """Everything the training loop reads, and the loop state that a checkpoint keeps."""
-    args: argparse.Namespace
-    recipe: object
-    model: torch.nn.Module
-    step_model: torch.nn.Module  # compiled (CUDA) or the model itself
-    optimizer: object
-    loaders: list
-    tokenizer: object
-    device: torch.device
-    rank: int
-    world: int
-    run_dir: str
-    eval_mode: object = nullcontext  # evaluation runs in bf16 even in an fp8 run
-    wandb_run: object = None
-    step: int = 0
-    resume_step: int = 0
-    resume_evaluated: bool = False  # the checkpoint resumed from had run its step's evaluations
-    evaluated: bool = False  # this step's evaluations ran to the end (a stop request cuts them short)
-    elapsed: float = 0.0  # seconds of training steps (compilation excluded)
-    smooth_loss: float = 0.0
-    val_bpb: float = None
-    val_tokens: int = None  # scored by the newest val bpb evaluation
-    last_save: float = field(default_factory=time.time)
-
-    @property
-    def metrics_path(self):
-        return os.path.join(self.run_dir, "metrics.jsonl")
-
+# -----------------------------------------------------------------------------
+# Flags -> recipe -> model -> optimizer -> data
 
 def build(args, rank, world, device):
-    """recipe -> model -> optimizer -> data streams."""
+    """Everything training reads, from the flags. Writes nothing: a bad flag leaves no trace."""
     tokenizer = get_tokenizer()
     auto_batch = args.device_batch_size == "auto"
     recipe = recipe_from_flags(args, tokenizer.vocab_size, world, 1 if auto_batch else None)
@@ -187,111 +119,16 @@ def build(args, rank, world, device):
     if args.fp8:
         from nanochat.fp8 import convert_to_float8, disable_fp8
         convert_to_float8(model.blocks)  # the head stays bf16: its softcapped logits are precision-sensitive
-        eval_mode = lambda: disable_fp8(model)  # noqa: E731
+        eval_mode = lambda: disable_fp8(model)  # noqa: E731 (evaluation runs in bf16)
     optimizer = build_optimizer(model, recipe.param_groups)
     step_model = torch.compile(model) if use_compile else model
-    # Data: each rank runs `accum` micro-streams, stream (rank, a) being loader rank*accum + a of
-    # world*accum. The global batch is then the same for any split of world × accum: 8 GPUs with
-    # accum 1 see exactly the batches of 1 GPU with accum 8.
-    accum = recipe.grad_accum_steps
-    loaders = [DataLoader(tokenizer, recipe.device_batch_size, T, "train", device,
-                          rank=rank * accum + a, world_size=world * accum) for a in range(accum)]
-    return Run(args, recipe, model, step_model, optimizer, loaders, tokenizer, device, rank, world,
+    loader = StepLoader(tokenizer, recipe.device_batch_size, T, "train", device, rank, world, recipe.grad_accum_steps)
+    return Run(args, recipe, model, step_model, optimizer, loader, tokenizer, device, rank, world,
                get_run_dir(run_tag(args)), eval_mode)
 
 
-def claim_run_dir(run_dir, args, rank):
-    """A run without --resume must not land in a dir holding another run: that run's newer
-    checkpoints would outrank (and its rotation delete) the new ones, and metrics.jsonl would mix
-    both. Refused, or with --overwrite the old run is moved aside (never deleted)."""
-    taken = os.path.isdir(run_dir) and bool(list_steps(run_dir) or any(
-        os.path.exists(os.path.join(run_dir, name)) for name in ("metrics.jsonl", "config.json")))
-    if taken and not (args.resume or args.overwrite):
-        raise BadInput(f"{run_dir} holds another run: continue it with --resume, start this one under another "
-                       f"--model-tag, or move the old one aside with --overwrite")
-    if dist.is_initialized():  # every rank has looked before rank 0 moves it
-        dist.barrier()
-    if taken and args.overwrite and rank == 0:
-        aside = f"{run_dir}.old-{time.strftime('%Y%m%d-%H%M%S')}"
-        os.rename(run_dir, aside)
-        print0(f"--overwrite: moved the old run to {aside}")
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def resume(run):
-    """--resume: load the newest checkpoint (weights, optimizer, data streams, loop state) and drop
-    what the stopped run logged after it, whatever it was (no checkpoint yet: everything; a kill
-    mid-write can leave a torn last line: dropped too). The horizon must be the checkpoint's: the
-    LR schedule was laid out for it, and a shorter one would run past its end."""
-    meta = load_meta(run.run_dir) if list_steps(run.run_dir) else None
-    if meta is None:
-        print0(f"--resume: no checkpoint in {run.run_dir} yet, starting from scratch")
-    else:
-        check_tokenizer(run.run_dir, run.tokenizer, meta)  # a retrained tokenizer would silently remap every token
-        meta = load_checkpoint(run.run_dir, run.model, run.optimizer, run.loaders, rank=run.rank, step=meta["step"])
-        if meta.get("num_iterations", run.recipe.num_iterations) != run.recipe.num_iterations:
-            raise BadInput(f"--resume: {step_dir(run.run_dir, meta['step'])} is from a run of "
-                           f"{meta['num_iterations']} steps, these flags give {run.recipe.num_iterations}: resume "
-                           f"with the run's flags, or start a new run under another --model-tag")
-        run.step = run.resume_step = meta["step"]
-        run.elapsed, run.smooth_loss = meta["loop"]["elapsed"], meta["loop"]["smooth_loss"]
-        run.resume_evaluated = meta["loop"].get("evaluated", True)  # checkpoints from before the field: as before
-        print0(f"resumed from {step_dir(run.run_dir, run.step)}")
-    if run.rank == 0 and os.path.exists(run.metrics_path):
-        def kept(record):  # what led up to the checkpoint, and its step's evaluations unless they run again
-            return record["step"] < run.step or (record["step"] == run.step and
-                                                 (record["type"] == "train" or run.resume_evaluated))
-        with open(run.metrics_path) as f:
-            keep = [line for line in f if line.endswith("\n") and kept(json.loads(line))]
-        with atomic_write(run.metrics_path) as tmp, open(tmp, "w") as f:
-            f.writelines(keep)
-
-
-def start_logging(run):
-    """config.json (the derived recipe, the flags, the machine) and wandb; a summary for people."""
-    r, config = run.recipe, run.recipe.config
-    train_config = {**r.to_json(), "args": vars(run.args), "world_size": run.world,
-                    "command": " ".join(["python -m scripts.base_train"] + sys.argv[1:]),
-                    "attention_backend": describe_backend(), "tokenizer": run.tokenizer.fingerprint(),
-                    "val_data": (read_manifest(get_data_dir()) or {}).get("source"),
-                    "device_name": torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else run.device.type,
-                    "dtype": str(run.model.wte.weight.dtype).replace("torch.", "")}
-    if run.rank == 0:
-        os.makedirs(run.run_dir, exist_ok=True)
-        with atomic_write(os.path.join(run.run_dir, "config.json")) as tmp, open(tmp, "w") as f:
-            json.dump(train_config, f, indent=2)
-        if run.args.run:
-            import wandb
-            run.wandb_run = wandb.init(project="nanochat", name=run.args.run, config=train_config, dir=run.run_dir)
-    print0(f"model d{config.n_layer}: {config.n_embd} wide, {config.n_head} heads, {r.num_params['total']:,} params, "
-           f"{r.flops_per_token:.3e} FLOPs/token")
-    print0(f"horizon: {r.num_iterations:,} steps × {r.total_batch_size:,} tokens = {r.tokens:,} tokens "
-           f"({r.tokens / r.horizon_params:.1f} per matrix+head param), {r.tokens * r.flops_per_token:.3e} FLOPs; "
-           f"{run.world} process(es) × {r.grad_accum_steps} micro-steps of {r.device_batch_size}×{config.sequence_len}; "
-           f"Muon weight decay {r.muon_weight_decay:.4g}")
-
-
-def save(run):
-    meta = {"model_config": asdict(run.recipe.config), "args": vars(run.args),
-            "total_batch_size": run.recipe.total_batch_size, "num_iterations": run.recipe.num_iterations,
-            "world_size": run.world, "tokenizer": run.tokenizer.fingerprint(),
-            "loop": {"elapsed": run.elapsed, "smooth_loss": run.smooth_loss, "evaluated": run.evaluated}}
-    save_checkpoint(run.run_dir, run.step, run.model, run.optimizer, meta,
-                    [loader.state_dict() for loader in run.loaders], rank=run.rank)
-    run.last_save = time.time()
-
-
-def log(run, record):
-    tokens = run.step * run.recipe.total_batch_size  # the total batch counts tokens, not rows
-    record = {"step": run.step, "elapsed": run.elapsed, "tokens": tokens, "flops": tokens * run.recipe.flops_per_token,
-              **record}
-    if run.rank == 0:
-        with open(run.metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if run.wandb_run:
-            run.wandb_run.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=run.step)
-
+# -----------------------------------------------------------------------------
+# Evaluation, the training step, the loop
 
 def evaluate(run, last, should_stop):
     """Val bpb, CORE and samples, each every N steps and at the end (not again at the step a run
@@ -348,8 +185,7 @@ def train_step(run):
     update with this step's schedule. Returns (loss of the last micro-step, LR multiplier)."""
     accum, optimizer = run.recipe.grad_accum_steps, run.optimizer
     try:
-        for a, loader in enumerate(run.loaders):
-            x, y = next(loader)
+        for a, (x, y) in enumerate(next(run.loader)):  # x, y: (device batch, T) token ids
             optimizer.sync_grads = a == accum - 1  # gradients cross ranks only after the last micro-step
             loss = run.step_model(x, y)
             (loss / accum).backward()
@@ -365,35 +201,13 @@ def train_step(run):
     return loss.item(), sched.lr_multiplier  # .item() syncs: fine once per step
 
 
-def save_every_minutes(args, device):
-    """The --save-every-minutes in effect: the flag, or its device default (see its help)."""
-    minutes = args.save_every_minutes
-    if minutes is None:  # auto
-        return 30 if device.type == "cuda" else 10
-    return minutes
-
-
-def agree(run, stop_signal, train_loss, save_minutes):
-    """(stop signal number or 0, diverged, timed save), the same on every rank: a signal may reach
-    the ranks a step apart and their clocks differ, so all three are all-reduced (one tiny
-    collective per step buys lockstep; the largest signal number wins: SIGTERM over SIGINT)."""
-    timed_save = save_minutes > 0 and time.time() - run.last_save > 60 * save_minutes
-    flags = torch.tensor([float(stop_signal[0] if stop_signal else 0), float(not math.isfinite(train_loss)),
-                          float(timed_save)], device=run.device)
-    if dist.is_initialized():
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    return int(flags[0]), bool(flags[1]), bool(flags[2])
-
-
 def train_loop(run, stop_signal):
     """Evaluate, checkpoint and train until the horizon or a stop signal. Returns the signal's
     number (0: the run reached its horizon)."""
-    r = run.recipe
-    sync = torch.cuda.synchronize if run.device.type == "cuda" else (lambda: None)
-    save_minutes = save_every_minutes(run.args, run.device)
-    peak, train_loss = get_peak_flops(run.device), 0.0
+    r, sync = run.recipe, torch.cuda.synchronize if run.device.type == "cuda" else (lambda: None)
+    save_minutes, train_loss = save_every_minutes(run.args.save_every_minutes, run.device), 0.0
     while True:
-        # Agree before acting (stop / diverged / timed save).
+        # Agree before acting: a signal or a clock may reach the ranks a step apart.
         stop, diverged, timed_save = agree(run, stop_signal, train_loss, save_minutes)
         # Divergence: stop at once rather than burn GPU hours on NaNs; the weights of step - 1 gave
         # the bad loss, so any checkpoint before them is good.
@@ -428,28 +242,32 @@ def train_loop(run, stop_signal):
         t0 = time.perf_counter()
         train_loss, lrm = train_step(run)
         sync()
-        dt = time.perf_counter() - t0
-        # Report: the first 10 steps include compilation, so they do not count as training time; the
-        # loss shown is an EMA (one micro-batch is noisy), debiased for its zero start.
-        if run.step >= 10 or run.resume_step > 0:
-            run.elapsed += dt
-        run.smooth_loss = 0.9 * run.smooth_loss + 0.1 * train_loss
-        debiased = run.smooth_loss / (1 - 0.9 ** (run.step + 1))
-        tok_per_sec = r.total_batch_size / dt
-        util = mfu(tok_per_sec / run.world, r.flops_per_token, peak)
-        run.step += 1
-        run.evaluated = False
-        print0(f"step {run.step:05d}/{r.num_iterations:05d} ({100 * run.step / r.num_iterations:.1f}%) | "
-               f"loss {debiased:.4f} | lrm {lrm:.2f} | dt {dt * 1e3:.0f}ms | tok/s {tok_per_sec:,.0f} | "
-               f"mfu {'-' if util is None else f'{util:.1%}'} | elapsed {run.elapsed / 60:.1f}m | "
-               f"eta {(r.num_iterations - run.step) * dt / 60:.1f}m")
-        log(run, {"type": "train", "loss": debiased, "raw_loss": train_loss, "lr_mult": lrm, "dt": dt,
-                  "tok_per_sec": tok_per_sec, "mfu": util})
+        report_step(run, train_loss, lrm, time.perf_counter() - t0)
     print0(f"done: {r.num_iterations} steps, {run.elapsed / 60:.1f} min of training, final val bpb {run.val_bpb}")
     log(run, {"type": "final", "val_bpb": run.val_bpb, "tokens_scored": run.val_tokens,
               "total_tokens": run.step * r.total_batch_size,
               "total_flops": run.step * r.total_batch_size * r.flops_per_token})
     return 0
+
+
+def report_step(run, train_loss, lrm, dt):
+    """Count the step and show it. The first 10 steps include compilation, so they do not count
+    as training time; the loss shown is an EMA (one micro-batch is noisy), debiased for its zero start."""
+    r = run.recipe
+    if run.step >= 10 or run.resume_step > 0:
+        run.elapsed += dt
+    run.smooth_loss = 0.9 * run.smooth_loss + 0.1 * train_loss
+    debiased = run.smooth_loss / (1 - 0.9 ** (run.step + 1))
+    tok_per_sec = r.total_batch_size / dt
+    util = mfu(tok_per_sec / run.world, r.flops_per_token, get_peak_flops(run.device))
+    run.step += 1
+    run.evaluated = False
+    print0(f"step {run.step:05d}/{r.num_iterations:05d} ({100 * run.step / r.num_iterations:.1f}%) | "
+           f"loss {debiased:.4f} | lrm {lrm:.2f} | dt {dt * 1e3:.0f}ms | tok/s {tok_per_sec:,.0f} | "
+           f"mfu {'-' if util is None else f'{util:.1%}'} | elapsed {run.elapsed / 60:.1f}m | "
+           f"eta {(r.num_iterations - run.step) * dt / 60:.1f}m")
+    log(run, {"type": "train", "loss": debiased, "raw_loss": train_loss, "lr_mult": lrm, "dt": dt,
+              "tok_per_sec": tok_per_sec, "mfu": util})
 
 
 def train(args, stop_signal):
@@ -459,19 +277,18 @@ def train(args, stop_signal):
     try:
         run = build(args, rank, world, device)  # writes nothing: a bad flag leaves no trace
         lock = own_run(run.run_dir, rank)  # one job per run dir, until this one exits
-        claim_run_dir(run.run_dir, args, rank)
+        claim_run_dir(run.run_dir, args.resume, args.overwrite, rank)
         if args.resume:
             resume(run)
         if run.step == run.recipe.num_iterations and run.step == run.resume_step > 0 and run.resume_evaluated:
             print0(f"training already complete ({run.step} steps in {run.run_dir})")
             return {"val_bpb": None, "steps": run.step, "signal": 0}
-        start_logging(run)
+        start_logging(run, " ".join(["python -m scripts.base_train"] + sys.argv[1:]))
         stopped_by = train_loop(run, stop_signal)
         return {"val_bpb": run.val_bpb, "steps": run.step, "signal": stopped_by}
     finally:
         if run is not None:
-            for loader in run.loaders:
-                loader.close()
+            run.loader.close()
             if run.wandb_run:
                 run.wandb_run.finish()
         if lock is not None:
@@ -497,4 +314,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(run(main))
+    sys.exit(cli.run(main))

@@ -171,6 +171,7 @@ def profile_step(step, device, rows=20):
 
 
 def bench(args):
+    """Time full training steps (forward, backward, optimizer) of one micro-batch; the result as a dict."""
     if args.attn:
         os.environ["NANOCHAT_ATTN"] = args.attn
     device_type = args.device_type or autodetect_device_type()
@@ -223,6 +224,12 @@ def bench(args):
         "peak_memory_gib": memory, "memory_kind": memory_kind, "steps": args.steps,
         "date": time.strftime("%Y-%m-%d"), "command": " ".join(["python -m scripts.bench_model", *sys.argv[1:]]),
     }
+    extras(args, result, model, step_model, optimizer, step, x, y, timed, device)
+    return result
+
+
+def extras(args, result, model, step_model, optimizer, step, x, y, timed, device):
+    """What --hooks, --profile and --breakdown add to the result."""
     if args.hooks:
         fractions = grad_hook_times(model, step_model, x, y)
         result["grad_hooks"] = {"first": fractions[0], "median": median(fractions), "last": fractions[-1]}
@@ -237,7 +244,6 @@ def bench(args):
         rows, total = breakdown(model, x, y, optimizer, timed, max(3, args.steps // 2))
         result["breakdown"] = [{"component": c, "flops_per_token": f, "seconds": s} for c, f, s in rows]
         result["breakdown_total_seconds"] = total
-    return result
 
 
 def print_result(r):

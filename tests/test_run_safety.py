@@ -12,6 +12,7 @@ import torch
 
 from nanochat.checkpoint import list_steps, load_meta, load_model, save_checkpoint
 from nanochat.gpt import GPT, GPTConfig, build_model
+from nanochat.run import save_every_minutes
 from scripts import base_train
 
 TINY = ["--depth", "1", "--head-dim", "16", "--max-seq-len", "32", "--device-batch-size", "4",
@@ -128,10 +129,11 @@ def test_kill_before_the_first_checkpoint_then_resume_logs_each_step_once(base_d
 
 
 def test_periodic_checkpoints_are_on_by_default_on_every_device():
-    args = base_train.parse_args([])
-    assert base_train.save_every_minutes(args, torch.device("cpu")) == 10
-    assert base_train.save_every_minutes(args, torch.device("cuda")) == 30
-    assert base_train.save_every_minutes(base_train.parse_args(["--save-every-minutes", "0"]), torch.device("cpu")) == 0
+    minutes = base_train.parse_args([]).save_every_minutes
+    assert save_every_minutes(minutes, torch.device("cpu")) == 10
+    assert save_every_minutes(minutes, torch.device("cuda")) == 30
+    assert save_every_minutes(base_train.parse_args(["--save-every-minutes", "0"]).save_every_minutes,
+                              torch.device("cpu")) == 0
 
 
 def test_a_step_without_checkpoint_lists_the_steps_there_are(base_dir):

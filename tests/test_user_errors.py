@@ -80,7 +80,7 @@ def test_chaos_fails_on_a_resume_that_ignores_the_checkpoints(base_dir, tmp_path
     sabotaged = tmp_path / "sabotaged_train.py"
     sabotaged.write_text("import sys\nfrom scripts import base_train\n"
                          "base_train.resume = lambda run: None  # every checkpoint ignored: a restart at step 0\n"
-                         "sys.exit(base_train.run(base_train.main))\n")
+                         "sys.exit(base_train.cli.run(base_train.main))\n")
     monkeypatch.setattr(chaos, "TRAIN_CMD", [sys.executable, str(sabotaged)])
     with pytest.raises(SystemExit, match=r"chaos: FAILED: after a kill with the newest complete checkpoint at step "
                                          r"\d+, the restart did not resume from it: it trained step 1 first"):
