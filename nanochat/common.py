@@ -5,6 +5,7 @@ distributed setup from the torchrun environment, and rank-0 printing.
 import ctypes
 import datetime
 import os
+import signal
 from contextlib import contextmanager
 
 import torch
@@ -111,6 +112,15 @@ def any_rank(flags, device):
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         flags = tuple(bool(v) for v in t.tolist())
     return flags[0] if single else flags
+
+
+def die_with_parent():
+    """preexec_fn of a child process that must not outlive its parent (a training run launched by
+    chaos or sweep): on Linux it gets SIGKILL when the parent dies, even by SIGKILL."""
+    try:
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
 
 
 def print0(*args, **kwargs):

@@ -28,7 +28,7 @@ from nanochat.dataloader import StepLoader
 from nanochat.engine import sample_texts
 from nanochat.gpt import build_model
 from nanochat.loss_eval import evaluate_split
-from nanochat.memory import check_fits
+from nanochat.estimate import check_fits
 from nanochat.optim import build_optimizer
 from nanochat.recipe import DEPTH, add_flags, flag_problems, from_flags
 from nanochat.run import (Run, agree, claim_run_dir, log, probe_device_batch, resume, save, save_every_minutes,
@@ -64,6 +64,8 @@ def parse_args(argv=None):
     p.add_argument("--overwrite", action="store_true",
                    help="start afresh in a run dir that holds another run: it is moved aside to <tag>.old-<time>")
     p.add_argument("--model-tag", default=None, help="run dir name under base_checkpoints/ (default: d<depth>)")
+    p.add_argument("--run-dir", default=None, metavar="DIR",
+                   help="the run dir itself, anywhere, instead of a --model-tag (scripts.sweep puts its runs under sweeps/)")
     p.add_argument("--run", default=None, help="wandb run name (default: no wandb; WANDB_MODE=offline works)")
     p.add_argument("--device-type", default=None, choices=DEVICE_TYPES, help="default: autodetect")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -79,6 +81,7 @@ def parse_args(argv=None):
          f"--core-max-per-task {args.core_max_per_task}: must be >= 1 (--core-every 0 turns CORE off)"),
         (args.model_tag is not None and ("/" in args.model_tag or args.model_tag.startswith(".")),
          f"--model-tag {args.model_tag!r}: a plain directory name, not a path"),
+        (args.model_tag is not None and args.run_dir is not None, "--model-tag and --run-dir: give one"),
         (args.overwrite and args.resume, "--overwrite and --resume: give one (start afresh, or continue)"),
         (args.save_every_minutes is not None and args.save_every_minutes < 0,
          f"--save-every-minutes {args.save_every_minutes}: must be >= 0 (0: off; leave the flag out for auto)"),
@@ -124,7 +127,7 @@ def build(args, rank, world, device):
     step_model = torch.compile(model) if use_compile else model
     loader = StepLoader(tokenizer, recipe.device_batch_size, T, "train", device, rank, world, recipe.grad_accum_steps)
     return Run(args, recipe, model, step_model, optimizer, loader, tokenizer, device, rank, world,
-               get_run_dir(run_tag(args)), eval_mode)
+               args.run_dir or get_run_dir(run_tag(args)), eval_mode)
 
 
 # -----------------------------------------------------------------------------
@@ -163,8 +166,8 @@ def evaluate(run, last, should_stop):
             if core is None:
                 return ran
             print0(f"step {step:05d} | {core['core_label']}: {core['core']:.4f}")
-            log(run, {"type": "core", "core": core["core"], "core_label": core["core_label"],
-                      "tasks": {k: v["centered"] for k, v in core["tasks"].items()}})
+            log(run, {"type": "core", "core": core["core"], "core_label": core["core_label"], "rules": core["rules"],
+                      "max_per_task": core["max_per_task"], "tasks": {k: v["centered"] for k, v in core["tasks"].items()}})
         else:
             print0(f"step {step:05d} | CORE skipped: no eval bundle at {bundle} (python -m scripts.base_eval downloads it)")
     if due(args.sample_every) and later:

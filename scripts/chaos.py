@@ -14,7 +14,6 @@ Flags after `--` go to base_train, replacing the same-named flags of the tiny co
 keeping the rest. Each invocation starts from scratch: the runs `chaos` and `chaos-reference`
 of the base dir are deleted first.
 """
-import ctypes
 import os
 import random
 import re
@@ -28,6 +27,7 @@ import time
 import torch
 
 from nanochat.cli import ArgumentParser, check, run
+from nanochat.common import die_with_parent
 from nanochat.checkpoint import get_run_dir, list_steps, load_training_state, load_weights, own_run, step_dir
 
 TINY = ["--depth", "1", "--head-dim", "16", "--max-seq-len", "32", "--device-batch-size", "4",
@@ -55,14 +55,6 @@ def merge_flags(base, extra):
     return [tok for name, values in merged.items() for tok in (name, *values)]
 
 
-def _die_with_parent():
-    # Linux: the child gets SIGKILL if chaos itself dies (even by SIGKILL), so no orphan trains on
-    try:
-        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
 def train(args, tag, rng=None):
     """(finished, what base_train printed): run it to completion (True), or, given rng, SIGKILL it
     at a random moment of its third checkpoint interval (False): a uniform fraction of the time
@@ -74,7 +66,7 @@ def train(args, tag, rng=None):
     saves, kill_at = [], None  # times at which new checkpoints appeared
     with tempfile.TemporaryFile("w+") as err, tempfile.TemporaryFile("w+") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True,
-                                start_new_session=True, preexec_fn=_die_with_parent)
+                                start_new_session=True, preexec_fn=die_with_parent)
         try:
             seen = list_steps(run_dir)[-1:]
             while proc.poll() is None:

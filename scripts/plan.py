@@ -25,21 +25,9 @@ import torch
 from nanochat.cli import ArgumentParser, check, flag_error, run
 from nanochat.common import PEAK_BF16_FLOPS
 from nanochat.gpt import GPT
-from nanochat.memory import SAFETY, memory_estimate, saved_bytes
+from nanochat.estimate import GPUS, SAFETY, memory_estimate, saved_bytes, time_and_cost
 from nanochat.recipe import VOCAB_SIZE, add_flags, flag_problems, from_flags
 
-# --gpu name -> (key in nanochat.common.PEAK_BF16_FLOPS, memory in GB = 1e9 bytes)
-GPUS = {
-    "h100": ("H100", 80), "h200": ("H200", 141), "a100": ("A100", 80), "a100-40gb": ("A100", 40),
-    "b200": ("B200", 180), "l4": ("L4", 24), "4090": ("RTX 4090", 24),
-}
-# MFU measured on a GPU kind, at a depth and precision (fp8 or not): docs/PERF.md has each with its
-# command. One GPU, the whole optimizer on it, d24 at 16 x 2048 compiled with FlexAttention, and d12
-# in base_train. Other GPUs and runs assume 45 %: below the fp8 figure because an H100 has less memory
-# bandwidth for the elementwise kernels and an 8-GPU run adds communication (unmeasured), above the
-# bf16 one because 8 GPUs shard the optimizer.
-MEASURED_MFU = {("H200", 24, True): 0.491, ("H200", 24, False): 0.420, ("H200", 12, False): 0.386}
-DEFAULT_MFU = 0.45
 BATCH_CANDIDATES = [2 ** i for i in range(7)]  # 1..64
 
 
@@ -85,19 +73,6 @@ def plan_recipe(args, device_batch_size=None):
         return from_flags(args, args.vocab_size, args.gpus, device_batch_size)
     except ValueError as e:
         flag_error("python -m scripts.plan", str(e))
-
-
-def time_and_cost(args, depth, peak_key, peak, total_flops):
-    """(MFU, where it comes from, training seconds, dollars): total FLOPs at that fraction of the
-    GPUs' bf16 peak. The MFU is --mfu, else one measured on this GPU (MEASURED_MFU), else assumed."""
-    if args.mfu is not None:
-        mfu, mfu_source = args.mfu, "given (--mfu)"
-    elif (peak_key, depth, args.fp8) in MEASURED_MFU:
-        mfu, mfu_source = MEASURED_MFU[peak_key, depth, args.fp8], "measured, docs/PERF.md"
-    else:
-        mfu, mfu_source = DEFAULT_MFU, "assumed, not measured"
-    seconds = total_flops / (args.gpus * peak * mfu)
-    return mfu, mfu_source, seconds, seconds / 3600 * args.gpus * args.gpu_hour_cost
 
 
 def print_json(args, recipe):
@@ -181,7 +156,8 @@ def main(argv=None):
     if args.json:
         return print_json(args, recipe)
     total_flops = recipe.tokens * recipe.flops_per_token
-    mfu, mfu_source, seconds, cost = time_and_cost(args, recipe.config.n_layer, peak_key, peak, total_flops)
+    mfu, mfu_source, seconds, cost = time_and_cost(total_flops, args.gpus, args.gpu, recipe.config.n_layer, args.fp8,
+                                                   args.mfu, args.gpu_hour_cost)
     out = {
         "config": recipe.config, "num_params": recipe.num_params, "horizon_params": recipe.horizon_params,
         "tokens": recipe.tokens, "total_batch_size": recipe.total_batch_size, "num_iterations": recipe.num_iterations,

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from nanochat import memory
+from nanochat import estimate
 from nanochat.gpt import GPT, GPTConfig
 from scripts import plan
 
@@ -60,7 +60,7 @@ def test_time_scales_with_gpus_and_mfu(d24):
 
 
 def test_a_measured_mfu_is_used_where_there_is_one(monkeypatch):
-    monkeypatch.setattr(plan, "MEASURED_MFU", {("H100", 24, True): 0.525, ("H100", 24, False): 0.44})
+    monkeypatch.setattr(estimate, "MEASURED_MFU", {("H100", 24, True): 0.525, ("H100", 24, False): 0.44})
     fp8 = plan.main(D24 + ["--fp8"])
     assert fp8["mfu"] == pytest.approx(0.525) and fp8["mfu_source"] == "measured, docs/PERF.md"
     assert plan.main(D24)["mfu"] == pytest.approx(0.44)
@@ -70,7 +70,7 @@ def test_a_measured_mfu_is_used_where_there_is_one(monkeypatch):
 def test_measured_mfus_are_the_ones_in_perf_md():
     import os
     perf = open(os.path.join(os.path.dirname(__file__), "..", "docs", "PERF.md")).read()
-    for (gpu, depth, fp8), mfu in plan.MEASURED_MFU.items():
+    for (gpu, depth, fp8), mfu in estimate.MEASURED_MFU.items():
         assert any(f"| NVIDIA {gpu} | d{depth}" in line and ("fp8" in line) == fp8 and f"MFU {100 * mfu:.1f}%" in line
                    for line in perf.splitlines()), (gpu, depth, fp8)
 
@@ -87,10 +87,10 @@ def test_measured_activations_extrapolate_to_another_model():
     # the estimate (from depth 2 and 4 at width 256 and two vocab sizes) against a direct measurement
     # of a model of another depth, width and vocab: within 2 %
     cfg = GPTConfig(sequence_len=80, vocab_size=768, n_layer=6, n_head=3, n_embd=384)
-    per_layer, outside, per_vocab, per_weight = memory.measure_saved_bytes(cfg.head_dim, cfg.window_pattern)
-    direct, copies = memory.saved_for_backward(cfg)
-    estimate = cfg.n_embd * (per_layer * cfg.n_layer + outside) + per_vocab * cfg.vocab_size
-    assert estimate == pytest.approx(direct, rel=0.02), (estimate, direct)
+    per_layer, outside, per_vocab, per_weight = estimate.measure_saved_bytes(cfg.head_dim, cfg.window_pattern)
+    direct, copies = estimate.saved_for_backward(cfg)
+    predicted = cfg.n_embd * (per_layer * cfg.n_layer + outside) + per_vocab * cfg.vocab_size
+    assert predicted == pytest.approx(direct, rel=0.02), (predicted, direct)
     with torch.device("meta"):
         matmul = sum(m.weight.numel() for m in GPT(cfg).modules() if isinstance(m, torch.nn.Linear))
     assert per_weight * matmul == pytest.approx(copies, rel=0.02)
@@ -98,7 +98,7 @@ def test_measured_activations_extrapolate_to_another_model():
     # in bf16 is all the head saves (the softcap and the fp32 logits are recomputed in backward)
     assert 36 < per_layer < 43 and 1.9 < per_vocab < 2.2 and per_weight == pytest.approx(2.0, rel=0.05)
     # plan uses a recorded copy of this measurement at these defaults: it must still be what torch measures
-    recorded = memory.RECORDED_SAVED_BYTES[(cfg.head_dim, cfg.window_pattern)]
+    recorded = estimate.RECORDED_SAVED_BYTES[(cfg.head_dim, cfg.window_pattern)]
     assert recorded == pytest.approx((per_layer, outside, per_vocab, per_weight), rel=1e-6)
 
 
@@ -106,8 +106,8 @@ def test_the_eager_fp32_record_predicts_a_cpu_run():
     # base_train's memory check on a CPU: the recorded eager fp32 bytes against a direct measurement
     # of another depth, width and vocab, within 2 %
     cfg = GPTConfig(sequence_len=80, vocab_size=768, n_layer=6, n_head=3, n_embd=384)
-    per_layer, outside, per_vocab, _ = memory.EAGER_FP32_SAVED_BYTES
-    direct, _ = memory.saved_for_backward(cfg, compiled=False)
+    per_layer, outside, per_vocab, _ = estimate.EAGER_FP32_SAVED_BYTES
+    direct, _ = estimate.saved_for_backward(cfg, compiled=False)
     assert cfg.n_embd * (per_layer * cfg.n_layer + outside) + per_vocab * cfg.vocab_size == pytest.approx(direct, rel=0.02)
 
 
@@ -128,7 +128,7 @@ def test_readme_plan_example_is_the_speedruns_and_its_numbers_are_what_plan_prin
     # the speedrun's own flags on an 8×H100 node (speedrun.sh: TRAIN_ARGS with BATCH=16 and --fp8)
     assert argv == ["--depth", "24", "--target-param-data-ratio", "8", "--device-batch-size", "16", "--fp8",
                     "--gpus", "8", "--gpu", "h100"]
-    monkeypatch.setattr(plan, "MEASURED_MFU", {})  # the README quotes the assumed MFU
+    monkeypatch.setattr(estimate, "MEASURED_MFU", {})  # the README quotes the assumed MFU
     out = plan.main(argv)
     shown = readme[readme.index(command):][:400]
     assert f"steps {out['num_iterations']:,};" in shown

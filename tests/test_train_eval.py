@@ -17,7 +17,7 @@ def test_core_and_samples_skip_step_0_and_run_every_n(base_dir, tmp_path, monkey
 
     def fake_core(model, tokenizer, bundle, device, max_per_task, should_stop=None):
         core_steps.append(None)
-        return {"core": 0.0, "core_label": "fake", "tasks": {}}
+        return {"core": 0.0, "core_label": "fake", "rules": "fake", "max_per_task": max_per_task, "tasks": {}}
 
     monkeypatch.setattr(base_train, "evaluate_core", fake_core)
     base_train.main(TINY + ["--num-iterations", "4", "--total-batch-size", "128", "--core-every", "2",

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import error_line
-from nanochat import attention, dataset, memory, shards
+from nanochat import attention, dataset, estimate, shards
 from nanochat.checkpoint import own_run
 from nanochat.cli import UserError, run
 from scripts import base_eval, base_train, chaos, sample
@@ -100,9 +100,9 @@ def test_a_model_too_big_for_the_machine_is_refused_with_what_fits(base_dir, cap
 
 def test_the_memory_check_suggests_a_batch_and_can_be_skipped(base_dir, capsys, monkeypatch):
     args = TINY + ["--num-iterations", "1", "--total-batch-size", "128", "--eval-every", "0"]
-    need = memory.run_estimate(base_train.from_flags(base_train.parse_args(args), 300, 1).config, 2, 1,
-                               __import__("torch").device("cpu"))
-    monkeypatch.setattr(memory, "device_memory", lambda device: need)  # room for device batch 2, not 4
+    need = estimate.run_estimate(base_train.from_flags(base_train.parse_args(args), 300, 1).config, 2, 1,
+                                 __import__("torch").device("cpu"))
+    monkeypatch.setattr(estimate, "device_memory", lambda device: need)  # room for device batch 2, not 4
     assert "try --device-batch-size 2 (gradient accumulation keeps" in error_line(base_train.main, args, capsys)
     assert base_train.main(args + ["--skip-memory-check"])["steps"] == 1
 

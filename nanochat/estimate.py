@@ -1,7 +1,8 @@
 """
-How much memory a training run needs per GPU (or in RAM on a CPU), estimated before anything
-is allocated, so that plan can pick a device batch and base_train can refuse a run that cannot
-fit instead of growing until the out-of-memory killer takes the machine.
+What a training run will cost, estimated before anything runs: the memory it needs per GPU (or in
+RAM on a CPU), so that plan can pick a device batch and base_train can refuse a run that cannot
+fit instead of growing until the out-of-memory killer takes the machine; and its time and money
+on a given number and kind of GPUs (plan, sweep).
 
 Weights, gradients and optimizer state are counted; the activations are what the compiled model
 saves for backward, MEASURED on small models and scaled (see below); allocator overhead,
@@ -16,10 +17,23 @@ import torch
 import torch.nn as nn
 
 from nanochat.cli import Unavailable
+from nanochat.common import PEAK_BF16_FLOPS
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.optim import SHARD_MIN_NUMEL
 
 SAFETY = 0.9  # use at most 90% of the device's memory
+# --gpu name -> (key in nanochat.common.PEAK_BF16_FLOPS, memory in GB = 1e9 bytes)
+GPUS = {
+    "h100": ("H100", 80), "h200": ("H200", 141), "a100": ("A100", 80), "a100-40gb": ("A100", 40),
+    "b200": ("B200", 180), "l4": ("L4", 24), "4090": ("RTX 4090", 24),
+}
+# MFU measured on a GPU kind, at a depth and precision (fp8 or not): docs/PERF.md has each with its
+# command. One GPU, the whole optimizer on it, d24 at 16 x 2048 compiled with FlexAttention, and d12
+# in base_train. Other GPUs and runs assume 45 %: below the fp8 figure because an H100 has less memory
+# bandwidth for the elementwise kernels and an 8-GPU run adds communication (unmeasured), above the
+# bf16 one because 8 GPUs shard the optimizer.
+MEASURED_MFU = {("H200", 24, True): 0.491, ("H200", 24, False): 0.420, ("H200", 12, False): 0.386}
+DEFAULT_MFU = 0.45
 
 # Activations are MEASURED, not counted by hand: what the compiled model saves for backward depends on
 # what the compiler fuses and recomputes. measure_saved_bytes() compiles small models on the CPU with
@@ -186,3 +200,21 @@ def largest_depth_that_fits(config, processes, device, have):
                                      head_dim=head_dim, window_pattern=config.window_pattern)
         lo, hi = (mid, hi) if run_estimate(shape, 1, processes, device) <= have else (lo, mid)
     return lo
+
+
+# -----------------------------------------------------------------------------
+# Time and money
+
+def time_and_cost(total_flops, gpus, gpu, depth, fp8, mfu=None, gpu_hour_cost=3.0):
+    """(MFU, where it comes from, training seconds, dollars) of total_flops on `gpus` GPUs of kind
+    `gpu` (a GPUS key): the FLOPs at that fraction of the GPUs' bf16 peak. The MFU is the one
+    given, else one measured on this GPU at this depth and precision (MEASURED_MFU), else assumed."""
+    key = GPUS[gpu][0]
+    if mfu is not None:
+        source = "given (--mfu)"
+    elif (key, depth, fp8) in MEASURED_MFU:
+        mfu, source = MEASURED_MFU[key, depth, fp8], "measured, docs/PERF.md"
+    else:
+        mfu, source = DEFAULT_MFU, "assumed, not measured"
+    seconds = total_flops / (gpus * PEAK_BF16_FLOPS[key] * mfu)
+    return mfu, source, seconds, seconds / 3600 * gpus * gpu_hour_cost
