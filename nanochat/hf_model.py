@@ -17,6 +17,7 @@ The tokenizer is the model's own: scoring GPT-2 with our tokenizer would be mean
 bits per byte stays comparable across tokenizers because bytes are counted with the model's
 tokenizer.
 """
+import os
 import re
 from types import SimpleNamespace
 
@@ -26,14 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanochat.cli import BadInput, Unavailable
-
-
-def byte_level_alphabet():
-    """The 256 characters a byte-level BPE (GPT-2's) writes bytes as: printable Latin-1 stands
-    for itself, every other byte is shifted to U+0100 and up. One character = one byte."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    shifted = [256 + i for i in range(256 - len(printable))]
-    return {chr(c) for c in printable + shifted}
+from nanochat.tokenizer import byte_level_alphabet
 
 
 class HFModel(nn.Module):
@@ -99,7 +93,7 @@ class HFTokenizer:
         with "▁" for a space, or a byte-fallback piece "<0xNN>" for one byte."""
         pieces = self.hf.convert_ids_to_tokens(list(range(len(self.hf))))
         special = set(self.hf.all_special_ids)
-        alphabet = byte_level_alphabet()
+        alphabet = set(byte_level_alphabet().values())
         byte_level = all(set(p) <= alphabet for i, p in enumerate(pieces) if i not in special and p)
         lengths = []
         for i, piece in enumerate(pieces):
@@ -120,9 +114,11 @@ def load_hf_model(path, device):
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError:
         raise Unavailable("--hf-path needs transformers: pip install -e '.[hf]'") from None
+    # a directory written by scripts.export brings its own model code: run it (a hub id's is not trusted)
+    local_code = os.path.isdir(path) and os.path.exists(os.path.join(path, "modeling_nanochat.py"))
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=local_code)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise BadInput(f"--hf-path {path}: {first} (a Hugging Face model id like "

@@ -132,6 +132,18 @@ class Tokenizer:
         return torch.tensor(lengths, dtype=torch.int32)
 
 
+def byte_level_alphabet():
+    """GPT-2's map from the 256 bytes to printable characters, in which byte-level BPE vocabularies
+    (Hugging Face's tokenizers) are written: printable Latin-1 stands for itself, every other byte
+    is shifted to U+0100 and up, in byte order."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
+    chars, shifted = {}, 0
+    for b in range(256):
+        chars[b] = chr(b) if b in printable else chr(256 + shifted)
+        shifted += b not in printable
+    return chars
+
+
 def get_tokenizer_dir():
     from nanochat.common import get_base_dir
     return os.path.join(get_base_dir(), "tokenizer")

@@ -12,6 +12,7 @@ wandb with --run); checkpoints to <run dir>/step_NNNNNN; --resume continues exac
 """
 import argparse
 import os
+import shlex
 import signal
 import sys
 import time
@@ -273,7 +274,7 @@ def report_step(run, train_loss, lrm, dt):
               "tok_per_sec": tok_per_sec, "mfu": util})
 
 
-def train(args, stop_signal):
+def train(args, stop_signal, command):
     """recipe -> model -> resume -> loop; one exit path, which always cleans up."""
     _, rank, _, world, device = compute_init(args.device_type)
     run = lock = None
@@ -286,7 +287,7 @@ def train(args, stop_signal):
         if run.step == run.recipe.num_iterations and run.step == run.resume_step > 0 and run.resume_evaluated:
             print0(f"training already complete ({run.step} steps in {run.run_dir})")
             return {"val_bpb": None, "steps": run.step, "signal": 0}
-        start_logging(run, " ".join(["python -m scripts.base_train"] + sys.argv[1:]))
+        start_logging(run, command)
         stopped_by = train_loop(run, stop_signal)
         return {"val_bpb": run.val_bpb, "steps": run.step, "signal": stopped_by}
     finally:
@@ -307,7 +308,8 @@ def main(argv=None):
     previous = {sig: signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
                 for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        result = train(parse_args(argv), stop_signal)
+        command = shlex.join(["python", "-m", "scripts.base_train", *(sys.argv[1:] if argv is None else argv)])
+        result = train(parse_args(argv), stop_signal, command)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -11,7 +11,7 @@ from nanochat import cli
 
 COMMANDS = ["scripts.base_train", "scripts.base_eval", "scripts.tok_train", "scripts.tok_eval", "scripts.plan",
             "scripts.bench_model", "scripts.bench_dataloader", "scripts.chaos", "scripts.gpu_check",
-            "scripts.sample", "nanochat.dataset", "scripts.report", "scripts.sweep"]
+            "scripts.sample", "nanochat.dataset", "scripts.report", "scripts.sweep", "scripts.export"]
 
 
 class Captured(Exception):
