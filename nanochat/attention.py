@@ -212,41 +212,65 @@ def load_kernel(name, device, dtype):
 
 
 _chosen = None  # (name, kernel) once picked
+trial_failures = {}  # fast kernels that loaded but failed their trial run: name -> why (gpu_check shows it)
 
 # torch==2.13.0 from PyPI is a CUDA 13 build, hence flash-attn-4's cu13 extra
 FAST_KERNEL_INSTALL = "pip install -e '.[gpu]'   (flash-attn-4[cu13], a wheel: no compilation)"
 
 
-def _auto_choose(device, dtype):
-    """The first backend that loads, and why each faster one did not."""
+def _auto_choose(device, dtype, head_dim, windows, names=None):
+    """The first backend that loads and passes its trial run, and why each faster one did not."""
     why_not = {}
-    for name in BACKENDS if device.type == "cuda" else ["sdpa"]:
+    # flash-attn and flex target NVIDIA GPUs; a ROCm build of torch (torch.version.hip) uses SDPA
+    names = names or (list(BACKENDS) if device.type == "cuda" and not torch.version.hip else ["sdpa"])
+    for name in names:
         try:
-            return (name, BACKENDS[name][1](device, dtype)), why_not
+            kernel = BACKENDS[name][1](device, dtype)
         except Exception as e:  # not installed, or not this GPU: try the next one
             why_not[name] = f"{type(e).__name__}: {e}"
+            continue
+        try:
+            if name in ("fa3", "fa4"):
+                _trial(kernel, device, dtype, head_dim, windows)
+            return (name, kernel), why_not
+        except Exception as e:  # loads, but cannot run this model: a paid run must not die on it
+            why_not[name] = f"imports, but failed a trial run ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
     raise AssertionError("sdpa always loads")
+
+
+def _trial(kernel, device, dtype, head_dim, windows):
+    """Forward and backward once, one row of one head, at the model's head dim and each of its
+    windows over the longest one: a flash-attn release that imports but lacks a window size, a head
+    dim or a backward fails here, at selection, instead of in the first training step."""
+    T = max(windows)
+    q, k, v = (torch.randn(1, T, 1, head_dim, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    for window in sorted(set(windows)):
+        kernel(q, k, v, window).float().sum().backward()
 
 
 def is_slow_fallback(device, name):
     """True where backend `name` stands in for flash-attn on the GPUs flash-attn targets (Hopper,
     Blackwell): FlexAttention there costs roughly 5-10 % of the step time."""
-    if device.type != "cuda" or name in ("fa3", "fa4"):
+    if device.type != "cuda" or torch.version.hip or name in ("fa3", "fa4"):  # flash-attn is not built for ROCm
         return False
     return torch.cuda.get_device_capability(device)[0] in (9, 10)
 
 
 def _warn_if_slow(device, name, why_not):
-    """Say so where nobody can miss it when the fast kernel did not load."""
-    if not is_slow_fallback(device, name):
-        return
-    print0(f"WARNING: attention falls back to {name} on this {torch.cuda.get_device_name(device)} "
-           f"because flash-attn 4 did not load ({why_not.get('fa4')}); install it: {FAST_KERNEL_INSTALL}")
+    """Say so, in one line nobody can miss, when a fast kernel did not load or failed its trial."""
+    failed = {n: why for n, why in why_not.items() if why.startswith("imports, but")}
+    if failed:
+        print0(f"WARNING: attention falls back to {name}: " + "; ".join(f"{n} {why}" for n, why in failed.items()))
+    elif is_slow_fallback(device, name):
+        print0(f"WARNING: attention falls back to {name} on this {torch.cuda.get_device_name(device)} "
+               f"because flash-attn 4 did not load ({why_not.get('fa4')}); install it: {FAST_KERNEL_INSTALL}")
+    return failed
 
 
-def get_backend(device=None, dtype=None):
+def get_backend(device=None, dtype=None, head_dim=128, windows=(512, 2048)):
     """Pick the backend once per process and return its name. Call it before torch.compile
-    (the import and the print are not traceable); attention() calls it on first use otherwise."""
+    (the import and the print are not traceable); attention() calls it on first use otherwise.
+    head_dim, windows: the model's, for the fast kernels' trial run (default: the speedrun's)."""
     global _chosen
     if _chosen is not None:
         return _chosen[0]
@@ -265,8 +289,8 @@ def get_backend(device=None, dtype=None):
             raise Unavailable(f"NANOCHAT_ATTN={forced!r} cannot run on {device} ({dtype}): {e}: unset it for the "
                               f"fastest backend that loads") from e
     else:
-        _chosen, why_not = _auto_choose(device, dtype)
-        _warn_if_slow(device, _chosen[0], why_not)
+        _chosen, why_not = _auto_choose(device, dtype, head_dim, windows)
+        trial_failures.update(_warn_if_slow(device, _chosen[0], why_not))
     print0(f"attention backend: {describe_backend()}")
     return _chosen[0]
 

@@ -241,21 +241,46 @@ def compute_cleanup():
         dist.destroy_process_group()
 
 
-# Dense bf16 tensor-core peaks (FLOP/s, datasheet, no sparsity), matched against the CUDA device
-# name; the first key that is a substring wins, so more specific names come first.
+# Dense bf16 tensor-core peaks (FLOP/s, datasheets, no sparsity), matched against the CUDA device
+# name: the longest key it contains wins. Consumer (GeForce) cards: with fp32 accumulation, which
+# they run at half the fp16-accumulate rate. A card missing here reports no MFU rather than a wrong
+# one; --peak-tflops or NANOCHAT_PEAK_TFLOPS gives its peak.
 PEAK_BF16_FLOPS = {
-    "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12,
-    "B200": 2250e12, "B100": 1750e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
-    "RTX 4090": 165.2e12, "RTX 3090": 71e12,  # consumer cards: bf16 with fp32 accumulation
+    "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12, "H20": 148e12,
+    "B200": 2250e12, "B100": 1750e12, "A100": 312e12, "A40": 149.7e12, "L40S": 362e12, "L40": 181e12,
+    "L4": 121e12, "RTX 6000 Ada": 364.2e12, "RTX A6000": 154.8e12,
+    "RTX 5090": 209.5e12, "RTX 4090": 165.2e12, "RTX 4080": 97.5e12, "RTX 3090": 35.6e12,
 }
 
 
-def get_peak_flops(device):
-    """bf16 peak of a CUDA device, or None (CPU, MPS, unknown cards: MFU is then not reported)."""
+def get_peak_flops(device, peak_tflops=None):
+    """bf16 peak of a device in FLOP/s: the one given (peak_override), else the table's for a CUDA
+    device, else None (CPU, MPS, a card the table does not know: MFU is then not reported, rather
+    than reported wrong)."""
+    given = peak_override(peak_tflops)
+    if given:
+        return given
     device = torch.device(device)
     if device.type != "cuda":
         return None
     return peak_flops_for(torch.cuda.get_device_name(device))
+
+
+def peak_override(peak_tflops=None):
+    """A peak the user gave, in FLOP/s: --peak-tflops, else NANOCHAT_PEAK_TFLOPS, else None."""
+    given = peak_tflops or os.environ.get("NANOCHAT_PEAK_TFLOPS")
+    try:
+        return float(given) * 1e12 if given else None
+    except ValueError:
+        raise BadInput(f"NANOCHAT_PEAK_TFLOPS={given!r}: expected the GPU's dense bf16 TFLOP/s, e.g. 165") from None
+
+
+def unknown_peak_note(device, peak_tflops=None):
+    """The line a CUDA device gets when no peak is known for it (MFU is then not reported), else None."""
+    if device.type != "cuda" or get_peak_flops(device, peak_tflops):
+        return None
+    return (f"MFU n/a (unknown peak for the {torch.cuda.get_device_name(device)}): give its dense bf16 TFLOP/s "
+            f"with --peak-tflops or NANOCHAT_PEAK_TFLOPS")
 
 
 def peak_flops_for(name):

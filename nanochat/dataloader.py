@@ -29,6 +29,7 @@ tokens/s, ~25x what an H100 consumes; more threads mostly fight over the GIL.
 import bisect
 import itertools
 import os
+import random
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
@@ -43,8 +44,8 @@ CHUNK = 128  # documents added to the buffer at a time, as the record's loader t
 
 class DataLoader:
     def __init__(self, tokenizer, B, T, split, device="cpu", rank=0, world_size=1,
-                 data_dir=None, buffer_size=1000, prefetch=8, threads=1, allow_empty=False):
-        self.tokenizer, self.B, self.T, self.split = tokenizer, B, T, split
+                 data_dir=None, buffer_size=1000, prefetch=8, threads=1, allow_empty=False, seed=None):
+        self.tokenizer, self.B, self.T, self.split, self.seed = tokenizer, B, T, split, seed
         self.device = torch.device(device)
         self.rank, self.world_size = rank, world_size
         self.buffer_size, self.prefetch = buffer_size, prefetch
@@ -64,7 +65,7 @@ class DataLoader:
                            f"smaller --row-group-size (python -m nanochat.dataset --local ... --row-group-size 64)")
         self.buffer = []           # (length, seq, docid, tokens), sorted: best-fit is a bisect
         self.pending = deque()     # (docid, tokens) tokenized but not yet in the buffer, in stream order
-        self.cursor = (0, 0, rank, 0)  # docid of the next document the stream will deliver
+        self.cursor = (0, *self._stream_order(0)[0], 0) if not self.empty else None  # docid of the next document
         self.seq = 0
         self.epoch = 0  # of the newest document packed: > 0 once the stream has started over
         self.tokens_seen = self.tokens_cropped = 0
@@ -79,17 +80,28 @@ class DataLoader:
 
     # --- the document stream (read and tokenized in background threads) ---
 
+    def _stream_order(self, epoch):
+        """This stream's row groups, (shard, row group), in the order an epoch reads them: shard by
+        shard, rank, rank+W, ... (the record's order); with a seed, that list shuffled by (seed,
+        epoch), so that runs that differ only in their seed see the documents in other orders."""
+        order = [(s, g) for s in range(len(self.paths))
+                 for g in range(self.rank, self.num_row_groups[s], self.world_size)]
+        if self.seed is not None:
+            random.Random(f"{self.seed}-{epoch}").shuffle(order)
+        return order
+
     def _row_groups(self, start):
         """Row groups of this rank from `start` on, forever (epoch after epoch); none if the rank has none."""
         if self.empty:
             return
         epoch, shard, rg, doc = start
-        for epoch in itertools.count(epoch):
-            for s in range(shard, len(self.paths)):
-                for g in range(rg if s == shard else self.rank, self.num_row_groups[s], self.world_size):
-                    yield (epoch, s, g, doc)
-                    doc = 0
-            shard, rg = 0, self.rank
+        order = self._stream_order(epoch)
+        for s, g in order[order.index((shard, rg)):]:
+            yield epoch, s, g, doc
+            doc = 0
+        for epoch in itertools.count(epoch + 1):
+            for s, g in self._stream_order(epoch):
+                yield epoch, s, g, 0
 
     def _tokenize(self, shard, rg, first=0, only=None):
         """[(doc index, tokens)] for docs `first`.. of a row group (or just those in `only`)."""
@@ -193,7 +205,7 @@ class DataLoader:
             "cursor": list(self.cursor),
             "buffer": [list(docid) for _, _, docid, _ in self.buffer],  # in (length, age) order
             "tokens_seen": self.tokens_seen, "tokens_cropped": self.tokens_cropped,
-            "rank": self.rank, "world_size": self.world_size, "split": self.split,
+            "rank": self.rank, "world_size": self.world_size, "split": self.split, "seed": self.seed,
             "shards": [os.path.basename(p) for p in self.paths],  # docids index into this list
         }
 
@@ -201,6 +213,9 @@ class DataLoader:
         if (state["rank"], state["world_size"], state["split"]) != (self.rank, self.world_size, self.split):
             raise BadInput(f"dataloader state is for rank {state['rank']}/{state['world_size']} "
                            f"split {state['split']!r}, not rank {self.rank}/{self.world_size} {self.split!r}")
+        if state.get("seed") != self.seed:
+            raise BadInput(f"the checkpoint's data streams were read in the order of --seed {state.get('seed')}, "
+                           f"not {self.seed}: resume with the run's --seed")
         shards = [os.path.basename(p) for p in self.paths]
         if state["shards"] != shards:
             raise BadInput(f"dataloader state was saved over {len(state['shards'])} {self.split} shards "
@@ -227,9 +242,9 @@ class StepLoader:
     world*accum, so the global batch is the same for any split of processes × micro-steps: 8 GPUs
     with accum 1 see exactly the batches of 1 GPU with accum 8 (and a checkpoint resumes on either)."""
 
-    def __init__(self, tokenizer, B, T, split, device, rank, world, accum):
-        self.streams = [DataLoader(tokenizer, B, T, split, device, rank=rank * accum + a, world_size=world * accum)
-                        for a in range(accum)]
+    def __init__(self, tokenizer, B, T, split, device, rank, world, accum, seed=None):
+        self.streams = [DataLoader(tokenizer, B, T, split, device, rank=rank * accum + a, world_size=world * accum,
+                                   seed=seed) for a in range(accum)]
 
     def __iter__(self):
         return self

@@ -24,12 +24,15 @@ from nanochat.optim import SHARD_MIN_NUMEL
 SAFETY = 0.9  # use at most 90% of the device's memory
 # --gpu name -> (key in nanochat.common.PEAK_BF16_FLOPS, memory in GB = 1e9 bytes)
 GPUS = {
-    "h100": ("H100", 80), "h200": ("H200", 141), "a100": ("A100", 80), "a100-40gb": ("A100", 40),
-    "b200": ("B200", 180), "l4": ("L4", 24), "4090": ("RTX 4090", 24),
+    "h100": ("H100", 80), "h200": ("H200", 141), "h20": ("H20", 96), "b200": ("B200", 180),
+    "a100": ("A100", 80), "a100-40gb": ("A100", 40), "a40": ("A40", 48), "l40s": ("L40S", 48), "l40": ("L40", 48),
+    "l4": ("L4", 24), "rtx6000ada": ("RTX 6000 Ada", 48), "a6000": ("RTX A6000", 48),
+    "5090": ("RTX 5090", 32), "4090": ("RTX 4090", 24), "4080": ("RTX 4080", 16), "3090": ("RTX 3090", 24),
 }
 # MFU measured on a GPU kind, at a depth and precision (fp8 or not): docs/PERF.md has each with its
 # command. One GPU, the whole optimizer on it, d24 at 16 x 2048 compiled with FlexAttention, and d12
-# in base_train. Other GPUs and runs assume 45 %: below the fp8 figure because an H100 has less memory
+# in base_train. The fp8 figure had lm_head in bf16 (--fp8 now runs it in fp8 too: likely a bit
+# low). Other GPUs and runs assume 45 %: below the fp8 figure because an H100 has less memory
 # bandwidth for the elementwise kernels and an 8-GPU run adds communication (unmeasured), above the
 # bf16 one because 8 GPUs shard the optimizer.
 MEASURED_MFU = {("H200", 24, True): 0.491, ("H200", 24, False): 0.420, ("H200", 12, False): 0.386}
@@ -205,10 +208,11 @@ def largest_depth_that_fits(config, processes, device, have):
 # -----------------------------------------------------------------------------
 # Time and money
 
-def time_and_cost(total_flops, gpus, gpu, depth, fp8, mfu=None, gpu_hour_cost=3.0):
+def time_and_cost(total_flops, gpus, gpu, depth, fp8, mfu=None, gpu_hour_cost=3.0, peak=None):
     """(MFU, where it comes from, training seconds, dollars) of total_flops on `gpus` GPUs of kind
-    `gpu` (a GPUS key): the FLOPs at that fraction of the GPUs' bf16 peak. The MFU is the one
-    given, else one measured on this GPU at this depth and precision (MEASURED_MFU), else assumed."""
+    `gpu` (a GPUS key): the FLOPs at that fraction of the GPUs' bf16 peak (the table's, or `peak`).
+    The MFU is the one given, else one measured on this GPU at this depth and precision
+    (MEASURED_MFU), else assumed."""
     key = GPUS[gpu][0]
     if mfu is not None:
         source = "given (--mfu)"
@@ -216,5 +220,5 @@ def time_and_cost(total_flops, gpus, gpu, depth, fp8, mfu=None, gpu_hour_cost=3.
         mfu, source = MEASURED_MFU[key, depth, fp8], "measured, docs/PERF.md"
     else:
         mfu, source = DEFAULT_MFU, "assumed, not measured"
-    seconds = total_flops / (gpus * PEAK_BF16_FLOPS[key] * mfu)
+    seconds = total_flops / (gpus * (peak or PEAK_BF16_FLOPS[key]) * mfu)
     return mfu, source, seconds, seconds / 3600 * gpus * gpu_hour_cost

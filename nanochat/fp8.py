@@ -1,5 +1,7 @@
 """
-fp8 matmuls for the big Linear layers (opt-in with --fp8; CUDA compute capability >= 8.9).
+fp8 matmuls for the big Linear layers (opt-in with --fp8; CUDA compute capability >= 8.9): every
+matmul in the blocks and lm_head, the layers the record runs in fp8. The logits leave lm_head in
+bf16; the model softcaps them and takes the loss in fp32, as it does without fp8.
 
 Tensorwise scaling: each operand gets one fp32 scale that maps its largest magnitude onto
 the largest finite value of its fp8 format; torch._scaled_mm multiplies the fp8 operands on
@@ -87,6 +89,9 @@ def convert_to_float8(model, linear_cls=nn.Linear, min_features=128):
     >= min_features and divisible by 16 for a Float8Linear holding the SAME Parameter object,
     so optimizer groups, init and checkpoints cannot tell the difference. Small layers stay in
     bf16: the scaling overhead outweighs the faster matmul. Returns the number swapped."""
+    if torch.version.hip:
+        raise Unavailable(f"--fp8 is not known to work with ROCm builds of torch (torch {torch.__version__}, "
+                          f"HIP {torch.version.hip}): drop --fp8 to train in bf16")
     if not fp8_supported():
         if not torch.cuda.is_available():  # not the GPU's fault: torch cannot use CUDA
             from nanochat.common import cuda_unusable_reason
@@ -94,6 +99,11 @@ def convert_to_float8(model, linear_cls=nn.Linear, min_features=128):
         major, minor = torch.cuda.get_device_capability()
         raise Unavailable(f"--fp8 needs a CUDA GPU of compute capability >= 8.9 (H100, L40, RTX 4090), this "
                           f"{torch.cuda.get_device_name()} is {major}.{minor}; drop --fp8 to train in bf16")
+    return swap_to_float8(model, linear_cls, min_features)
+
+
+def swap_to_float8(model, linear_cls=nn.Linear, min_features=128):
+    """convert_to_float8 without asking whether fp8 runs fast here (CPU checks of the layouts)."""
     count = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
@@ -151,3 +161,13 @@ def fp8_vs_reference(device, shape=(4, 16, 256), out_features=128):
     assert y.shape == (*shape[:-1], out_features) and y.dtype == torch.bfloat16
     assert x.grad.dtype == torch.bfloat16 and layer.weight.grad.dtype == torch.float32
     return _rel_err(y, yr), _rel_err(x.grad, xr.grad), _rel_err(layer.weight.grad, wr.grad)
+
+
+def logits_vs_bf16(model, idx):
+    """Relative error of a converted model's logits against its own with fp8 off (the bf16 path):
+    what --fp8 changes in what the loss sees, lm_head's quantization included."""
+    with torch.no_grad():
+        logits = model(idx)
+        with disable_fp8(model):
+            reference = model(idx)
+    return _rel_err(logits, reference)

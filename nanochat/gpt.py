@@ -10,6 +10,7 @@ Relative to GPT-2 it keeps the shape (pre-norm blocks of attention + MLP) and ch
 - logits soft-capped at ±15
 `--depth` is the one dial: width, heads and every learning rate follow from it.
 """
+import copy
 import math
 from dataclasses import dataclass
 
@@ -262,8 +263,25 @@ def build_model(config, device):
         model = GPT(config)
     model.to_empty(device=device)
     model.init_weights()
-    get_backend(device, model.wte.weight.dtype)  # pick (and print) the kernel now, not inside torch.compile
+    # pick (and print) the kernel now, not inside torch.compile; a fast one is tried on these shapes first
+    get_backend(device, model.wte.weight.dtype, config.head_dim, config.window_sizes())
     # flex's masks of the training shape, before anything compiles: a plain torch.compile(model) then
     # never recompiles for them (a no-op with every other backend)
     prepare_flex(config.window_sizes(), config.sequence_len, device)
     return model
+
+
+def compile_model(model, regional=False):
+    """What training runs: the whole model as one torch.compile graph (the fused head and loss
+    included), or with `regional`, each block compiled on its own and the rest eager. The blocks
+    share their code, so the compiler traces one block per kind (short or long window, with or
+    without a value embedding) instead of all of them: a faster cold start. And each block is then
+    its own autograd node, so its gradients are final, and the optimizer's reductions can start,
+    while backward is still running through the blocks below. The parameters are shared; `model`
+    itself stays eager, for evaluation and sampling at any shape."""
+    if not regional:
+        return torch.compile(model)
+    twin = copy.copy(model)  # a second view of the same modules, with compiled blocks
+    twin._modules = dict(model._modules)
+    twin.blocks = nn.ModuleList([torch.compile(block) for block in model.blocks])
+    return twin

@@ -15,8 +15,9 @@ keeps optimizer state only for it, then all-gathers the new parameters. Small te
 all-reduced and updated everywhere. A hook on every parameter launches its reduction as soon as
 its gradient is final: inside backward when the model runs eagerly, but all at the end of it when
 the whole model is compiled (one autograd node, whose gradients all become final together), as
-base_train runs it on GPUs; there the reductions overlap only each other and the optimizer math
-(docs/PERF.md: measured with `bench_model --hooks`, and what it costs).
+base_train runs it on GPUs by default; there the reductions overlap only each other and the
+optimizer math. With --regional-compile each block is its own node, so a block's reductions
+start when its backward ends (docs/PERF.md: measured with `bench_model --hooks`).
 
 Training loop contract (the loop never all-reduces anything itself):
     for micro_step in range(grad_accum_steps):
@@ -178,9 +179,12 @@ class MuonAdamW(torch.optim.Optimizer):
     Every group also gets initial_lr; step() reads lr, momentum, weight_decay from the group each
     time, so schedules just overwrite them. Every parameter must get a gradient every step.
     compile: torch.compile the two update functions (default: when the parameters are on CUDA, where
-    eager mode launches hundreds of small kernels per step; one fused graph per group instead)."""
+    eager mode launches hundreds of small kernels per step; one fused graph per group instead).
+    comm: the collectives, torch.distributed by default; any object with its all_reduce,
+    reduce_scatter_single and all_gather_single and a rank and world stands in (bench_model
+    --as-rank-of times one rank of a bigger run on one device that way)."""
 
-    def __init__(self, param_groups, compile=None):
+    def __init__(self, param_groups, compile=None, comm=None):
         for g in param_groups:
             missing = [k for k in HYPERPARAMETERS[g["kind"]] if k not in g]
             assert not missing, f"a {g['kind']} group without {', '.join(missing)}"
@@ -192,6 +196,9 @@ class MuonAdamW(torch.optim.Optimizer):
                 assert len(shapes) == 1 and len(next(iter(shapes))) == 2, f"one matrix shape per muon group, got {shapes}"
         distributed = dist.is_initialized() and dist.get_world_size() > 1
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+        self.comm = comm or dist
+        if comm is not None:
+            self.rank, self.world = comm.rank, comm.world
         self.sync_grads = True  # False: backward only accumulates locally (earlier micro-steps)
         if compile is None:
             compile = self.param_groups[0]["params"][0].is_cuda
@@ -237,10 +244,10 @@ class MuonAdamW(torch.optim.Optimizer):
         if W == 1:
             unit.grad = grad
         elif not unit.sharded:
-            unit.grad, unit.work = grad, dist.all_reduce(grad, op=dist.ReduceOp.AVG, async_op=True)
+            unit.grad, unit.work = grad, self.comm.all_reduce(grad, op=dist.ReduceOp.AVG, async_op=True)
         else:  # gloo supports reduce-scatter and AVG too, so CPU tests run the NCCL code path
             out = grad.new_empty(grad.size(0) // W, *grad.shape[1:])
-            unit.grad, unit.work = out, dist.reduce_scatter_single(out, grad, op=dist.ReduceOp.AVG, async_op=True)
+            unit.grad, unit.work = out, self.comm.reduce_scatter_single(out, grad, op=dist.ReduceOp.AVG, async_op=True)
 
     def set_schedule(self, lr_multiplier, momentum, muon_weight_decay):
         """This step's scheduled values: every group's LR at lr_multiplier × its initial LR (AdamW's
@@ -298,7 +305,7 @@ class MuonAdamW(torch.optim.Optimizer):
             if unit.sharded:  # in-place all-gather: our block is already in place in `full`
                 p, k = unit.params[0], unit.grad.size(0)
                 full = pad_rows(p, self.world)  # p itself unless rows had to be padded
-                work = dist.all_gather_single(full, full[self.rank * k:(self.rank + 1) * k], async_op=True)
+                work = self.comm.all_gather_single(full, full[self.rank * k:(self.rank + 1) * k], async_op=True)
                 gathers.append((work, [(p, full[:p.size(0)])] if full.size(0) != p.size(0) else []))
         return gathers
 
@@ -325,7 +332,7 @@ class MuonAdamW(torch.optim.Optimizer):
         gathers = []
         for j, unit in enumerate(units):  # round j: every rank contributes its matrix, all get all W
             full = p.new_empty(self.world, *p.shape[1:])
-            work = dist.all_gather_single(full, p[j:j + 1], async_op=True)
+            work = self.comm.all_gather_single(full, p[j:j + 1], async_op=True)
             gathers.append((work, list(zip(unit.params, full.unbind(0)))))
         return gathers
 
@@ -422,11 +429,11 @@ class MuonAdamW(torch.optim.Optimizer):
 # -----------------------------------------------------------------------------
 # Built from the recipe
 
-def build_optimizer(model, groups, compile=None):
+def build_optimizer(model, groups, compile=None, comm=None):
     """MuonAdamW over a model's parameters, grouped as the recipe says (nanochat.recipe: every LR,
     beta and decay, with its reason; model.param_groups() names the parameters). A Muon group is
     split by matrix shape: Muon orthogonalizes a stack of same-shape matrices at once.
-    compile: MuonAdamW's (default: compile the updates on CUDA)."""
+    compile, comm: MuonAdamW's (default: compile the updates on CUDA; torch.distributed)."""
     params, out = model.param_groups(), []
     for g in groups:
         hyper = {k: v for k, v in dataclasses.asdict(g).items() if v is not None}
@@ -438,4 +445,4 @@ def build_optimizer(model, groups, compile=None):
             by_shape.setdefault(p.shape, []).append(p)
         out += [dict(hyper, params=ps) for ps in by_shape.values()]
     assert sum(len(g["params"]) for g in out) == len(list(model.parameters())), "a parameter has no group"
-    return MuonAdamW(out, compile=compile)
+    return MuonAdamW(out, compile=compile, comm=comm)

@@ -20,7 +20,6 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from nanochat.checkpoint import newest_model_tag
-from nanochat.cli import Missing
 from nanochat.common import atomic_write, get_base_dir
 from nanochat.core_eval import RULES
 
@@ -237,7 +236,8 @@ def training_section(cfg, metrics, final):
               f"{fmt(cfg.get('num_iterations'))} iterations, {fmt(tokens)} tokens, "
               f"tokens:params {fmt(tokens / scaling if scaling else None, '.2f')}",
               f"- {fmt(cfg.get('world_size'))} x {fmt(cfg.get('device_name'))}, dtype {fmt(cfg.get('dtype'))}, "
-              f"fp8 {'on' if args.get('fp8') else 'off'}, attention {fmt(cfg.get('attention_backend'))}",
+              f"fp8 {'on' if args.get('fp8') else 'off'}, attention {fmt(cfg.get('attention_backend'))}, "
+              "seed " + (str(args["seed"]) if args.get("seed") is not None else "the record's (init 42, file order)"),
               "- flags (the rest left to the recipe): `"
               + " ".join(f"--{k.replace('_', '-')}={v}" for k, v in args.items() if v is not None) + "`"]
     else:
@@ -282,9 +282,7 @@ def bpb_lines(run):
 
 
 def core_lines(ctx, plot_dir):
-    ev, metrics, tag = ctx["ev"], ctx["metrics"], ctx["tag"]
-    core_recs = [r for r in metrics.get("core", []) if isinstance(r.get("core"), (int, float))]
-    src = ev if ev and ev.get("core") is not None else (core_recs[-1] if core_recs else None)
+    ev, src, tag = ctx["ev"], ctx["core"], ctx["tag"]
     if not src:
         return ["- CORE: not run"]
     core, label = src["core"], src.get("core_label", "CORE")
@@ -318,6 +316,7 @@ def core_lines(ctx, plot_dir):
     if centered:
         plot_core_tasks(centered, os.path.join(plot_dir, "core_tasks.png"), label)
         L += ["", f"![{label} per task](report/core_tasks.png)"]
+    core_recs = ctx["core_history"]
     if core_recs:
         L += ["", "CORE during training: " + ", ".join(f"step {r['step']}: {r['core']:.4f}" for r in core_recs)]
     return L
@@ -346,9 +345,12 @@ def load_run(base_dir, tag):
     """One run's config, metrics, evaluation and final record ({} where missing: a stage not run)."""
     run_dir = os.path.join(base_dir, "base_checkpoints", tag)
     metrics = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
-    return dict(tag=tag, cfg=read_json(os.path.join(run_dir, "config.json")) or {}, metrics=metrics,
-                ev=read_json(os.path.join(run_dir, "base_eval.json")) or {},
-                final=(metrics.get("final") or [{}])[-1])
+    ev = read_json(os.path.join(run_dir, "base_eval.json")) or {}
+    # CORE: base_eval's if it ran, else the last one measured during training
+    core_recs = [r for r in metrics.get("core", []) if isinstance(r.get("core"), (int, float))]
+    core = ev if ev.get("core") is not None else (core_recs[-1] if core_recs else {})
+    return dict(tag=tag, cfg=read_json(os.path.join(run_dir, "config.json")) or {}, metrics=metrics, ev=ev,
+                core=core, core_history=core_recs, final=(metrics.get("final") or [{}])[-1])
 
 
 def write_report(base_dir=None, model_tag=None, start_time=None, gpu_hour_cost=3.0):
@@ -356,7 +358,8 @@ def write_report(base_dir=None, model_tag=None, start_time=None, gpu_hour_cost=3
     plot_dir = os.path.join(base_dir, "report")
     os.makedirs(plot_dir, exist_ok=True)
     tag = model_tag or newest_model_tag(base_dir)
-    ctx = load_run(base_dir, tag) if tag else dict(tag=None, cfg={}, metrics={}, ev={}, final={})
+    ctx = load_run(base_dir, tag) if tag else dict(tag=None, cfg={}, metrics={}, ev={}, core={}, core_history=[],
+                                                            final={})
     metrics = ctx["metrics"]
     ctx.update(base_dir=base_dir,
                steps=[r["step"] for recs in metrics.values() for r in recs if isinstance(r.get("step"), int)])
@@ -368,64 +371,3 @@ def write_report(base_dir=None, model_tag=None, start_time=None, gpu_hour_cost=3
     with atomic_write(path) as tmp, open(tmp, "w") as f:
         f.write("\n".join(L))
     return path
-
-
-# --- comparing runs: what a fork is judged by, side by side ---
-
-def comparability_warnings(runs):
-    """Numbers of two runs mean the same only if they were measured the same way: same tokenizer
-    (bpb is vocabulary-independent, but a retrained tokenizer changes the val bytes seen), same val
-    data and val tokens, and CORE over the same tasks and items, under the same rules."""
-    checks = [("tokenizer", lambda r: r["cfg"].get("tokenizer") or (r["cfg"].get("model_config") or {}).get("vocab_size")),
-              ("val data", lambda r: r["cfg"].get("val_data")),
-              ("CORE subset", lambda r: r["ev"].get("core_label")),
-              ("CORE rules", lambda r: r["ev"].get("rules")),
-              ("final val bpb tokens", lambda r: last_val(r).get("tokens_scored"))]
-    warnings = []
-    for what, key in checks:
-        values = {r["tag"]: key(r) for r in runs if key(r) is not None}
-        if len(set(map(str, values.values()))) > 1:
-            warnings.append(f"WARNING: not comparable: different {what}: "
-                            + ", ".join(f"{tag}: {value}" for tag, value in values.items()))
-    return warnings
-
-
-def compare_table(runs):
-    """Final val bpb, CORE and training time of each run, and its difference from the first. A run
-    that has not reached its horizon says so, and a CORE measured before a run's last step says when."""
-    def row_values(r):
-        return [last_val(r).get("val_bpb"), r["ev"].get("core"), r["final"].get("elapsed")]
-    base = row_values(runs[0])
-    L = ["| run | val bpb | CORE | training time (s) | Δ val bpb | Δ CORE | Δ time |", "|---|---|---|---|---|---|---|"]
-    for r in runs:
-        vals = row_values(r)
-        deltas = [None if v is None or b is None else v - b for v, b in zip(vals, base)]
-        steps = [rec["step"] for recs in r["metrics"].values() for rec in recs if isinstance(rec.get("step"), int)]
-        last, horizon = max(steps, default=None), r["cfg"].get("num_iterations")
-        tag = r["tag"] if r["final"].get("step") == horizon else \
-            f"{r['tag']} (UNFINISHED: step {fmt(last)} of {fmt(horizon)})"
-        core = "n/a" if vals[1] is None else f"{vals[1]:.4f} ({r['ev'].get('core_label', 'CORE')}" + \
-            (f", at step {r['ev']['step']:,}" if r["ev"].get("step") not in (None, last) else "") + ")"
-        L.append(f"| {tag} | {fmt(vals[0], '.4f')} | {core} | {fmt(vals[2], ',.0f')} | "
-                 f"{fmt(deltas[0], '+.4f')} | {fmt(deltas[1], '+.4f')} | {fmt(deltas[2], '+,.0f')} |")
-    return L
-
-
-def compare_runs(tags, base_dir=None):
-    """Print (and return) the comparison of the named runs; write the overlay plot beside report.md."""
-    base_dir = base_dir or get_base_dir()
-    root = os.path.join(base_dir, "base_checkpoints")
-    for tag in tags:  # a mistyped tag would otherwise compare as an empty run
-        if not os.path.isdir(os.path.join(root, tag)):
-            raise Missing(f"no run {tag!r} under {root}: give the --model-tag of a training run "
-                          f"(there: {', '.join(sorted(os.listdir(root))) or 'none'})" if os.path.isdir(root)
-                          else f"no runs under {base_dir}: train one with python -m scripts.base_train")
-    runs = [load_run(base_dir, tag) for tag in tags]
-    path = os.path.join(base_dir, "report", "compare_" + "_vs_".join(tags) + ".png")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    plotted = plot_curves({r["tag"]: r["metrics"].get("val", []) for r in runs}, "val_bpb",
-                          "val bpb: " + " vs ".join(tags), path, xaxes=(STEP, TOKENS, FLOPS, MINUTES))
-    lines = compare_table(runs) + [""] + comparability_warnings(runs)
-    lines += [f"plot: {path}" if plotted else "plot: none (no run has val bpb records)"]
-    print("\n".join(lines))
-    return lines

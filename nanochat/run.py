@@ -19,7 +19,7 @@ import torch.distributed as dist
 from nanochat.attention import describe_backend
 from nanochat.checkpoint import check_tokenizer, list_steps, load_checkpoint, load_meta, save_checkpoint, step_dir
 from nanochat.cli import BadInput, Unavailable
-from nanochat.common import any_rank, atomic_write, print0
+from nanochat.common import any_rank, atomic_write, print0, unknown_peak_note
 from nanochat.shards import get_data_dir, read_manifest
 
 
@@ -159,6 +159,8 @@ def start_logging(run, command):
             run.wandb_run = wandb.init(project="nanochat", name=run.args.run, config=train_config, dir=run.run_dir)
     print0(f"model d{config.n_layer}: {config.n_embd} wide, {config.n_head} heads, {r.num_params['total']:,} params, "
            f"{r.flops_per_token:.3e} FLOPs/token")
+    if unknown_peak_note(run.device, run.args.peak_tflops):
+        print0(unknown_peak_note(run.device, run.args.peak_tflops))
     print0(f"horizon: {r.num_iterations:,} steps × {r.total_batch_size:,} tokens = {r.tokens:,} tokens "
            f"({r.tokens / r.horizon_params:.1f} per matrix+head param), {r.tokens * r.flops_per_token:.3e} FLOPs; "
            f"{run.world} process(es) × {r.grad_accum_steps} micro-steps of {r.device_batch_size}×{config.sequence_len}; "

@@ -27,7 +27,7 @@ from nanochat.common import compute_cleanup, compute_init, get_peak_flops, mfu, 
 from nanochat.core_eval import evaluate_core, get_eval_bundle_dir
 from nanochat.dataloader import StepLoader
 from nanochat.engine import sample_texts
-from nanochat.gpt import build_model
+from nanochat.gpt import build_model, compile_model
 from nanochat.loss_eval import evaluate_split
 from nanochat.estimate import check_fits
 from nanochat.optim import build_optimizer
@@ -60,6 +60,10 @@ def parse_args(argv=None):
                    help="checkpoint every N minutes of wall time, so a crash costs at most that much "
                         "(default: auto: 30 on CUDA, where a save of a big model takes seconds to a minute; "
                         "10 on CPU/MPS, where runs are small and saves cheap; 0: off)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of the model's init and of the order the training streams read their row groups in "
+                        "(which documents are train or val does not change); repeat a run over seeds to measure "
+                        "its noise (default: the record's: init seed 42, row groups in file order)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest checkpoint of the run dir (or start it, if it has none)")
     p.add_argument("--overwrite", action="store_true",
@@ -71,6 +75,11 @@ def parse_args(argv=None):
     p.add_argument("--device-type", default=None, choices=DEVICE_TYPES, help="default: autodetect")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on with CUDA, off elsewhere)")
+    p.add_argument("--regional-compile", action="store_true",
+                   help="with compilation: each block compiled on its own, the rest eager, instead of the whole "
+                        "model (a faster cold start; gradient reductions overlap backward)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="the GPU's dense bf16 peak, for MFU (default: the table's for known GPUs; NANOCHAT_PEAK_TFLOPS)")
     p.add_argument("--skip-memory-check", action="store_true",
                    help="start even if the memory estimate says the run does not fit the GPU (or the RAM)")
     args = p.parse_args(argv)
@@ -86,6 +95,7 @@ def parse_args(argv=None):
         (args.overwrite and args.resume, "--overwrite and --resume: give one (start afresh, or continue)"),
         (args.save_every_minutes is not None and args.save_every_minutes < 0,
          f"--save-every-minutes {args.save_every_minutes}: must be >= 0 (0: off; leave the flag out for auto)"),
+        (args.peak_tflops is not None and args.peak_tflops <= 0, f"--peak-tflops {args.peak_tflops}: must be > 0"),
     ])
     return args
 
@@ -113,6 +123,8 @@ def build(args, rank, world, device):
     T = recipe.config.sequence_len
     if not args.skip_memory_check:  # before allocating: a run too big for the device is refused, named
         check_fits(recipe.config, recipe.device_batch_size, world, device)
+    if args.seed is not None:
+        torch.manual_seed(args.seed)  # compute_init seeded 42: the record's init
     model = build_model(recipe.config, device)
     use_compile = device.type == "cuda" if args.compile is None else bool(args.compile)
     if auto_batch:  # the batch depends on the model's memory: probe, then re-derive (at most one micro-step)
@@ -122,11 +134,12 @@ def build(args, rank, world, device):
     eval_mode = nullcontext
     if args.fp8:
         from nanochat.fp8 import convert_to_float8, disable_fp8
-        convert_to_float8(model.blocks)  # the head stays bf16: its softcapped logits are precision-sensitive
+        convert_to_float8(model)  # the blocks' matmuls and lm_head, as the record; softcap and loss stay fp32
         eval_mode = lambda: disable_fp8(model)  # noqa: E731 (evaluation runs in bf16)
     optimizer = build_optimizer(model, recipe.param_groups)
-    step_model = torch.compile(model) if use_compile else model
-    loader = StepLoader(tokenizer, recipe.device_batch_size, T, "train", device, rank, world, recipe.grad_accum_steps)
+    step_model = compile_model(model, args.regional_compile) if use_compile else model
+    loader = StepLoader(tokenizer, recipe.device_batch_size, T, "train", device, rank, world, recipe.grad_accum_steps,
+                        args.seed)
     return Run(args, recipe, model, step_model, optimizer, loader, tokenizer, device, rank, world,
                args.run_dir or get_run_dir(run_tag(args)), eval_mode)
 
@@ -263,12 +276,12 @@ def report_step(run, train_loss, lrm, dt):
     run.smooth_loss = 0.9 * run.smooth_loss + 0.1 * train_loss
     debiased = run.smooth_loss / (1 - 0.9 ** (run.step + 1))
     tok_per_sec = r.total_batch_size / dt
-    util = mfu(tok_per_sec / run.world, r.flops_per_token, get_peak_flops(run.device))
+    util = mfu(tok_per_sec / run.world, r.flops_per_token, get_peak_flops(run.device, run.args.peak_tflops))
     run.step += 1
     run.evaluated = False
     print0(f"step {run.step:05d}/{r.num_iterations:05d} ({100 * run.step / r.num_iterations:.1f}%) | "
            f"loss {debiased:.4f} | lrm {lrm:.2f} | dt {dt * 1e3:.0f}ms | tok/s {tok_per_sec:,.0f} | "
-           f"mfu {'-' if util is None else f'{util:.1%}'} | elapsed {run.elapsed / 60:.1f}m | "
+           f"mfu {'n/a' if util is None else f'{util:.1%}'} | elapsed {run.elapsed / 60:.1f}m | "
            f"eta {(r.num_iterations - run.step) * dt / 60:.1f}m")
     log(run, {"type": "train", "loss": debiased, "raw_loss": train_loss, "lr_mult": lrm, "dt": dt,
               "tok_per_sec": tok_per_sec, "mfu": util})

@@ -9,6 +9,7 @@ against the device's bf16 peak, step-time median and spread, peak memory.
     python -m scripts.bench_model --matrix          # every depth/backend/fp8/compile combination, one table
     python -m scripts.bench_model --hooks ...       # + when gradient hooks fire within backward (overlap)
     python -m scripts.bench_model --profile ...     # + the optimizer step alone, and the top kernels of one step
+    python -m scripts.bench_model --as-rank-of 8 ...  # + the step as one rank of an 8-GPU run sees it
 
 A full step is forward + backward + optimizer (--no-optimizer to leave the optimizer out).
 """
@@ -25,7 +26,7 @@ import torch
 from nanochat.attention import BACKENDS
 from nanochat.cli import DEVICE_TYPES, ArgumentParser, check, run
 from nanochat.common import autodetect_device_type, compute_dtype, compute_init, get_peak_flops, mfu
-from nanochat.gpt import build_model, norm
+from nanochat.gpt import build_model, compile_model, norm
 from nanochat.recipe import derive
 from nanochat.optim import build_optimizer
 
@@ -43,7 +44,13 @@ def parse_args(argv=None):
     p.add_argument("--no-optimizer", action="store_true", help="forward + backward only")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on with CUDA, off elsewhere)")
-    p.add_argument("--fp8", action="store_true", help="fp8 matmuls in the blocks, as base_train --fp8 (CUDA SM89+)")
+    p.add_argument("--regional-compile", action="store_true",
+                   help="with compilation: each block compiled on its own, the rest eager, instead of the whole "
+                        "model (a faster cold start; gradient reductions overlap backward)")
+    p.add_argument("--fp8", action="store_true",
+                   help="fp8 matmuls in the blocks and lm_head, as base_train --fp8 (CUDA SM89+)")
+    p.add_argument("--fp8-lm-head", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --fp8: lm_head in fp8 too, as base_train (--no-fp8-lm-head: the blocks only, to compare)")
     p.add_argument("--attn", default=None, choices=list(BACKENDS),
                    help="force an attention backend, as NANOCHAT_ATTN does (default: the best that loads)")
     p.add_argument("--device-type", default=None, choices=DEVICE_TYPES, help="default: autodetect")
@@ -52,13 +59,18 @@ def parse_args(argv=None):
     p.add_argument("--matrix", action="store_true", help="run the standard matrix of configurations")
     p.add_argument("--hooks", action="store_true",
                    help="also when the gradient hooks (where a multi-GPU run starts its reductions) fire in backward")
+    p.add_argument("--as-rank-of", type=int, default=None, metavar="N",
+                   help="also time the step as one rank of N processes sees it: the optimizer updates this rank's "
+                        "share only, its collectives replaced by device copies of the same sizes (a lower bound; default: not timed)")
     p.add_argument("--profile", action="store_true",
                    help="also time the optimizer step alone, and list the top kernels of one step (torch.profiler)")
     args = p.parse_args(argv)
     check(p, [(value < low, f"{flag} {value}: must be >= {low}") for flag, value, low in [
         ("--depth", args.depth, 1), ("--device-batch-size", args.device_batch_size, 1),
         ("--max-seq-len", args.max_seq_len, 1), ("--vocab-size", args.vocab_size, 1), ("--head-dim", args.head_dim, 2),
-        ("--steps", args.steps, 1), ("--warmup", args.warmup, 0)]])
+        ("--steps", args.steps, 1), ("--warmup", args.warmup, 0), ("--as-rank-of", args.as_rank_of or 2, 2)]]
+        + [(args.as_rank_of and args.no_optimizer, "--as-rank-of and --no-optimizer: the rank's share is of the "
+                                                   "optimizer, leave --no-optimizer out")])
     return args
 
 
@@ -141,6 +153,60 @@ def grad_hook_times(model, step_model, x, y):
     return sorted((t - t0) / (t1 - t0) for t in fired)
 
 
+class CopyComm:
+    """The optimizer's collectives as rank `rank` of `world` processes would run them, without the
+    other processes: each becomes a device copy of its whole buffer (the input of a reduce-scatter,
+    the output of an all-gather or all-reduce), and the rank's own block lands where the real
+    collective would put it. No network, no waiting on peers: a LOWER BOUND on the real cost. The
+    parameters other ranks own come back as copies of this rank's: only the timing means anything."""
+
+    class Done:
+        def wait(self):
+            pass
+
+    def __init__(self, rank, world):
+        self.rank, self.world = rank, world
+
+    def all_reduce(self, t, op=None, async_op=False):
+        torch.empty_like(t).copy_(t)
+        return self.Done()
+
+    def reduce_scatter_single(self, out, inp, op=None, async_op=False):
+        torch.empty_like(inp).copy_(inp)
+        out.copy_(inp.unflatten(0, (self.world, -1))[self.rank])
+        return self.Done()
+
+    def all_gather_single(self, full, part, async_op=False):
+        part = part.clone()  # part may be a view into full
+        full.unflatten(0, (self.world, -1)).copy_(part.unsqueeze(0).expand(self.world, *part.shape))
+        return self.Done()
+
+
+def rank_share(optimizer):
+    """{parameter name: element count of the optimizer state this rank keeps for it}: what it updates."""
+    names = {p: f"{g['kind']}[{gi}].{i}" for gi, g in enumerate(optimizer.param_groups) for i, p in enumerate(g["params"])}
+    return {names[p]: sum(t.numel() for t in s.values() if torch.is_tensor(t)) for p, s in optimizer.state.items()}
+
+
+def time_as_rank(args, model, step_model, recipe, x, y, timed):
+    """Step time as rank 0 of --as-rank-of processes: forward and backward on this device batch, then
+    the optimizer on this rank's share with CopyComm for the collectives (after the one-process timing:
+    its hooks stay on the parameters)."""
+    optimizer = build_optimizer(model, recipe.param_groups, comm=CopyComm(0, args.as_rank_of))
+
+    def step():
+        step_model(x, y).backward()
+        optimizer.step()
+        model.zero_grad(set_to_none=True)
+
+    for _ in range(args.warmup):
+        step()
+    step_time = median([timed(step) for _ in range(args.steps)])
+    tok_per_sec = x.numel() / step_time
+    return {"world": args.as_rank_of, "step_ms_median": step_time * 1e3, "tokens_per_sec": tok_per_sec,
+            "mfu": mfu(tok_per_sec, model.estimate_flops(), get_peak_flops(x.device)), "share": rank_share(optimizer)}
+
+
 def optimizer_share(step_model, model, optimizer, x, y, timed, steps):
     """Seconds of the optimizer step alone (median), after a real backward each time, so every
     parameter has its gradient: the part of a step that a multi-GPU run cannot hide behind backward."""
@@ -170,6 +236,13 @@ def profile_step(step, device, rows=20):
     return [{"kernel": e.key, "ms": self_time(e) / 1e3, "share": self_time(e) / total, "calls": e.count} for e in top]
 
 
+def peak_memory(device):
+    """(GiB, what it counts): the allocator's peak on a GPU, the process's peak RSS on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2 ** 30, "GPU max allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, "process peak RSS"
+
+
 def bench(args):
     """Time full training steps (forward, backward, optimizer) of one micro-batch; the result as a dict."""
     if args.attn:
@@ -185,11 +258,11 @@ def bench(args):
     model = build_model(config, device)
     if args.fp8:
         from nanochat.fp8 import convert_to_float8
-        convert_to_float8(model.blocks)
+        convert_to_float8(model if args.fp8_lm_head else model.blocks)
     from nanochat.attention import get_backend
     flops_per_token = model.estimate_flops()
     optimizer = None if args.no_optimizer else build_optimizer(model, recipe.param_groups)
-    step_model = torch.compile(model) if use_compile else model
+    step_model = compile_model(model, args.regional_compile) if use_compile else model
     B, T = args.device_batch_size, args.max_seq_len  # rows, tokens per row
     x = torch.randint(0, args.vocab_size, (B, T), device=device)
     y = torch.randint(0, args.vocab_size, (B, T), device=device)
@@ -201,30 +274,36 @@ def bench(args):
             optimizer.step()
         model.zero_grad(set_to_none=True)
 
-    for _ in range(args.warmup):  # compilation, allocator warm-up
+    first_step, t0 = None, time.perf_counter()
+    for i in range(args.warmup):  # compilation, allocator warm-up
         step()
+        if i == 0:  # the first step compiles: the cold start a user waits through
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            first_step = time.perf_counter() - t0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = [timed(step) for _ in range(args.steps)]
     step_time = median(times)
     tok_per_sec = B * T / step_time
     util = mfu(tok_per_sec, flops_per_token, get_peak_flops(device))
-    if device.type == "cuda":
-        memory, memory_kind = torch.cuda.max_memory_allocated() / 2 ** 30, "GPU max allocated"
-    else:
-        memory, memory_kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, "process peak RSS"
+    memory, memory_kind = peak_memory(device)
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
-        "dtype": str(compute_dtype(device.type)).replace("torch.", ""), "compile": use_compile, "fp8": args.fp8,
+        "dtype": str(compute_dtype(device.type)).replace("torch.", ""),
+        "compile": use_compile and ("regional" if args.regional_compile else "whole"),
+        "fp8": args.fp8 and ("blocks + lm_head" if args.fp8_lm_head else "blocks"),
         "attention": get_backend(), "depth": args.depth, "width": config.n_embd, "heads": config.n_head,
         "head_dim": config.head_dim, "windows": args.window_pattern, "params": model.num_params()["total"],
         "batch": [B, T], "optimizer": optimizer is not None, "flops_per_token": flops_per_token,
         "step_ms_median": step_time * 1e3, "step_ms_min": min(times) * 1e3, "step_ms_max": max(times) * 1e3,
         "spread_pct": 100 * (max(times) - step_time) / step_time, "tokens_per_sec": tok_per_sec, "mfu": util,
-        "peak_memory_gib": memory, "memory_kind": memory_kind, "steps": args.steps,
+        "peak_memory_gib": memory, "memory_kind": memory_kind, "steps": args.steps, "first_step_s": first_step,
         "date": time.strftime("%Y-%m-%d"), "command": " ".join(["python -m scripts.bench_model", *sys.argv[1:]]),
     }
     extras(args, result, model, step_model, optimizer, step, x, y, timed, device)
+    if args.as_rank_of:  # last: its optimizer's hooks stay on the parameters
+        result["as_rank_of"] = time_as_rank(args, model, step_model, recipe, x, y, timed)
     return result
 
 
@@ -248,14 +327,16 @@ def extras(args, result, model, step_model, optimizer, step, x, y, timed, device
 
 def print_result(r):
     rows = [
-        ("device", f"{r['device']}, {r['dtype']}, {'compiled' if r['compile'] else 'eager'}"
-                   f"{', fp8' if r['fp8'] else ''}, attention {r['attention']}"),
+        ("device", f"{r['device']}, {r['dtype']}, {'compiled (' + r['compile'] + ')' if r['compile'] else 'eager'}"
+                   f"{', fp8 ' + r['fp8'] if r['fp8'] else ''}, attention {r['attention']}"),
         ("model", f"d{r['depth']}: {r['width']} wide, {r['heads']} heads of {r['head_dim']}, "
                   f"{r['params'] / 1e6:.1f}M params, windows {r['windows']}"),
         ("step", f"{r['batch'][0]} x {r['batch'][1]} tokens, forward + backward{' + optimizer' if r['optimizer'] else ''}"),
         ("FLOPs/token", f"{r['flops_per_token']:.3e}"),
         ("step time", f"median {r['step_ms_median']:.1f} ms, min {r['step_ms_min']:.1f}, max {r['step_ms_max']:.1f} "
                       f"(+{r['spread_pct']:.1f}% worst vs median, {r['steps']} steps)"),
+        ("first step", "not run (--warmup 0)" if r["first_step_s"] is None else
+                       f"{r['first_step_s']:.1f} s (compilation included, if any)"),
         ("tokens/s", f"{r['tokens_per_sec']:,.0f}"),
         ("MFU", "n/a (no peak known for this device)" if r["mfu"] is None else f"{r['mfu']:.1%}"),
         ("peak memory", f"{r['peak_memory_gib']:.2f} GiB ({r['memory_kind']})"),
@@ -267,6 +348,11 @@ def print_result(r):
     if "optimizer_ms_median" in r:
         ms = r["optimizer_ms_median"]
         rows.append(("optimizer", f"{ms:.1f} ms alone (median), {ms / r['step_ms_median']:.1%} of the step"))
+    if "as_rank_of" in r:
+        a = r["as_rank_of"]
+        rows.append((f"as 1 of {a['world']}", f"{a['tokens_per_sec']:,.0f} tok/s per GPU, MFU "
+                     f"{'n/a' if a['mfu'] is None else format(a['mfu'], '.1%')}, step {a['step_ms_median']:.1f} ms: "
+                     f"the optimizer on this rank's share, collectives as device copies (a lower bound on their cost)"))
     for key, value in rows:
         print(f"{key:<12} {value}")
     if "profile" in r:
@@ -309,7 +395,7 @@ def run_matrix(device_type, timeout=600):
         if "error" in r:
             print(f"{r['config']:<62} failed: {r['error'][:80]}")
         else:
-            util = "-" if r["mfu"] is None else f"{r['mfu']:.1%}"
+            util = "n/a" if r["mfu"] is None else f"{r['mfu']:.1%}"
             print(f"{r['config']:<62} {r['tokens_per_sec']:>11,.0f} {util:>6} {r['step_ms_median']:>10.1f} "
                   f"{r['spread_pct']:>6.1f}% {r['peak_memory_gib']:>8.2f}")
     return results

@@ -11,14 +11,17 @@ and the exit status is non-zero, so `speedrun.sh` stops before training starts.
   environment   torch, CUDA, driver, GPUs; tf32 setting; which attention kernel training will use
   attention     every backend that loads, against SDPA in fp32: forward, backward, windows, decode
   compile       torch.compile vs eager: forward, one optimizer step; eval and sampling at other
-                shapes must not recompile the training graph
+                shapes must not recompile the training graph; one step with per-block graphs
   optimizer     the optimizer's compiled update functions (the CUDA default) against eager at d12:
                 same parameters, no recompile as the schedules change, ms per step of each
-  fp8           the fp8 Linear against the same layer in fp32 (forward and both gradients)
+  fp8           the fp8 Linear against the same layer in fp32 (forward and both gradients), and a
+                model's logits with its blocks and lm_head in fp8 against the same model in bf16
   steps         a few training steps with the speedrun's settings (d12, 16 x 2048, compiled,
                 bf16 then fp8): tokens/s, MFU, peak memory. On CPU: a tiny model, eagerly.
   collectives   reduce-scatter, all-gather and all-reduce (AVG) across every local GPU with NCCL
-                (two processes with gloo on CPU), checked for the right values
+                (two processes with gloo on CPU), checked for the right values, and the sharded
+                optimizer's update against one process's; on one GPU also two gloo processes
+                sharing it, so the sharded path runs on CUDA tensors (SKIP if gloo cannot)
 """
 import os
 import socket
@@ -35,7 +38,7 @@ from nanochat import attention as attn
 from nanochat.cli import ArgumentParser, run
 from nanochat.common import (autodetect_device_type, compute_init, get_peak_flops, mfu,
                              nvidia_driver_version)
-from nanochat.gpt import GPTConfig, build_model
+from nanochat.gpt import GPTConfig, build_model, compile_model
 from nanochat.optim import build_optimizer
 
 
@@ -76,10 +79,20 @@ def check_environment(device):
     except RuntimeError as e:
         yield Result("tf32 getters", "FAIL", str(e).split(",")[0],
                      "set tf32 with torch.set_float32_matmul_precision('high'), not the fp32_precision flags")
-    name = attn.get_backend(device)
+    name = attn.get_backend(device, None, *speedrun_attention_shapes())
+    if attn.trial_failures:  # training falls back, so the run goes on; the GPU is slower than it could be
+        yield Result("attention backend", "WARN", f"{attn.describe_backend()}: " + "; ".join(
+            f"{n} {why}" for n, why in attn.trial_failures.items()), "report it; training uses the backend named")
+        return
     fast = not attn.is_slow_fallback(device, name)
     yield Result("attention backend", "PASS" if fast else "WARN", attn.describe_backend(),
                  "" if fast else f"flash-attn 4 did not load: {attn.FAST_KERNEL_INSTALL}")
+
+
+def speedrun_attention_shapes():
+    """(head dim, windows) of the speedrun's d24, for the fast kernels' trial run."""
+    config = GPTConfig.from_depth(24)
+    return config.head_dim, config.window_sizes()
 
 # -----------------------------------------------------------------------------
 # attention backends against SDPA
@@ -120,10 +133,15 @@ def check_attention(device):
             yield Result(f"attention {name}", "SKIP", f"{what} cannot run here: {str(e).splitlines()[0][:120]}")
             continue
         no_backward = name == "flex" and device.type == "cpu"  # no flex backward on CPU (torch 2.13)
-        with warnings.catch_warnings():  # uncompiled flex on CPU warns that it is slow: known
-            warnings.filterwarnings("ignore", "flex_attention called without torch.compile")
-            errs = {label: compare_backend(kernel, device, dtype, Tq, Tk, w, bwd and not no_backward)
-                    for label, Tq, Tk, w, bwd in attention_cases(device)}
+        try:
+            with warnings.catch_warnings():  # uncompiled flex on CPU warns that it is slow: known
+                warnings.filterwarnings("ignore", "flex_attention called without torch.compile")
+                errs = {label: compare_backend(kernel, device, dtype, Tq, Tk, w, bwd and not no_backward)
+                        for label, Tq, Tk, w, bwd in attention_cases(device)}
+        except Exception as e:  # loads but cannot run: training's trial run skips it too, so not a FAIL
+            yield Result(f"attention {name}", "WARN", f"{what} loads but fails: {type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:120]}", "training falls back to the next backend; report it")
+            continue
         worst = max(errs, key=errs.get)
         detail = (f"max rel err vs SDPA fp32 {errs[worst]:.1e} ({worst}; tolerance {tol:.0e})"
                   + (", forward only on CPU" if no_backward else ", forward + backward"))
@@ -206,6 +224,17 @@ def check_compile(device):
     yield Result("compile recompiles", "PASS" if n == 0 else "FAIL", f"{n} new graphs after 3 eval/sample rounds",
                  "a global read inside the compiled model changes between calls: find it with "
                  "TORCH_LOGS=recompiles python -m scripts.gpu_check --only compile, or train with --no-compile")
+    # regional compilation (--regional-compile): each block its own graph, the rest eager
+    torch.manual_seed(0)
+    regional = build_model(config, device)
+    torch.manual_seed(0)
+    eager = build_model(config, device)
+    err = rel_err(one_step_update(regional, compile_model(regional, regional=True), x, y),
+                  one_step_update(eager, eager, x, y))
+    torch._dynamo.reset()
+    yield Result("compile regional", "PASS" if err < tol_step else "FAIL",
+                 f"per-block graphs: parameter update rel err vs eager {err:.1e} (tolerance {tol_step:.0e})",
+                 "train without --regional-compile and report the mismatch")
 
 
 def scheduled_optimizer_steps(model, optimizer, steps, start=0):
@@ -272,6 +301,24 @@ def check_fp8(device):
     yield Result("fp8 linear", "PASS" if ok else "FAIL",
                  f"rel err vs fp32: y {err_y:.3f}, dx {err_dx:.3f}, dW {err_dw:.3f} "
                  f"(tolerance {fp8.TOL_Y} / {fp8.TOL_GRAD})", "train without --fp8 and report the mismatch")
+    err = fp8_logits_error(device)
+    yield Result("fp8 logits", "PASS" if fp8.MIN_ERR_Y < err < fp8.TOL_Y else "FAIL",
+                 f"rel err of a d4 model's logits, blocks and lm_head in fp8, vs without: {err:.3f} "
+                 f"(tolerance {fp8.TOL_Y})", "train without --fp8 and report the mismatch")
+
+
+def fp8_logits_error(device):
+    """The whole model's logits, fp8 (blocks and lm_head, as --fp8 trains) against bf16. lm_head is
+    re-initialized at full scale: at its near-zero init the logits would be nearly all softcap-free noise."""
+    from nanochat import fp8
+    torch.manual_seed(0)
+    on_gpu = device.type == "cuda"
+    config = GPTConfig.from_depth(4, vocab_size=32768 if on_gpu else 512, sequence_len=256 if on_gpu else 32)
+    model = build_model(config, device)
+    torch.nn.init.normal_(model.lm_head.weight, std=config.n_embd ** -0.5)
+    fp8.swap_to_float8(model)  # the device was checked above: an fp8 GPU, or the CPU's emulation
+    idx = torch.randint(0, config.vocab_size, (4, config.sequence_len), device=device)
+    return fp8.logits_vs_bf16(model, idx)
 
 # -----------------------------------------------------------------------------
 # training steps with the speedrun's settings
@@ -283,7 +330,7 @@ def timed_steps(device, config, B, use_fp8, use_compile, steps, warmup):
     model = build_model(config, device)
     if use_fp8:
         from nanochat.fp8 import convert_to_float8
-        convert_to_float8(model.blocks)
+        convert_to_float8(model)
     optimizer = make_optimizer(model)
     step_model = torch.compile(model) if use_compile else model
     x = torch.randint(0, config.vocab_size, (B, config.sequence_len), device=device)
@@ -338,7 +385,7 @@ def check_steps(device):
             torch.cuda.empty_cache()
 
 # -----------------------------------------------------------------------------
-# collectives across all local GPUs (or two CPU processes with gloo)
+# collectives across all local GPUs (or two processes with gloo), and the sharded optimizer on them
 
 
 def free_port():
@@ -365,6 +412,17 @@ def collective_errors(device, rank, world, n):
     return errs
 
 
+def optimizer_update(device, steps=3):
+    """The change `steps` scheduled optimizer steps on fixed gradients make to a small model, flattened:
+    under torch.distributed each rank updates its share (ZeRO-2) and gathers the rest. Eager updates:
+    this checks the sharding, the compile check checks compilation."""
+    torch.manual_seed(0)
+    model = build_model(small_config(device), device)
+    before = torch.cat([p.detach().float().flatten() for p in model.parameters()])
+    scheduled_optimizer_steps(model, make_optimizer(model, compile=False), steps)
+    return (torch.cat([p.detach().float().flatten() for p in model.parameters()]) - before).cpu()
+
+
 def all_reduce_busbw(device, world, mib=256, iters=5):
     """Bus bandwidth (GB/s) of an all-reduce, as nccl-tests defines it: bytes x 2(W-1)/W per second."""
     t = torch.ones(mib * 2 ** 18, device=device)  # fp32
@@ -377,38 +435,60 @@ def all_reduce_busbw(device, world, mib=256, iters=5):
     return t.numel() * 4 * 2 * (world - 1) / world / ((time.perf_counter() - t0) / iters) / 1e9
 
 
-def collectives_worker(rank, world, port, use_nccl, out_dir):
+def collectives_worker(rank, world, port, backend, devices, out_dir):
+    """One rank on devices[rank]: NCCL on its own GPU, gloo on the CPU or on a GPU that every rank shares."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    device = torch.device("cuda", rank) if use_nccl else torch.device("cpu")
-    if use_nccl:
+    device = torch.device(devices[rank])
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if use_nccl else "gloo", rank=rank, world_size=world,
-                            device_id=device if use_nccl else None)
+    dist.init_process_group(backend, rank=rank, world_size=world, device_id=device if backend == "nccl" else None)
     errs = collective_errors(device, rank, world, n=1024)
     bad = {name: e for name, e in errs.items() if e > 1e-4}
     if bad:
         raise RuntimeError(f"rank {rank} of {world}: wrong values from {', '.join(f'{k} (max error {v:.2g})' for k, v in bad.items())}")
-    busbw = all_reduce_busbw(device, world) if use_nccl and world > 1 else None
-    with open(os.path.join(out_dir, f"rank{rank}"), "w") as f:  # written before teardown, which gloo may abort
-        f.write("" if busbw is None else f"{busbw:.0f}")
-    dist.barrier()
+    busbw = all_reduce_busbw(device, world) if backend == "nccl" and world > 1 else None
+    torch.save({"busbw": busbw, "update": optimizer_update(device)}, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()  # every rank wrote its file before teardown, which gloo may abort
     dist.destroy_process_group()
 
 
-def check_collectives(device):
+def spawn_ranks(backend, devices):
+    """Every rank's file (bus bandwidth, the optimizer steps' update), in rank order."""
+    world = len(devices)
     import tempfile
-    use_nccl = device.type == "cuda"
-    world = torch.cuda.device_count() if use_nccl else 2
     with tempfile.TemporaryDirectory(prefix="gpu_check-") as out_dir:
         try:
-            mp.spawn(collectives_worker, args=(world, free_port(), use_nccl, out_dir), nprocs=world)
-        except mp.ProcessExitedException:  # a crash in teardown, after every rank checked its values
+            mp.spawn(collectives_worker, args=(world, free_port(), backend, devices, out_dir), nprocs=world)
+        except mp.ProcessExitedException:  # a crash in teardown, after every rank wrote its file
             if len(os.listdir(out_dir)) < world:
                 raise
-        busbw = open(os.path.join(out_dir, "rank0")).read()
-    backend = "nccl" if use_nccl else "gloo"
-    speed = f", all-reduce 256 MiB: {busbw} GB/s bus bandwidth" if busbw else ""
-    yield Result(f"collectives {backend}", "PASS", f"reduce-scatter, all-gather, all-reduce AVG correct on {world} ranks{speed}")
+        return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(world)]
+
+
+def check_collectives(device):
+    """Each setting's collectives, and its sharded optimizer against the same steps in this process.
+    One GPU: NCCL has a single rank, so two gloo ranks share the GPU to run the sharded path there."""
+    gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+    settings = {"collectives nccl": ("nccl", [f"cuda:{i}" for i in range(gpus)])} if gpus else \
+        {"collectives gloo": ("gloo", ["cpu", "cpu"])}
+    if gpus == 1:
+        settings["collectives gloo shared GPU"] = ("gloo", ["cuda:0", "cuda:0"])
+    alone = optimizer_update(device)
+    for name, (backend, devices) in settings.items():
+        try:
+            ranks = spawn_ranks(backend, devices)
+        except Exception as e:
+            if backend == "nccl" or devices[0] == "cpu":
+                raise
+            why = str(e).strip()[-200:]
+            yield Result(name, "SKIP", f"gloo cannot run these collectives on CUDA tensors here: {why}")
+            continue
+        err = max(rel_err(r["update"], alone) for r in ranks)  # bf16 Polar Express on a GPU: batches may round apart
+        speed = f", all-reduce 256 MiB: {ranks[0]['busbw']:.0f} GB/s bus bandwidth" if ranks[0]["busbw"] else ""
+        yield Result(name, "PASS" if err < 1e-2 else "FAIL",
+                     f"reduce-scatter, all-gather, all-reduce AVG correct on {len(devices)} ranks; the sharded "
+                     f"optimizer's update vs one process: rel err {err:.1e} after 3 steps (tolerance 1e-2){speed}",
+                     "the ranks' shares of the optimizer update disagree with one process: report it")
 
 # -----------------------------------------------------------------------------
 
@@ -430,7 +510,8 @@ def run_checks(device, names):
         check, fix = CHECKS[name]
         try:
             for r in check(device):
-                print(f"{r.status:4s}  {r.check:24s} {r.detail}", flush=True)
+                advice = f" -> {r.fix}" if r.status == "WARN" and r.fix else ""
+                print(f"{r.status:4s}  {r.check:24s} {r.detail}{advice}", flush=True)
                 results.append(r)
         except Exception as e:  # one line, not a traceback: the speedrun log must stay readable
             r = Result(name, "FAIL", f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[-1][:300]}", fix)

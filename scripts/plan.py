@@ -5,6 +5,8 @@ Plan a pretraining run before renting GPUs: parameters, horizon, batch, memory, 
 
     python -m scripts.plan --depth 24 --target-param-data-ratio 8 --json     # the derived recipe as JSON
 
+    python -m scripts.plan --hours 4 --gpus 1 --gpu h100    # the deepest model that trains in 4 hours there
+
 Nothing is allocated: the model is built on the meta device. The horizon, batch, steps, learning
 rates, weight decays and schedule come from nanochat/recipe.py, as base_train derives them (same
 defaults). Memory per GPU and the device batch that fits are ESTIMATES: weights, grads and
@@ -23,12 +25,13 @@ import sys
 import torch
 
 from nanochat.cli import ArgumentParser, check, flag_error, run
-from nanochat.common import PEAK_BF16_FLOPS
+from nanochat.common import PEAK_BF16_FLOPS, peak_override
 from nanochat.gpt import GPT
 from nanochat.estimate import GPUS, SAFETY, memory_estimate, saved_bytes, time_and_cost
 from nanochat.recipe import VOCAB_SIZE, add_flags, flag_problems, from_flags
 
 BATCH_CANDIDATES = [2 ** i for i in range(7)]  # 1..64
+MAX_DEPTH = 64  # the deepest model --hours considers
 
 
 def parse_args(argv=None):
@@ -41,7 +44,13 @@ def parse_args(argv=None):
     p.add_argument("--mfu", type=float, default=None,
                    help="model FLOPs utilization (default: recorded in docs/PERF.md for this GPU, depth and "
                         "precision, else 0.45)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="the GPU's dense bf16 peak (default: NANOCHAT_PEAK_TFLOPS, else the table's for --gpu)")
     p.add_argument("--gpu-hour-cost", type=float, default=3.0, help="dollars per GPU-hour")
+    p.add_argument("--hours", type=float, default=None,
+                   help="size the run to a time budget: the deepest model whose training, at the tokens per "
+                        "parameter of --target-param-data-ratio, takes at most this many hours on --gpus × --gpu "
+                        "(default: none, the model is --depth)")
     p.add_argument("--json", action="store_true", help="print the derived recipe as JSON instead of the table")
     p.add_argument("--schedule-steps", type=steps_list, default=None,
                    help="with --json: the steps to print the schedule at, e.g. 0,299,400 (default: a few telling ones)")
@@ -51,6 +60,11 @@ def parse_args(argv=None):
         (args.vocab_size < 1, f"--vocab-size {args.vocab_size}: must be >= 1"),
         (args.mfu is not None and not 0 < args.mfu <= 1, f"--mfu {args.mfu}: must be in (0, 1]"),
         (args.gpu_hour_cost < 0, f"--gpu-hour-cost {args.gpu_hour_cost}: must be >= 0"),
+        (args.peak_tflops is not None and args.peak_tflops <= 0, f"--peak-tflops {args.peak_tflops}: must be > 0"),
+        (args.hours is not None and args.hours <= 0, f"--hours {args.hours}: must be > 0"),
+        (args.hours is not None and args.depth is not None, "--hours picks the depth: leave --depth out"),
+        (args.hours is not None and (args.num_iterations or args.target_flops) is not None,
+         "--hours sizes the run by tokens per parameter: leave out --num-iterations and --target-flops"),
     ])
     return args
 
@@ -80,8 +94,61 @@ def print_json(args, recipe):
     if args.schedule_steps and max(args.schedule_steps) >= recipe.num_iterations:
         flag_error("python -m scripts.plan", f"--schedule-steps {max(args.schedule_steps)}: the run has steps "
                                              f"0..{recipe.num_iterations - 1}")
-    print(json.dumps(recipe.to_json(args.schedule_steps), indent=2))
-    return {"recipe": recipe}
+    estimate = estimate_time(args, recipe)
+    print(json.dumps({**recipe.to_json(args.schedule_steps), "estimate": estimate}, indent=2))
+    return {"recipe": recipe, **estimate}
+
+
+def estimate_time(args, recipe):
+    """Training time and cost of this recipe on --gpus × --gpu."""
+    total_flops = recipe.tokens * recipe.flops_per_token
+    peak = peak_override(args.peak_tflops) or PEAK_BF16_FLOPS[GPUS[args.gpu][0]]
+    mfu, source, seconds, cost = time_and_cost(total_flops, args.gpus, args.gpu, recipe.config.n_layer, args.fp8,
+                                               args.mfu, args.gpu_hour_cost, peak)
+    return {"gpus": args.gpus, "gpu": args.gpu, "peak_flops": peak, "mfu": mfu, "mfu_source": source,
+            "total_flops": total_flops, "hours": seconds / 3600, "cost": cost}
+
+
+# -----------------------------------------------------------------------------
+# --hours: the deepest model whose training fits a time budget
+
+def with_depth(args, depth):
+    return argparse.Namespace(**{**vars(args), "depth": depth})
+
+
+def size_to_hours(args, budget):
+    """The depth --hours picks, and the estimates it chose from ({depth: estimate_time's dict}). Time
+    grows with depth (FLOPs per token and tokens both grow with the parameters), so depths are tried
+    upward until one takes twice the budget; the deepest within it wins, if its batch-1 memory fits."""
+    options = {}
+    for depth in range(1, MAX_DEPTH + 1):
+        options[depth] = estimate_time(args, plan_recipe(with_depth(args, depth), 1))
+        if options[depth]["hours"] > 2 * args.hours:
+            break
+    fits = [d for d, o in options.items() if o["hours"] <= args.hours and fits_at_batch_1(args, d, budget)]
+    if not fits:
+        flag_error("python -m scripts.plan", f"--hours {args.hours:g}: even d1 needs {options[1]['hours']:.2g} h on "
+                                             f"{args.gpus} × {args.gpu}: give more hours or more GPUs")
+    return max(fits), options
+
+
+def fits_at_batch_1(args, depth, budget):
+    with torch.device("meta"):
+        model = GPT(plan_recipe(with_depth(args, depth), 1).config)
+    return memory_estimate(model, 1, args.gpus)["total"] <= budget
+
+
+def print_hours_choice(args, depth, options, file):
+    """The choice, with one depth down and up, as a small table."""
+    print(f"-- --hours {args.hours:g} on {args.gpus} × {args.gpu}: d{depth}, the deepest whose training fits "
+          f"(data, tokenizer and evaluation come on top)", file=file)
+    for d in (depth - 1, depth, depth + 1):
+        if d in options:
+            o = options[d]
+            note = {depth - 1: "", depth: "  <- chosen", depth + 1: "  over budget" if o["hours"] > args.hours else
+                    "  does not fit memory at batch 1"}[d]
+            print(f"   d{d:<3} {o['total_flops']:.2e} FLOPs  {o['hours']:6.2f} h  ${o['cost']:,.2f}  "
+                  f"(MFU {o['mfu']:.2f}, {o['mfu_source']}){note}", file=file)
 
 
 def fit_device_batch(args, first, budget):
@@ -146,27 +213,27 @@ def print_table(args, out):
 
 def main(argv=None):
     args = parse_args(argv)
-    peak_key, mem_gb = GPUS[args.gpu]
-    peak, budget = PEAK_BF16_FLOPS[peak_key], mem_gb * 1e9 * SAFETY
+    budget = GPUS[args.gpu][1] * 1e9 * SAFETY
+    sized = None
+    if args.hours is not None:
+        args.depth, options = size_to_hours(args, budget)
+        print_hours_choice(args, args.depth, options, sys.stderr if args.json else sys.stdout)
+        sized = {"hours_budget": args.hours, "depth": args.depth, "options": options}
     # the model comes from the recipe (at any device batch: the model does not depend on it)
     first = plan_recipe(args, 1 if args.device_batch_size == "auto" else None)
     if args.json and args.device_batch_size != "auto":  # the recipe alone: no memory estimate needed
-        return print_json(args, first)
+        return {**print_json(args, first), "sized": sized}
     recipe, memory, best_fit = fit_device_batch(args, first, budget)
     if args.json:
-        return print_json(args, recipe)
-    total_flops = recipe.tokens * recipe.flops_per_token
-    mfu, mfu_source, seconds, cost = time_and_cost(total_flops, args.gpus, args.gpu, recipe.config.n_layer, args.fp8,
-                                                   args.mfu, args.gpu_hour_cost)
+        return {**print_json(args, recipe), "sized": sized}
     out = {
         "config": recipe.config, "num_params": recipe.num_params, "horizon_params": recipe.horizon_params,
         "tokens": recipe.tokens, "total_batch_size": recipe.total_batch_size, "num_iterations": recipe.num_iterations,
         "grad_accum_steps": recipe.grad_accum_steps, "recipe": recipe, "muon_weight_decay": recipe.muon_weight_decay,
         "device_batch_size": recipe.device_batch_size, "max_fitting_device_batch_size": best_fit,
-        "flops_per_token": recipe.flops_per_token, "total_flops": total_flops,
-        "memory": memory[recipe.device_batch_size], "memory_by_batch": {b: m["total"] for b, m in memory.items()},
-        "memory_budget": budget, "gpu_memory": mem_gb * 1e9, "peak_flops": peak,
-        "mfu": mfu, "mfu_source": mfu_source, "hours": seconds / 3600, "cost": cost,
+        "flops_per_token": recipe.flops_per_token, "memory": memory[recipe.device_batch_size],
+        "memory_by_batch": {b: m["total"] for b, m in memory.items()}, "memory_budget": budget,
+        "gpu_memory": GPUS[args.gpu][1] * 1e9, **estimate_time(args, recipe), "sized": sized,
     }
     print_table(args, out)
     return out

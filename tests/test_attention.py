@@ -318,6 +318,18 @@ def test_missing_fast_kernel_on_hopper_is_loud(monkeypatch, capsys):
     assert capsys.readouterr().out == ""
 
 
+def test_rocm_uses_sdpa_and_does_not_ask_for_flash_attn(fresh_choice, capsys):
+    # a ROCm build of torch reports its GPUs as "cuda" devices; flash-attn and flex target NVIDIA's
+    fresh_choice.setattr(torch.version, "hip", "6.4.43482")
+    fresh_choice.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 4))  # an MI300X
+    loaded = []
+    for name, (label, loader) in list(attn.BACKENDS.items()):
+        fresh_choice.setitem(attn.BACKENDS, name, (label, lambda d, t, n=name, f=loader: loaded.append(n) or f(d, t)))
+    (name, kernel), why_not = attn._auto_choose(torch.device("cuda", 0), torch.bfloat16, 128, [512, 2048])
+    assert name == "sdpa" and kernel is attn.sdpa_attention and loaded == ["sdpa"] and why_not == {}
+    assert not attn.is_slow_fallback(torch.device("cuda", 0), "sdpa")  # no "install flash-attn" warning
+
+
 def test_describe_backend(fresh_choice):
     assert attn.describe_backend() is None
     fresh_choice.delenv("NANOCHAT_ATTN", raising=False)
@@ -339,3 +351,29 @@ def test_flex_runs_training_shapes_and_sends_other_uncompiled_shapes_to_sdpa(mon
         torch.testing.assert_close(attn.attention(q, k, v, window).double(), reference(q, k, v, window),
                                    atol=4e-6, rtol=1e-5)
     assert flex_calls == [(2, 16, 3, 8), (2, 16, 3, 8)]  # the two training shapes only
+
+
+def test_a_fast_kernel_that_loads_but_fails_its_trial_is_skipped_loudly(fresh_choice, capsys):
+    # flash-attn that imports but raises on its first real call (a window or head dim its release
+    # lacks): selection tries it once on the model's shapes and moves on, instead of training dying
+    calls = []
+
+    def broken(q, k, v, window):
+        calls.append((q.shape, window))
+        raise RuntimeError("window_size (8, 0) is not supported\nmore detail")
+
+    def no_fa3(device, dtype):
+        raise ImportError("No module named 'flash_attn_interface'")
+
+    fresh_choice.setitem(attn.BACKENDS, "fa3", ("flash-attn 3", no_fa3))
+    fresh_choice.setitem(attn.BACKENDS, "fa4", ("flash-attn 4", lambda device, dtype: broken))
+    fresh_choice.setitem(attn.BACKENDS, "flex", ("FlexAttention", lambda device, dtype: attn.sdpa_attention))
+    (name, kernel), why_not = attn._auto_choose(CPU, torch.float32, 16, [8, 8, 32], names=list(attn.BACKENDS))
+    assert name == "flex" and kernel is attn.sdpa_attention
+    assert calls == [((1, 32, 1, 16), 8)]  # the model's head dim, its short window over its longest
+    assert why_not["fa3"] == "ImportError: No module named 'flash_attn_interface'"
+    assert why_not["fa4"] == "imports, but failed a trial run (RuntimeError: window_size (8, 0) is not supported)"
+    failed = attn._warn_if_slow(CPU, name, why_not)
+    assert failed == {"fa4": why_not["fa4"]}
+    assert capsys.readouterr().out == ("WARNING: attention falls back to flex: fa4 imports, but failed a trial run "
+                                       "(RuntimeError: window_size (8, 0) is not supported)\n")

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from nanochat import common
+from nanochat.cli import BadInput
 
 
 def test_base_dir_from_env(tmp_path, monkeypatch):
@@ -75,6 +76,23 @@ def test_peak_flops_table_and_mfu(monkeypatch):
     assert common.get_peak_flops("cuda") == 312e12
     # the speedrun anchor: 983K tok/s on 8 GPUs at 4.78e9 FLOPs/token is ~59% of 8 × 989 TFLOP/s
     assert common.mfu(983e3 / 8, 4.78e9, 989e12) == pytest.approx(0.594, abs=1e-3)
+
+
+def test_an_unknown_gpu_reports_no_mfu_unless_given_its_peak(monkeypatch):
+    monkeypatch.delenv("NANOCHAT_PEAK_TFLOPS", raising=False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA TITAN V")
+    cuda = torch.device("cuda", 0)
+    assert common.get_peak_flops(cuda) is None  # not a wrong number
+    assert common.unknown_peak_note(cuda) == ("MFU n/a (unknown peak for the NVIDIA TITAN V): give its dense bf16 "
+                                              "TFLOP/s with --peak-tflops or NANOCHAT_PEAK_TFLOPS")
+    assert common.get_peak_flops(cuda, 110.0) == 110e12 and common.unknown_peak_note(cuda, 110.0) is None
+    monkeypatch.setenv("NANOCHAT_PEAK_TFLOPS", "125")
+    assert common.get_peak_flops(cuda) == 125e12 and common.unknown_peak_note(cuda) is None
+    assert common.get_peak_flops(cuda, 110.0) == 110e12  # the flag wins
+    monkeypatch.setenv("NANOCHAT_PEAK_TFLOPS", "fast")
+    with pytest.raises(BadInput, match="NANOCHAT_PEAK_TFLOPS='fast': expected the GPU's dense bf16 TFLOP/s"):
+        common.get_peak_flops(cuda)
+    assert common.unknown_peak_note(torch.device("cpu"), None) is None  # CPUs have no MFU to miss
 
 
 # -----------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanochat import fp8
+from nanochat.cli import Unavailable
 
 
 class Linear(nn.Linear):
@@ -164,3 +165,35 @@ def test_old_gpu_names_its_capability(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA A100-SXM4-80GB")
     with pytest.raises(RuntimeError, match="compute capability >= 8.9.*A100-SXM4-80GB is 8.0"):
         fp8.convert_to_float8(toy_model(), Linear)
+
+
+def test_rocm_refuses_fp8_in_one_line(pretend_fp8_gpu, monkeypatch):
+    monkeypatch.setattr(torch.version, "hip", "6.4.43482")
+    model = nn.ModuleDict({"big": Linear(256, 256)})
+    with pytest.raises(Unavailable, match=r"--fp8 is not known to work with ROCm builds of torch .*drop --fp8"):
+        fp8.convert_to_float8(model, Linear)
+    assert type(model["big"]) is Linear  # nothing converted
+
+
+def test_lm_head_is_fp8_too_and_softcap_and_loss_stay_fp32(pretend_fp8_gpu):
+    # the record's fp8 layers: every matmul in the blocks and lm_head (on CPU, _scaled_mm's emulation)
+    from nanochat.gpt import GPTConfig, build_model
+    torch.manual_seed(0)
+    config = GPTConfig(sequence_len=32, vocab_size=512, n_layer=2, n_head=2, n_embd=128)
+    model = build_model(config, "cpu")
+    nn.init.normal_(model.lm_head.weight, std=128 ** -0.5)  # full-scale logits: the softcap matters
+    idx = torch.randint(0, 512, (2, 32))
+    with torch.no_grad():
+        plain = model(idx)
+    assert fp8.convert_to_float8(model) == 6 * 2 + 1  # q, k, v, proj, fc, mlp proj per block; lm_head
+    assert type(model.lm_head) is fp8.Float8Linear
+    with fp8.disable_fp8(model), torch.no_grad():
+        assert torch.equal(model(idx), plain)  # fp8 off is exactly the plain model (evaluation)
+    logits = model(idx)
+    assert logits.dtype == torch.float32 and logits.abs().max() <= 15  # softcapped, in fp32
+    assert fp8.MIN_ERR_Y < fp8.logits_vs_bf16(model, idx) < fp8.TOL_Y  # quantized, within tolerance
+    loss = model(idx, idx)
+    assert loss.dtype == torch.float32
+    loss.backward()
+    grad = model.lm_head.weight.grad
+    assert grad.dtype == torch.float32 and torch.isfinite(grad).all() and grad.abs().sum() > 0

@@ -18,11 +18,12 @@ def test_cpu_run_passes():
     lines = out.stdout.splitlines()
     status = {line[6:30].strip(): line[:4].strip() for line in lines if line[:4] in ("PASS", "FAIL", "SKIP", "WARN")}
     for check in ["environment", "tf32 getters", "attention sdpa", "attention flex", "compile forward",
-                  "compile optimizer step", "compile recompiles", "steps tiny", "collectives gloo"]:
+                  "compile optimizer step", "compile recompiles", "compile regional", "steps tiny", "collectives gloo"]:
         assert status.get(check) == "PASS", (check, out.stdout)
     assert status["attention fa3"] == status["attention fa4"] == "SKIP"  # they need a Hopper GPU
     assert status["compile optimizer"] == "SKIP"  # eager on CPU; tests/test_optim_compile.py compiles it
     assert "0 new graphs after 3 eval/sample rounds" in out.stdout
+    assert "the sharded optimizer's update vs one process: rel err 0.0e+00" in out.stdout  # fp32 on CPU: exact
     assert "FAIL" not in status.values() and lines[-1].startswith("gpu_check: ") and "none failed" in lines[-1]
 
 
@@ -61,3 +62,24 @@ def test_compare_backend_catches_a_wrong_gradient():
     cpu = torch.device("cpu")
     assert gpu_check.compare_backend(attn.sdpa_attention, cpu, torch.float32, 16, 64, 8, True) < 1e-6
     assert gpu_check.compare_backend(wrong_backward, cpu, torch.float32, 16, 64, 8, True) > 0.5
+
+
+def test_a_kernel_that_loads_but_cannot_run_is_a_warning(monkeypatch, capsys):
+    # flash-attn that imports on a Hopper GPU but fails its first call: training falls back (its trial
+    # run), so gpu_check warns instead of stopping a paid run
+    def broken(q, k, v, window):
+        raise RuntimeError("window_size (8, 0) is not supported for head dim 16")
+
+    monkeypatch.setitem(attn.BACKENDS, "fa4", ("flash-attn 4", lambda device, dtype: broken))
+    gpu_check.main(["--cpu", "--only", "attention"])  # no SystemExit: nothing failed
+    out = capsys.readouterr().out
+    assert "WARN  attention fa4" in out and "loads but fails: RuntimeError: window_size (8, 0)" in out
+    assert "training falls back to the next backend" in out
+
+
+def test_a_failed_trial_run_shows_in_the_environment_check(monkeypatch):
+    monkeypatch.setattr(attn, "_chosen", ("flex", attn.sdpa_attention))
+    monkeypatch.setattr(attn, "trial_failures", {"fa4": "imports, but failed a trial run (RuntimeError: nope)"})
+    results = {r.check: r for r in gpu_check.check_environment(torch.device("cpu"))}
+    backend = results["attention backend"]
+    assert backend.status == "WARN" and "fa4 imports, but failed a trial run (RuntimeError: nope)" in backend.detail

@@ -1,3 +1,4 @@
+import json
 import pytest
 import torch
 
@@ -134,3 +135,74 @@ def test_readme_plan_example_is_the_speedruns_and_its_numbers_are_what_plan_prin
     assert f"steps {out['num_iterations']:,};" in shown
     assert f"training time {out['hours']:.2f} h" in shown and f"cost ${out['cost']:,.2f}" in shown
     assert f"{out['hours']:.2f} h and ${out['cost']:,.2f}" in readme  # the headline paragraph
+
+
+# -----------------------------------------------------------------------------
+# --hours: the deepest model whose training fits a time budget
+
+def test_hours_picks_the_deepest_depth_that_fits_by_hand_numbers(capsys):
+    # one H100, the default 12 tokens per parameter, bf16, the assumed 45 % MFU. By hand from plan's
+    # FLOPs: d16 is 2,818,572,288 tokens × 1.5855e9 FLOPs = 4.469e18 FLOPs, / (989e12 × 0.45) = 2.79 h;
+    # d17 is as wide as d18 (width rounds up to whole 128-wide heads), 7.69e18 FLOPs = 4.80 h
+    out = plan.main(["--hours", "4", "--gpus", "1", "--gpu", "h100"])
+    assert out["config"].n_layer == 16 and out["sized"]["depth"] == 16
+    options = out["sized"]["options"]
+    assert options[16]["total_flops"] == pytest.approx(4.469e18, rel=1e-3)
+    assert options[16]["hours"] == pytest.approx(4.469e18 / (989e12 * 0.45) / 3600, rel=1e-3)
+    assert round(options[16]["hours"], 2) == 2.79 and round(options[17]["hours"], 2) == 4.80
+    assert out["hours"] == options[16]["hours"] and out["cost"] == pytest.approx(2.79 * 3.0, abs=0.01)
+    printed = capsys.readouterr().out
+    assert "d16" in printed and "<- chosen" in printed and "over budget" in printed
+    assert "   d15 " in printed and "   d17 " in printed  # one step down and up
+
+    # the record's hardware and recipe (8 H100s, 8 tokens per parameter, fp8): d24 is 2.18 h, so 3 h
+    # buys it and 2 h do not (d23 is 2.01 h: d22, 1.34 h)
+    record = ["--gpus", "8", "--gpu", "h100", "--target-param-data-ratio", "8", "--fp8", "--json"]
+    assert plan.main(["--hours", "3"] + record)["sized"]["depth"] == 24
+    two = plan.main(["--hours", "2"] + record)["sized"]
+    assert two["depth"] == 22 and round(two["options"][23]["hours"], 2) == 2.01
+    # a slower card (an RTX 4090: 165.2 TFLOP/s) buys a smaller model in the same 4 hours
+    assert plan.main(["--hours", "4", "--gpus", "1", "--gpu", "4090", "--json"])["sized"]["depth"] == 12
+    capsys.readouterr()
+
+
+def test_hours_json_is_the_chosen_recipe_with_its_estimate(capsys):
+    plan.main(["--hours", "4", "--gpus", "1", "--gpu", "h100", "--json"])
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)  # stdout is JSON only (speedrun reads the depth); the choice is on stderr
+    assert out["depth"] == 16 and out["estimate"]["hours"] == pytest.approx(2.79, abs=0.005)
+    assert "<- chosen" in captured.err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--hours", "0"], "--hours 0.0: must be > 0"),
+    (["--hours", "4", "--depth", "12"], "--hours picks the depth: leave --depth out"),
+    (["--hours", "4", "--num-iterations", "10"], "leave out --num-iterations and --target-flops"),
+    (["--hours", "0.0001", "--gpus", "1", "--gpu", "l4"], "--hours 0.0001: even d1 needs"),
+    (["--depth", "12", "--peak-tflops", "-1"], "--peak-tflops -1.0: must be > 0"),
+])
+def test_hours_bad_input_is_one_line(capsys, argv, message):
+    with pytest.raises(SystemExit) as e:
+        plan.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("python -m scripts.plan: error: ") and message in err[0], err
+
+
+def test_peak_tflops_overrides_the_table(monkeypatch):
+    base = plan.main(["--depth", "12", "--gpus", "1", "--gpu", "h100", "--json"])
+    doubled = plan.main(["--depth", "12", "--gpus", "1", "--gpu", "h100", "--json", "--peak-tflops", "1978"])
+    assert doubled["hours"] == pytest.approx(base["hours"] / 2)
+    monkeypatch.setenv("NANOCHAT_PEAK_TFLOPS", "494.5")
+    assert plan.main(["--depth", "12", "--gpus", "1", "--gpu", "h100", "--json"])["hours"] == pytest.approx(2 * base["hours"])
+
+
+def test_readme_hours_example_is_what_plan_prints(capsys):
+    import os
+    import re
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    readme = open(os.path.join(root, "README.md"), encoding="utf-8").read()
+    match = re.search(r"^python -m scripts\.plan (--hours [^#\n]*?) +#.*\n((?:# .*\n)+)", readme, re.M)
+    plan.main(match.group(1).split())
+    shown = [line[2:] for line in match.group(2).splitlines()]
+    assert capsys.readouterr().out.splitlines()[:len(shown)] == shown

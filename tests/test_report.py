@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from nanochat import report
+from nanochat import compare, report
 from nanochat.cli import UserError
 from scripts import report as report_cli
 
@@ -242,7 +242,7 @@ def test_compare_warns_when_not_comparable(base, capsys):
     make_run(base, "a", [3.0, 2.0], 0.1, label="CORE over 22/22 tasks")
     make_run(base, "b", [3.0, 2.0], 0.1, label="CORE over 22/22 tasks, subset: 50 items per task", vocab=8192,
              rules="DCLM v1 semantics, rev 2")
-    lines = report.compare_runs(["a", "b"], base_dir=str(base))
+    lines = compare.compare_runs(["a", "b"], base_dir=str(base))
     warnings = [line for line in lines if line.startswith("WARNING")]
     assert len(warnings) == 3
     assert "different tokenizer: a: 4096, b: 8192" in warnings[0] and "different CORE subset" in warnings[1]
@@ -252,7 +252,7 @@ def test_compare_warns_when_not_comparable(base, capsys):
 def test_compare_marks_an_unfinished_run_and_an_early_core(base):
     make_run(base, "baseline", [3.0, 2.5, 2.2], 0.10, core_step=10)
     make_run(base, "stopped", [3.0, 2.4], 0.12, horizon=20)
-    rows = {line.split(" |")[0]: line for line in report.compare_runs(["baseline", "stopped"], base_dir=str(base))
+    rows = {line.split(" |")[0]: line for line in compare.compare_runs(["baseline", "stopped"], base_dir=str(base))
             if line.startswith("| ")}
     assert "| baseline" in rows and "at step 10)" in rows["| baseline"]  # CORE measured before its last step (20)
     assert "| stopped (UNFINISHED: step 10 of 20)" in rows and "at step" not in rows["| stopped (UNFINISHED: step 10 of 20)"]
@@ -261,7 +261,7 @@ def test_compare_marks_an_unfinished_run_and_an_early_core(base):
 def test_compare_unknown_tag_names_the_runs_there(base):
     make_run(base, "baseline", [3.0], 0.1)
     with pytest.raises(UserError, match="no run 'nope' .*there: baseline"):
-        report.compare_runs(["baseline", "nope"], base_dir=str(base))
+        compare.compare_runs(["baseline", "nope"], base_dir=str(base))
 
 
 def test_skipped_core_tasks_say_why(base):
@@ -278,3 +278,59 @@ def test_report_for_a_named_run_that_does_not_exist(base):
     make_full_run(base)
     md = open(report.write_report(model_tag="nope")).read()  # the report tolerates it; --compare refuses
     assert "- run: nope" in md and "- config: not run" in md and "- CORE: not run" in md
+
+
+# -----------------------------------------------------------------------------
+# Groups of seeds: is a difference real?
+
+def test_welch_interval_and_seeds_needed_by_hand():
+    diff, half = compare.welch([1, 2, 3], [2, 3, 4])
+    # se = sqrt(1/3 + 1/3); Welch's df = (2/3)^2 / (2 × (1/3)^2 / 2) = 4, t(4) = 2.776
+    assert diff == 1 and half == pytest.approx(2.776 * (2 / 3) ** 0.5)
+    assert compare.t975(2) == 4.303 and compare.t975(2.5) == pytest.approx((4.303 + 3.182) / 2)
+    assert 1.96 < compare.t975(200) < 2.042
+    # spread 1, difference 1: the 95% interval first excludes 0 at 9 seeds (t(16) · sqrt(2/9) = 0.999)
+    assert compare.seeds_needed([1, 2, 3], [2, 3, 4]) == 9
+
+
+def test_a_planted_gain_is_found_and_a_planted_null_is_noise(base, capsys):
+    planted = {"base": [2.200, 2.210, 2.190], "gain": [2.150, 2.160, 2.140], "null": [2.205, 2.185, 2.215]}
+    for group, bpbs in planted.items():
+        for seed, bpb in enumerate(bpbs):
+            make_run(base, f"{group}-s{seed}", [3.0, bpb], 0.1 + 0.001 * seed)
+    make_run(base, "base-s0.old-20261201-120000", [3.0, 9.0], 0.9)  # moved aside by --overwrite: not in the glob
+    for seed in range(3):  # CORE measured during training only (no base_eval): that is the one compared
+        run_dir = os.path.join(base, "base_checkpoints", f"null-s{seed}")
+        os.remove(os.path.join(run_dir, "base_eval.json"))
+        with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps({"type": "core", "step": 10, "core": 0.1 + 0.001 * seed, "core_label": "CORE over 3/22 tasks",
+                                "rules": report.RULES, "tasks": {"piqa": 0.2 + 0.01 * seed, "copa": 0.3}}) + "\n")
+    lines = compare.compare_runs(["base-s*", "gain-s0,gain-s1,gain-s2", "null-s*"], base_dir=str(base))
+    text = "\n".join(lines)
+    assert "| base-s* | 3 | 2.2000 ± 0.0100 | 0.1010 ± 0.0010 |" in text
+    assert "| null-s* | 3 | 2.2017 ± 0.0153 | 0.1010 ± 0.0010 |" in text
+    gain = text[text.index("gain-s0,gain-s1,gain-s2 against"):text.index("null-s* against")]
+    null = text[text.index("null-s* against"):]
+    assert "val bpb -0.0500 ± " in gain and "(95%, Welch's t): a real gain" in gain
+    assert "val bpb +0.0017 ± " in null and "within noise" in null and "seeds per group to resolve it" in null
+    with open(os.path.join(base, "report", "compare_base-sx_vs_gain-s0+gain-s1+gain-s2_vs_null-sx.png"), "rb") as f:
+        assert f.read(4) == PNG_MAGIC[:4]
+    single = "\n".join(compare.compare_runs(["base-s0", "gain-s0"], base_dir=str(base)))
+    assert "One run per group: no noise estimate is possible" in single
+
+
+def test_core_tasks_get_one_table_row_each(base):
+    assert compare.difference([0.3, 0.3], [0.3, 0.3], "copa") == ("copa: the same in every run", "")
+    assert compare.difference([0.1], [0.2, 0.3], "CORE") == ("CORE: one run in a group: no noise estimate", "")
+    assert compare.difference([1, 2, 3], [2, 3, 4], "val bpb")[1] == "9"
+    for group, piqa in (("a", [0.20, 0.21, 0.22]), ("b", [0.30, 0.31, 0.32])):
+        for seed, score in enumerate(piqa):
+            make_run(base, f"{group}-s{seed}", [3.0, 2.2], 0.1)
+            path = os.path.join(base, "base_checkpoints", f"{group}-s{seed}", "base_eval.json")
+            ev = json.load(open(path))
+            write_json(path, {**ev, "tasks": {"piqa": {"centered": score, "accuracy": 0.5}, "copa": {"centered": 0.3}}})
+    text = "\n".join(compare.compare_runs(["a-s*", "b-s*"], base_dir=str(base)))
+    assert "| CORE task (centered) | a-s* | b-s* | difference |" in text
+    assert "| piqa | 0.2100 ± 0.0100 | 0.3100 ± 0.0100 | +0.1000 ± " in text and "a real gain |" in text
+    assert "| copa | 0.3000 ± 0.0000 | 0.3000 ± 0.0000 | the same in every run |" in text
+    assert "- CORE: the same in every run" in text and "- val bpb: the same in every run" in text
