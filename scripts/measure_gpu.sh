@@ -11,14 +11,16 @@
 #   1 gpu_check        the checks that compile little: environment, attention, fp8, collectives
 #                      (with two gloo processes sharing one GPU against one process)
 #   2 rank_of_8        d24 fp8 as one rank of 8 (optimizer share, collectives as copies), lm_head in
-#                      fp8, regional compilation from a cold cache: its first step is the cold compile
-#   3 rank_of_8_bf16_head  the same with lm_head in bf16 (the blocks' graphs now come from the cache)
-#   4 speedrun         speedrun.sh's GPU branch on the demo data at d12, a few dozen steps, through
-#                      evaluation (CORE's seconds per task) and report
-#   5 gpu_check_compile  the rest of gpu_check: compile, optimizer, steps (minutes of compiling,
-#                      so after the figures)
-#   6 whole_cold       stage 2 with whole-model compilation from a cold cache: step and compile time
-#   7 regional_warm    stage 2 again on its warm cache: the warm compile time
+#                      fp8, per-block compilation from a cold cache: its first step is the cold compile
+#   3 rank_of_8_bf16_head  the same with lm_head in bf16; lm_head runs outside the compiled blocks,
+#                      so its first step is the same compile from a warm cache
+#   4 speedrun         speedrun.sh's GPU branch on the demo data at d12, 40 steps, through evaluation
+#                      (CORE's seconds per task) and report; its first step is d12's whole-model
+#                      compile from a cold cache
+#   5 whole_d12, regional_d12  d12 fp8 as one rank of 8, whole-model against per-block compilation,
+#                      each from a cold cache: step time and compile time both ways
+#   6 gpu_check_compile  the rest of gpu_check: compile, optimizer, steps (minutes of compiling)
+#   7 whole_d24        stage 2 with whole-model compilation from a cold cache (over 170 s before)
 # Data and tokenizer for stage 4 come from NANOCHAT_BASE_DIR (default .measure/base, git-ignored,
 # so a device call can carry it): build them beforehand with `NANOCHAT_BASE_DIR=.measure/base
 # python -m nanochat.dataset --demo`, then `... python -m scripts.tok_train --vocab-size 32768`.
@@ -52,37 +54,40 @@ stage() {
 }
 
 if [ -n "${MEASURE_TINY:-}" ]; then  # the same stages at toy sizes, to time the script itself on a CPU
-    MODEL="--depth 2 --head-dim 64 --max-seq-len 256 --vocab-size 8192 --device-batch-size 4 --steps 2 --warmup 1 --compile"
+    SMALL="--depth 2 --head-dim 64 --max-seq-len 256 --vocab-size 8192 --device-batch-size 4 --steps 2 --warmup 1 --compile"
+    MODEL=$SMALL
     CHECK=(--cpu)
-    TRAIN="--depth 2 --num-iterations 6 --eval-every 3 --bpb-tokens 8192 --final-bpb-tokens 8192"
+    TRAIN="--num-iterations 6 --eval-every 3 --bpb-tokens 8192 --final-bpb-tokens 8192"
     EVAL="--core-max-per-task 4 --bpb-tokens 8192"
-    RUN_AS=(env NANOCHAT_DEPTH=2)
+    DEPTH=2
 else
     MODEL="--depth 24 --device-batch-size 16 --fp8 --steps 5 --warmup 2"
+    SMALL="--depth 12 --device-batch-size 16 --fp8 --steps 5 --warmup 2"
     CHECK=()
     TRAIN="--num-iterations 40 --eval-every 20 --bpb-tokens 1048576 --final-bpb-tokens 1048576 --core-every 0"
     EVAL="--core-max-per-task 50 --bpb-tokens 1048576"
-    RUN_AS=(env NANOCHAT_DEPTH=12)
+    DEPTH=12
 fi
-BENCH=(^config\|^tok\|^mfu\|^step\|^first\|^as\ 1\|^compile\|^fp8\|^attn\|^peak\|rror)
-COLD=$(mktemp -d) WHOLE_COLD=$(mktemp -d)  # fresh inductor caches: compile times from cold
-BUNDLE=$PWD/nanochat/demo_data/eval_bundle
-# shellcheck disable=SC2086  # the flag strings are meant to split
-{
+BENCH='^(device|step|first step|tokens/s|MFU|peak memory|as 1 of)|rror'
 CHECKED='^(PASS|FAIL|WARN|SKIP|gpu_check)'
-stage gpu_check 120 "$CHECKED" "$PY" -m scripts.gpu_check "${CHECK[@]}" --only environment,attention,fp8,collectives
-stage rank_of_8 150 "$BENCH" env TORCHINDUCTOR_CACHE_DIR="$COLD" \
+CACHES=$(mktemp -d)  # a fresh inductor cache per subdirectory: compile times from cold
+BUNDLE=$PWD/nanochat/demo_data/eval_bundle
+# (unquoted $MODEL, $SMALL: the flag strings are meant to split)
+stage gpu_check 90 "$CHECKED" "$PY" -m scripts.gpu_check "${CHECK[@]}" --only environment,attention,fp8,collectives
+stage rank_of_8 150 "$BENCH" env TORCHINDUCTOR_CACHE_DIR="$CACHES/regional" \
     "$PY" -m scripts.bench_model $MODEL --as-rank-of 8 --regional-compile
-stage rank_of_8_bf16_head 90 "$BENCH" env TORCHINDUCTOR_CACHE_DIR="$COLD" \
+stage rank_of_8_bf16_head 90 "$BENCH" env TORCHINDUCTOR_CACHE_DIR="$CACHES/regional" \
     "$PY" -m scripts.bench_model $MODEL --as-rank-of 8 --regional-compile --no-fp8-lm-head
-stage speedrun 200 '^(speedrun|data:|tokenizer:|eval:|error|wrote)|training time|^step 000[0-9]0|bpb|items,|^CORE|took|report|rror' \
-    "${RUN_AS[@]}" NANOCHAT_PYTHON="$PY" NANOCHAT_DATA_SOURCE=demo NANOCHAT_EVAL_BUNDLE="$BUNDLE" \
-    NANOCHAT_GPU_CHECK=0 NANOCHAT_TRAIN_ARGS="$TRAIN" NANOCHAT_EVAL_ARGS="$EVAL" bash speedrun.sh
+stage speedrun 200 '^(speedrun|data:|tokenizer:|eval:|error|wrote)|training time|^step 000(0[01]|[0-9]0)|bpb|items,|^CORE|took|report|rror' \
+    env TORCHINDUCTOR_CACHE_DIR="$CACHES/speedrun" NANOCHAT_DEPTH=$DEPTH NANOCHAT_PYTHON="$PY" \
+    NANOCHAT_DATA_SOURCE=demo NANOCHAT_EVAL_BUNDLE="$BUNDLE" NANOCHAT_GPU_CHECK=0 \
+    NANOCHAT_TRAIN_ARGS="$TRAIN" NANOCHAT_EVAL_ARGS="$EVAL" bash speedrun.sh
+stage whole_d12 90 "$BENCH" env TORCHINDUCTOR_CACHE_DIR="$CACHES/whole_small" \
+    "$PY" -m scripts.bench_model $SMALL --as-rank-of 8
+stage regional_d12 60 "$BENCH" env TORCHINDUCTOR_CACHE_DIR="$CACHES/regional_small" \
+    "$PY" -m scripts.bench_model $SMALL --as-rank-of 8 --regional-compile
 stage gpu_check_compile 170 "$CHECKED" "$PY" -m scripts.gpu_check "${CHECK[@]}" --only compile,optimizer,steps
-stage whole_cold 200 "$BENCH" env TORCHINDUCTOR_CACHE_DIR="$WHOLE_COLD" \
+stage whole_d24 200 "$BENCH" env TORCHINDUCTOR_CACHE_DIR="$CACHES/whole" \
     "$PY" -m scripts.bench_model $MODEL --as-rank-of 8
-stage regional_warm 90 "$BENCH" env TORCHINDUCTOR_CACHE_DIR="$COLD" \
-    "$PY" -m scripts.bench_model $MODEL --as-rank-of 8 --regional-compile
-}
-rm -rf "$COLD" "$WHOLE_COLD"
+rm -rf "$CACHES"
 echo "measure_gpu: done in $(($(date +%s) - START)) s; logs in $OUT_DIR"

@@ -12,6 +12,6 @@ def test_stages_past_the_deadline_are_skipped_and_named(tmp_path):
     assert out.returncode == 0, out.stderr
     skipped = [line.split(":")[0] for line in out.stdout.splitlines() if "skipped" in line]
     assert skipped == ["=== gpu_check", "=== rank_of_8", "=== rank_of_8_bf16_head", "=== speedrun",
-                       "=== gpu_check_compile", "=== whole_cold", "=== regional_warm"]
+                       "=== whole_d12", "=== regional_d12", "=== gpu_check_compile", "=== whole_d24"]
     assert out.stdout.splitlines()[-1].startswith("measure_gpu: done in ")
     assert (tmp_path / "measure").is_dir()
