@@ -28,6 +28,7 @@ Training loop contract (the loop never all-reduces anything itself):
     model.zero_grad(set_to_none=True)
 """
 import dataclasses
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -172,6 +173,15 @@ HYPERPARAMETERS = {"muon": ("lr", "momentum", "beta2", "weight_decay", "ns_steps
                    "adamw": ("lr", "betas", "eps", "weight_decay")}
 
 
+def torch_collectives():
+    """torch.distributed's collectives under the names torch 2.13 gives them; earlier releases (a
+    cluster's preinstalled torch, say) call two of them reduce_scatter_tensor and all_gather_into_tensor."""
+    if hasattr(dist, "reduce_scatter_single"):
+        return dist
+    return SimpleNamespace(all_reduce=dist.all_reduce, reduce_scatter_single=dist.reduce_scatter_tensor,
+                           all_gather_single=dist.all_gather_into_tensor)
+
+
 class MuonAdamW(torch.optim.Optimizer):
     """param_groups: dicts with kind="muon" (params: 2-D matrices, all of one shape; lr, momentum,
     beta2, weight_decay, ns_steps) or kind="adamw" (params, lr, betas, eps, weight_decay), every
@@ -180,7 +190,7 @@ class MuonAdamW(torch.optim.Optimizer):
     time, so schedules just overwrite them. Every parameter must get a gradient every step.
     compile: torch.compile the two update functions (default: when the parameters are on CUDA, where
     eager mode launches hundreds of small kernels per step; one fused graph per group instead).
-    comm: the collectives, torch.distributed by default; any object with its all_reduce,
+    comm: the collectives, torch.distributed's by default (torch_collectives); any object with all_reduce,
     reduce_scatter_single and all_gather_single and a rank and world stands in (bench_model
     --as-rank-of times one rank of a bigger run on one device that way)."""
 
@@ -196,7 +206,7 @@ class MuonAdamW(torch.optim.Optimizer):
                 assert len(shapes) == 1 and len(next(iter(shapes))) == 2, f"one matrix shape per muon group, got {shapes}"
         distributed = dist.is_initialized() and dist.get_world_size() > 1
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-        self.comm = comm or dist
+        self.comm = comm or torch_collectives()
         if comm is not None:
             self.rank, self.world = comm.rank, comm.world
         self.sync_grads = True  # False: backward only accumulates locally (earlier micro-steps)

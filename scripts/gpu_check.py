@@ -39,7 +39,7 @@ from nanochat.cli import ArgumentParser, run
 from nanochat.common import (autodetect_device_type, compute_init, get_peak_flops, mfu,
                              nvidia_driver_version)
 from nanochat.gpt import GPTConfig, build_model, compile_model
-from nanochat.optim import build_optimizer
+from nanochat.optim import build_optimizer, torch_collectives
 
 
 @dataclass
@@ -398,11 +398,12 @@ def collective_errors(device, rank, world, n):
     """Run the three collectives the optimizer uses, with AVG; return the largest error of each."""
     base = torch.arange(world * n, dtype=torch.float32, device=device)
     mean = (world + 1) / 2  # of the rank factors 1..world
+    comm = torch_collectives()
     out = torch.empty(n, device=device)
-    dist.reduce_scatter_single(out, (rank + 1) * base, op=dist.ReduceOp.AVG)
+    comm.reduce_scatter_single(out, (rank + 1) * base, op=dist.ReduceOp.AVG)
     errs = {"reduce-scatter": (out - mean * base[rank * n:(rank + 1) * n]).abs().max().item()}
     full = torch.empty(world * n, device=device)
-    dist.all_gather_single(full, torch.full((n,), float(rank), device=device))
+    comm.all_gather_single(full, torch.full((n,), float(rank), device=device))
     errs["all-gather"] = (full - torch.arange(world, device=device).repeat_interleave(n)).abs().max().item()
     t = (rank + 1) * base
     dist.all_reduce(t, op=dist.ReduceOp.AVG)

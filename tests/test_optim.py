@@ -463,3 +463,14 @@ def test_distributed_refuses_double_reduction(runs):
     for world in (2, 3):
         for r in runs[world]:
             assert "sync_grads = False" in r["double_error"]
+
+
+def test_collectives_under_older_torch_names(monkeypatch):
+    # torch 2.13 named them *_single; a cluster's older torch has only reduce_scatter_tensor / all_gather_into_tensor
+    assert optim.torch_collectives() is dist
+    monkeypatch.delattr(dist, "reduce_scatter_single")
+    monkeypatch.delattr(dist, "all_gather_single")
+    comm = optim.torch_collectives()
+    assert comm.reduce_scatter_single is dist.reduce_scatter_tensor
+    assert comm.all_gather_single is dist.all_gather_into_tensor
+    assert MuonAdamW([muon_group([torch.nn.Parameter(torch.zeros(4, 4))], lr=0.02)]).comm.all_reduce is dist.all_reduce
