@@ -69,11 +69,11 @@ def test_a_frontier_shifted_by_a_known_factor_gives_that_compute_multiplier():
 
 
 # -----------------------------------------------------------------------------
-# A toy grid on the CPU: depths 2-4 at three budgets, killed mid-cell and continued
+# A toy grid on the CPU: depths 2-4 at two budgets, killed mid-cell and continued
 
 TOY = ["--head-dim", "16", "--max-seq-len", "32", "--device-batch-size", "4", "--total-batch-size", "128",
        "--final-bpb-tokens", "256", "--save-every", "2", "--core-max-per-task", "2", "--device-type", "cpu"]
-GRID = ["--name", "toy", "--flops", "5e9", "1e10", "2e10", "--depths", "2", "3", "4"]
+GRID = ["--name", "toy", "--flops", "5e9", "1e10", "--depths", "2", "3", "4"]
 
 
 @pytest.fixture
@@ -104,7 +104,7 @@ def test_a_toy_sweep_runs_is_killed_mid_cell_and_continues(base_dir, bundle, cap
     out = capsys.readouterr().out
     assert out.count("done before, skipped") == 4 and "f1e+10-d3: done" in out
     assert "resumed from" in (killed / "train.log").read_text()
-    assert [r["status"] for r in rows] == ["done"] * 9 and all(r["val_bpb"] > 0 for r in rows)
+    assert [r["status"] for r in rows] == ["done"] * 6 and all(r["val_bpb"] > 0 for r in rows)
     assert {r["core_rules"] for r in rows} == {"leaderboard, rev 1"} and rows[0]["params_total"] > rows[0]["params_horizon"]
     # the killed cell ends as an uninterrupted run of it does
     argv = json.loads((killed / "cell.json").read_text())["argv"]
@@ -114,7 +114,7 @@ def test_a_toy_sweep_runs_is_killed_mid_cell_and_continues(base_dir, bundle, cap
     for a, b in zip(load_weights(str(killed), 9, "cpu").values(), load_weights(alone, 9, "cpu").values()):
         assert a.equal(b)
     # what it wrote
-    assert len(json.loads((root / "results.json").read_text())) == 9 and (root / "results.csv").exists()
+    assert len(json.loads((root / "results.json").read_text())) == 6 and (root / "results.csv").exists()
     md = (root / "sweep.md").read_text()
     assert "## Compute-optimal size per budget" in md and (root / "isoflop.png").read_bytes()[:4] == b"\x89PNG"
     # a cell whose settings changed is refused
