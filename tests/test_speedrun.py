@@ -141,9 +141,7 @@ def test_one_gpu_is_told_the_time_first_and_nanochat_hours_sizes_the_model(clone
         "error: NANOCHAT_HOURS: scripts.plan has no speed for the NVIDIA TITAN V; choose a depth instead, "
         "e.g. NANOCHAT_DEPTH=12")
 
-    chosen = speedrun(clone, tmp_path / "base4", timeout=120, path_prefix=one_h100, NANOCHAT_DEPTH="12")
-    assert "model                        d12: " in chosen.stdout and "=====" not in chosen.stdout
-    both = speedrun(clone, tmp_path / "base5", timeout=120, path_prefix=one_h100, NANOCHAT_DEPTH="12",
+    both = speedrun(clone, tmp_path / "base4", timeout=120, path_prefix=one_h100, NANOCHAT_DEPTH="12",
                     NANOCHAT_HOURS="4")
     assert both.returncode == 1 and both.stderr.strip().splitlines() == [
         "error: NANOCHAT_DEPTH and NANOCHAT_HOURS both size the model: set one of them"]
@@ -168,8 +166,8 @@ def test_ctrl_c_during_training_stops_speedrun_before_evaluation(clone, tmp_path
     base = tmp_path / "base"
     env = {**{k: v for k, v in os.environ.items() if k not in ("NANOCHAT_DATA_SOURCE", "NANOCHAT_EVAL_BUNDLE",
                                                                  "PYTHONPATH")},
-           "NANOCHAT_BASE_DIR": str(base), "NANOCHAT_DATA_URL": UNREACHABLE, "NANOCHAT_DEPTH": "2",  # as the smoke
-           "NANOCHAT_TRAIN_ARGS": "--num-iterations 5000 --eval-every 0 --core-every 0 --sample-every 0"}
+           "NANOCHAT_BASE_DIR": str(base), "NANOCHAT_DATA_URL": UNREACHABLE, "NANOCHAT_DEPTH": "2",
+           "NANOCHAT_TRAIN_ARGS": "--no-compile --num-iterations 5000 --eval-every 0 --core-every 0 --sample-every 0"}
     proc = subprocess.Popen(["bash", "speedrun.sh"], cwd=clone, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     metrics = base / "base_checkpoints" / "d2" / "metrics.jsonl"
