@@ -204,11 +204,9 @@ class MuonAdamW(torch.optim.Optimizer):
             if group["kind"] == "muon":
                 shapes = {p.shape for p in group["params"]}
                 assert len(shapes) == 1 and len(next(iter(shapes))) == 2, f"one matrix shape per muon group, got {shapes}"
-        distributed = dist.is_initialized() and dist.get_world_size() > 1
-        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
         self.comm = comm or torch_collectives()
-        if comm is not None:
-            self.rank, self.world = comm.rank, comm.world
+        many = dist.is_initialized() and dist.get_world_size() > 1
+        self.rank, self.world = (comm.rank, comm.world) if comm else (dist.get_rank(), dist.get_world_size()) if many else (0, 1)
         self.sync_grads = True  # False: backward only accumulates locally (earlier micro-steps)
         if compile is None:
             compile = self.param_groups[0]["params"][0].is_cuda

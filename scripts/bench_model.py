@@ -182,6 +182,31 @@ class CopyComm:
         return self.Done()
 
 
+def training_step(step_model, model, optimizer, x, y):
+    """One training step on the fixed batch, as a function: forward, backward, the optimizer (if any)."""
+    def step():
+        step_model(x, y).backward()
+        if optimizer is not None:
+            optimizer.step()
+        model.zero_grad(set_to_none=True)
+    return step
+
+
+def warm_up(step, steps, device):
+    """Untimed steps (compilation, allocator warm-up); returns the first one's wall seconds, the cold
+    start a user waits through (None for no steps)."""
+    if steps == 0:
+        return None
+    t0 = time.perf_counter()
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    first = time.perf_counter() - t0
+    for _ in range(steps - 1):
+        step()
+    return first
+
+
 def rank_share(optimizer):
     """{parameter name: element count of the optimizer state this rank keeps for it}: what it updates."""
     names = {p: f"{g['kind']}[{gi}].{i}" for gi, g in enumerate(optimizer.param_groups) for i, p in enumerate(g["params"])}
@@ -193,14 +218,8 @@ def time_as_rank(args, model, step_model, recipe, x, y, timed):
     the optimizer on this rank's share with CopyComm for the collectives (after the one-process timing:
     its hooks stay on the parameters)."""
     optimizer = build_optimizer(model, recipe.param_groups, comm=CopyComm(0, args.as_rank_of))
-
-    def step():
-        step_model(x, y).backward()
-        optimizer.step()
-        model.zero_grad(set_to_none=True)
-
-    for _ in range(args.warmup):
-        step()
+    step = training_step(step_model, model, optimizer, x, y)
+    warm_up(step, args.warmup, x.device)
     step_time = median([timed(step) for _ in range(args.steps)])
     tok_per_sec = x.numel() / step_time
     return {"world": args.as_rank_of, "step_ms_median": step_time * 1e3, "tokens_per_sec": tok_per_sec,
@@ -267,20 +286,8 @@ def bench(args):
     x = torch.randint(0, args.vocab_size, (B, T), device=device)
     y = torch.randint(0, args.vocab_size, (B, T), device=device)
     timed = make_timer(device)
-
-    def step():
-        step_model(x, y).backward()
-        if optimizer is not None:
-            optimizer.step()
-        model.zero_grad(set_to_none=True)
-
-    first_step, t0 = None, time.perf_counter()
-    for i in range(args.warmup):  # compilation, allocator warm-up
-        step()
-        if i == 0:  # the first step compiles: the cold start a user waits through
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            first_step = time.perf_counter() - t0
+    step = training_step(step_model, model, optimizer, x, y)
+    first_step = warm_up(step, args.warmup, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = [timed(step) for _ in range(args.steps)]
