@@ -206,7 +206,8 @@ class MuonAdamW(torch.optim.Optimizer):
                 assert len(shapes) == 1 and len(next(iter(shapes))) == 2, f"one matrix shape per muon group, got {shapes}"
         self.comm = comm or torch_collectives()
         many = dist.is_initialized() and dist.get_world_size() > 1
-        self.rank, self.world = (comm.rank, comm.world) if comm else (dist.get_rank(), dist.get_world_size()) if many else (0, 1)
+        self.rank, self.world = (comm.rank, comm.world) if comm else \
+            (dist.get_rank(), dist.get_world_size()) if many else (0, 1)
         self.sync_grads = True  # False: backward only accumulates locally (earlier micro-steps)
         if compile is None:
             compile = self.param_groups[0]["params"][0].is_cuda
